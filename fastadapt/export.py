@@ -1,0 +1,129 @@
+"""``fa.export``: a merged, plain-transformers checkpoint that loads without fastadapt."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .patch import adapter_modules, get_state
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict under its original (unpatched) names with every LoRA delta folded in
+    (fp32 sum, one rounding). Merged modules are used as they are; unmerged ones get a merged copy
+    (costs the memory of those weights: call ``fa.merge`` first to avoid it)."""
+    state = get_state(model)
+    if state is None or state.method != "lora":
+        raise ValueError(
+            "model has no LoRA adapter to export: fa.export writes a merged model; use "
+            "model.save_pretrained for a plain one"
+        )
+    replaced: dict[str, torch.Tensor] = {}
+    dropped: set[str] = set()
+    for name, module in adapter_modules(model):
+        weight = module.base_layer.weight if module.merged else module.merged_weight()
+        if not torch.isfinite(weight).all():
+            raise FloatingPointError(f"merged weight of {name!r} holds NaN/Inf; nothing was exported")
+        replaced[f"{name}.base_layer.weight"] = weight
+        dropped.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key in dropped:
+            continue
+        tensor = replaced.get(key, tensor)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[key.replace(".base_layer.", ".")] = tensor.detach()
+    return out
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Write ``model`` with its LoRA adapters merged as a plain transformers checkpoint (safetensors,
+    config, generation config, and the tokenizer when given) that
+    ``AutoModelForCausalLM.from_pretrained(path)`` loads without fastadapt. The model itself is not
+    changed. Writes into a temporary folder beside ``path`` and renames it at the end; refuses a
+    non-empty ``path`` unless ``overwrite=True``."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"export path {str(path)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"export path {str(path)!r} is not empty; pass overwrite=True to replace it")
+    torch_dtype = parse_dtype(dtype)
+    state_dict = merged_state_dict(model, torch_dtype)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
+    old_dtype = getattr(model.config, "dtype", None)
+    try:
+        # The class's own save_pretrained: the instance's one (set by patch) saves adapters only.
+        PreTrainedModel.save_pretrained(model, tmp, state_dict=state_dict, max_shard_size=max_shard_size)
+        if torch_dtype is not None:
+            _set_config_dtype(tmp / "config.json", torch_dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.config.dtype = old_dtype
+    logger.info("exported merged model to %s", path)
+    return path
+
+
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    # save_pretrained records the in-memory model's dtype; the files hold ``dtype``.
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:  # transformers 4.x spelling
+        config["torch_dtype"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted only after."""
+    backup = None
+    if dst.exists():
+        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, backup)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, dst)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

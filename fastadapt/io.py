@@ -1,0 +1,268 @@
+"""Adapter files: PEFT's on-disk format for LoRA (``adapter_config.json`` +
+``adapter_model.safetensors``), read and written strictly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .patch import adapter_modules, get_state, patch, unpatch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+#: What a patched model's save_pretrained also writes: the adapter under the model's own names,
+#: which is what transformers.Trainer(resume_from_checkpoint=...) reads back.
+TRAINER_WEIGHTS_NAME = "model.safetensors"
+
+# PEFT LoRA options that change the math; a value other than these defaults cannot be honoured.
+_UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "bias": "none",
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+}
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
+    """The adapter tensors under the model's own names (``<module>.lora_A.weight`` ...), taken from
+    ``state_dict`` when given (e.g. a gathered one), else from the model."""
+    out = {}
+    for name, module in adapter_modules(model):
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}.weight"
+            tensor = state_dict[key] if state_dict is not None else getattr(module, part).weight
+            out[key] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, _state_dict: dict | None = None) -> Path:
+    """Write the adapter in PEFT's format: ``adapter_config.json`` and ``adapter_model.safetensors``
+    with keys ``base_model.model.<module>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r).
+    Loads with ``peft.PeftModel.from_pretrained`` and ``fa.load_adapter``. Files are written to a
+    temporary name and renamed, so an interrupted save never leaves a half-written file."""
+    state = get_state(model)
+    if state is None:
+        raise ValueError("model has no adapter to save: call fa.patch(model, ...) first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, _state_dict).items()}
+    _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    config = _peft_config(model)
+    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    logger.info("saved %d adapter tensors to %s", len(tensors), path)
+    return path
+
+
+def save_pretrained_adapter(
+    self: nn.Module,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    state_dict: dict | None = None,
+    **kwargs: Any,
+) -> None:
+    """``model.save_pretrained`` of a patched model (the Trainer calls it for checkpoints): writes
+    the PEFT-format adapter plus ``model.safetensors`` holding only the adapter under the model's
+    own names, which ``Trainer(resume_from_checkpoint=...)`` loads back. No config.json is written,
+    so ``from_pretrained`` cannot mistake the folder for a full model; use ``fa.export`` for that."""
+    if not is_main_process:
+        return
+    save_adapter(self, save_directory, _state_dict=state_dict)
+    tensors = adapter_state_dict(self, state_dict)
+    _atomic_write(
+        Path(save_directory) / TRAINER_WEIGHTS_NAME,
+        lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+    )
+
+
+def _peft_config(model: nn.Module) -> dict[str, Any]:
+    state = get_state(model)
+    cfg = state.config
+    modules = dict(adapter_modules(model))
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "target_modules": _minimal_targets(model, list(modules)),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in modules.values()),
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "revision": None,
+    }
+
+
+def _minimal_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """Last-name suffixes when they select exactly ``names`` (PEFT's suffix match), else full names."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    plain = {
+        n.replace(".base_layer", "")
+        for n, _ in model.named_modules()
+        if n and ".lora_" not in n and not n.endswith(".base_layer")
+    }
+    matched = {n for n in plain if any(n == s or n.endswith("." + s) for s in suffixes)}
+    return suffixes if matched == set(names) else sorted(names)
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter path {str(path)!r} is not a directory")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {str(path)!r}")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Adapter tensors from ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with
+    ``torch.load(weights_only=True)``: never unpickles arbitrary objects)."""
+    path = Path(path)
+    if (path / SAFE_WEIGHTS_NAME).is_file():
+        return load_file(str(path / SAFE_WEIGHTS_NAME))
+    if (path / BIN_WEIGHTS_NAME).is_file():
+        return torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} in {str(path)!r}")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Patch ``model`` as the adapter's config says (unless already patched the same way) and load
+    its weights. Reads fastadapt and PEFT LoRA directories. Strict: a missing or unexpected key or a
+    shape mismatch raises an error naming the key, and the model is left as it was."""
+    config = read_adapter_config(path)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise ValueError(f"adapter at {str(path)!r} has peft_type {config.get('peft_type')!r}; expected 'LORA'")
+    options = _lora_options(config, path)
+    tensors = {_strip_prefix(k): v for k, v in read_adapter_tensors(path).items()}
+
+    state = get_state(model)
+    patched_here = state is None
+    if patched_here:
+        patch(model, "lora", **options)
+    else:
+        _check_same_lora(state, options, path)
+    try:
+        _load_lora_tensors(model, tensors, path)
+    except BaseException:
+        if patched_here:
+            unpatch(model)
+        raise
+    return model
+
+
+def _lora_options(config: dict[str, Any], path) -> dict[str, Any]:
+    for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
+        value = config.get(key)
+        if value not in (None, {}, [], False) and value != default:
+            raise ValueError(
+                f"adapter at {str(path)!r} sets {key}={value!r}, which fastadapt does not support "
+                f"(expected {default!r})"
+            )
+    targets = config.get("target_modules")
+    if targets is None:
+        raise ValueError(f"adapter config at {str(path)!r} has no target_modules")
+    # A list of suffixes, or a string: "all-linear" or a regex (as in PEFT).
+    return {
+        "r": int(config["r"]),
+        "alpha": config.get("lora_alpha", 8),
+        "dropout": float(config.get("lora_dropout", 0.0)),
+        "rslora": bool(config.get("use_rslora", False)),
+        "targets": targets,
+    }
+
+
+def _check_same_lora(state, options: dict[str, Any], path) -> None:
+    cfg = state.config
+    if cfg.method != "lora":
+        raise ValueError(f"model is patched with {cfg.method!r}; the adapter at {str(path)!r} is LoRA")
+    for field_name, ours in (("r", cfg.r), ("alpha", cfg.alpha), ("rslora", cfg.rslora)):
+        if options[field_name] != ours:
+            raise ValueError(
+                f"model is patched with {field_name}={ours!r} but the adapter at {str(path)!r} has "
+                f"{field_name}={options[field_name]!r}; load it into an unpatched model"
+            )
+
+
+def _strip_prefix(key: str) -> str:
+    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    # PEFT keeps the adapter name in memory ("lora_A.default.weight"); files normally omit it.
+    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", key)
+
+
+def _load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    params = {}
+    for name, module in adapter_modules(model):
+        if module.merged:
+            raise RuntimeError(f"module {name!r} is merged; call fa.unmerge(model) before loading an adapter")
+        params[f"{name}.lora_A.weight"] = module.lora_A.weight
+        params[f"{name}.lora_B.weight"] = module.lora_B.weight
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing:
+        raise KeyError(f"adapter at {str(path)!r} is missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise KeyError(
+            f"adapter at {str(path)!r} has unexpected key(s) {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''} (the model has no such adapter module)"
+        )
+    for key, param in params.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise ValueError(
+                f"adapter key {key!r} has shape {tuple(tensors[key].shape)}, the model expects "
+                f"{tuple(param.shape)}"
+            )
+        if not tensors[key].is_floating_point():
+            raise TypeError(f"adapter key {key!r} has dtype {tensors[key].dtype}; expected a float tensor")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
+

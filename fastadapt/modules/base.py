@@ -1,0 +1,54 @@
+"""Pieces shared by the adapter modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv1d_type() -> type | None:
+    """transformers' GPT-2 ``Conv1D`` (weight stored (in, out)), if transformers is importable."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    """A plain linear layer: ``nn.Linear`` (or a subclass that keeps its forward) or ``Conv1D``.
+
+    Subclasses that override ``forward`` (quantized layers, ...) compute something else from their
+    weight, so wrapping them would give wrong numbers.
+    """
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    conv1d = conv1d_type()
+    return conv1d is not None and type(module) is conv1d
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, fan_in_fan_out)`` of a supported linear layer."""
+    if not is_supported_linear(module):
+        raise TypeError(
+            f"unsupported module type {type(module).__module__}.{type(module).__name__}: fastadapt "
+            "adapts torch.nn.Linear and transformers Conv1D layers"
+        )
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
+    return in_features, out_features, True
+
+
+class AdapterWeight(nn.Module):
+    """Holds one adapter matrix as ``.weight`` (so state-dict keys read ``lora_A.weight`` like PEFT),
+    without being an ``nn.Linear`` that other tools would mistake for a layer to wrap."""
+
+    def __init__(
+        self, out_features: int, in_features: int, *, device=None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"

@@ -1,0 +1,126 @@
+"""``LoraLinear``: a frozen linear (``nn.Linear`` or GPT-2's ``Conv1D``) plus a trainable LoRA term."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import lora_linear
+from .base import AdapterWeight, linear_dims
+
+
+class LoraLinear(nn.Module):
+    """``y = base(x) + scaling · B(A(dropout(x)))``.
+
+    ``base_layer`` keeps the frozen weight (``nn.Linear``, or ``Conv1D`` whose weight is stored
+    transposed: ``fan_in_fan_out``). ``lora_A.weight`` (r, in) is kaiming-uniform, ``lora_B.weight``
+    (out, r) zeros, both fp32 by default so the optimizer sees full precision; the forward casts them
+    to the activation dtype and never upcasts activations.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        in_features, out_features, fan_in_fan_out = linear_dims(base_layer)
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.r = r
+        self.lora_alpha = alpha
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.use_rslora = rslora
+        self.dropout = float(dropout)
+        factory = {"device": device if device is not None else base_layer.weight.device, "dtype": dtype}
+        self.lora_A = AdapterWeight(r, in_features, **factory)
+        self.lora_B = AdapterWeight(out_features, r, **factory)
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None
+        self.reset_parameters()
+        self.train(base_layer.training)
+
+    def reset_parameters(self) -> None:
+        # Same init as PEFT: A kaiming-uniform(a=√5), B zeros — a fresh adapter changes nothing.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def base_weight_nk(self) -> torch.Tensor:
+        """The frozen weight as (out_features, in_features) — a view for ``Conv1D``."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return lora_linear(
+            x,
+            self.base_weight_nk(),
+            self.lora_A.weight,
+            self.lora_B.weight,
+            scaling=self.scaling,
+            bias=self.base_layer.bias,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
+    # -- merge -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B A`` in fp32, laid out like the base weight."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + scaling · B A`` computed in fp32 and rounded once to the weight's dtype."""
+        w = self.base_layer.weight
+        return (w.float() + self.delta_weight()).to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self, *, keep_original: bool = False) -> None:
+        """Fold the LoRA term into the base weight (fp32 delta, one rounding).
+
+        Raises ``FloatingPointError`` (weight untouched) when the result holds NaN/Inf.
+        ``keep_original`` keeps a copy of the unmerged weight so ``unmerge`` restores it exactly.
+        """
+        if self.merged:
+            return
+        merged = self.merged_weight()
+        if not torch.isfinite(merged).all():
+            raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
+        w = self.base_layer.weight
+        self._unmerged_weight = w.detach().clone() if keep_original else None
+        w.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: exact when merged with ``keep_original=True``, otherwise
+        ``W - scaling · B A`` in fp32, within one rounding of the weight dtype of the original."""
+        if not self.merged:
+            raise RuntimeError("unmerge called on a LoraLinear that is not merged")
+        w = self.base_layer.weight
+        if self._unmerged_weight is not None:
+            w.copy_(self._unmerged_weight)
+            self._unmerged_weight = None
+        else:
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
+        )

@@ -1,0 +1,38 @@
+"""Every ``FASTADAPT_*`` environment switch, read in this one place.
+
+Values are read when asked for (not at import), so tests and launchers can set them late.
+The README lists the same table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: name -> (meaning, default)
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "FASTADAPT_BACKEND": ("force one kernel backend everywhere: auto | torch | triton | cuda", "auto"),
+    "FASTADAPT_CACHE_DIR": ("where converted models and JIT-built extensions are cached", "~/.cache/fastadapt"),
+    "FASTADAPT_BUILD_CUDA": ("setup.py: 1 forces building the CUDA extension", "0"),
+    "FASTADAPT_SKIP_CUDA_BUILD": ("setup.py: 1 skips building the CUDA extension", "0"),
+    "FASTADAPT_JIT_BUILD": ("0 disables building the CUDA extension on first use", "1"),
+}
+
+
+def _get(name: str) -> str:
+    return os.environ.get(name, ENV_VARS[name][1])
+
+
+def backend_override() -> str | None:
+    """The backend forced by ``FASTADAPT_BACKEND``, or None when unset / ``auto``."""
+    value = _get("FASTADAPT_BACKEND").strip().lower()
+    return None if value in ("", "auto") else value
+
+
+def cache_dir() -> Path:
+    return Path(_get("FASTADAPT_CACHE_DIR")).expanduser()
+
+
+def flag(name: str) -> bool:
+    """A boolean switch: ``1``, ``true``, ``yes``, ``on`` are true."""
+    return _get(name).strip().lower() in ("1", "true", "yes", "on")

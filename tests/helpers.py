@@ -1,0 +1,27 @@
+"""Shared test utilities."""
+
+from __future__ import annotations
+
+import torch
+
+from fastadapt.patch import adapter_modules
+
+
+def randomize_adapters(model, *, seed: int = 0, scale: float = 0.2) -> None:
+    """Non-zero A and B so that merge/save/load tests are not trivially right."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in adapter_modules(model):
+            for w in (m.lora_A.weight, m.lora_B.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * scale)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def norm_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (the usual relative error of a whole tensor)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
