@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .patch import adapter_modules, get_state, patch, unpatch
+from .patch import adapter_modules, get_state, method_impl, patch, unpatch
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, _state_dict: dict
         raise ValueError("model has no adapter to save: call fa.patch(model, ...) first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    custom_save = method_impl(state.method).save
+    if custom_save is not None:
+        custom_save(model, path, _state_dict)
+        return path
     tensors = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, _state_dict).items()}
     _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     config = _peft_config(model)
@@ -173,14 +178,28 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} in {str(path)!r}")
 
 
+#: peft_type -> loader(model, path, config) for adapter kinds other than LoRA.
+_LOADERS: dict[str, Callable[[nn.Module, Path, dict[str, Any]], nn.Module]] = {}
+
+
+def register_loader(peft_type: str, loader: Callable[[nn.Module, Path, dict[str, Any]], nn.Module]) -> None:
+    _LOADERS[peft_type.upper()] = loader
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Patch ``model`` as the adapter's config says (unless already patched the same way) and load
-    its weights. Reads fastadapt and PEFT LoRA directories. Strict: a missing or unexpected key or a
-    shape mismatch raises an error naming the key, and the model is left as it was."""
+    its weights. Reads fastadapt and PEFT LoRA directories (and the other kinds registered with
+    ``register_loader``). Strict: a missing or unexpected key or a shape mismatch raises an error
+    naming the key, and the model is left as it was."""
     config = read_adapter_config(path)
     peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type in _LOADERS:
+        return _LOADERS[peft_type](model, Path(path), config)
     if peft_type != "LORA":
-        raise ValueError(f"adapter at {str(path)!r} has peft_type {config.get('peft_type')!r}; expected 'LORA'")
+        raise ValueError(
+            f"adapter at {str(path)!r} has peft_type {config.get('peft_type')!r}; expected one of "
+            f"{['LORA', *_LOADERS]}"
+        )
     options = _lora_options(config, path)
     tensors = {_strip_prefix(k): v for k, v in read_adapter_tensors(path).items()}
 

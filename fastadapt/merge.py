@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .patch import _require_state, adapter_modules
+from .patch import _require_state, adapter_modules, method_impl
 
 
 def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
@@ -53,8 +53,9 @@ def is_merged(model: nn.Module) -> bool:
 
 
 def _check_mergeable(state) -> None:
-    if state.method != "lora":
-        raise ValueError(f"merge is only defined for LoRA adapters, not {state.method!r}")
+    reason = method_impl(state.method).merge_error
+    if reason is not None:
+        raise ValueError(f"cannot merge a {state.method!r} adapter: {reason}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -46,8 +47,17 @@ def _converted_embedded(name: str) -> Path:
 
     folder, filename = embedded_gguf(name)
     logger.info("converting the embedded GGUF model %s once into %s", name, target)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    # A GGUF-loaded model counts as "quantized" and refuses save_pretrained; its weights are plain
+    # de-quantized fp32 tensors, so rebuild an ordinary model around them.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,37 @@ from .modules import LoraLinear, is_supported_linear, linear_dims
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora",)
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter method: how to validate its options and how to put it into a model.
+
+    ``apply(model, config)`` swaps adapter modules in (each keeps the wrapped layer as
+    ``base_layer``) and returns their names, or ``(names, handles)`` where each handle has a
+    ``remove()`` that ``unpatch`` calls (for hooks or overrides that are not module swaps);
+    ``save(model, path, state_dict)`` writes its files (``None``: the PEFT LoRA writer in ``io``);
+    ``merge_error`` explains why ``fa.merge`` cannot fold this method (``None``: it can)."""
+
+    make_config: Callable[[str, dict[str, Any]], Any]
+    apply: Callable[[nn.Module, Any], Any]
+    save: Callable[..., Any] | None = None
+    merge_error: str | None = None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method) -> None:
+    _METHODS[name] = method
+
+
+def methods() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+def method_impl(name: str) -> Method:
+    return _METHODS[name]
+
 
 #: model_type -> default LoRA targets (module-name suffixes), as in PEFT so PEFT users get no surprise.
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -67,21 +97,38 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(method, str) or method.lower() not in _METHODS:
+        raise ValueError(f"method must be one of {methods()}, got {method!r}")
     if get_state(model) is not None:
         state = get_state(model)
         raise RuntimeError(
             f"model is already patched with {state.method!r} ({len(state.modules)} modules); "
             "call fa.unpatch(model) first"
         )
-    config = _make_config(LoraConfig, method, options)
+    impl = _METHODS[method.lower()]
+    config = impl.make_config(method.lower(), options)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        applied = impl.apply(model, config)
+    except BaseException:
+        for p, flag in zip(params, flags):  # apply validates before swapping: restore the flags
+            p.requires_grad_(flag)
+        raise
+    names, handles = applied if isinstance(applied, tuple) else (applied, [])
+    state = PatchState(config=config, modules=list(names), hooks=list(handles))
+    _install_model_hooks(model, state)
+    model.fastadapt_state = state
+    logger.info("patched %d modules with %s", len(names), method)
+    return model
+
+
+def _apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     names = select_targets(model, config.targets)
     _check_not_tied(model, names)
     _warn_large_rank(model, names, config.r)
-
-    for p in model.parameters():
-        p.requires_grad_(False)
     for name in names:
         parent, attr = _parent_and_attr(model, name)
         base = getattr(parent, attr)
@@ -90,11 +137,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
             attr,
             LoraLinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora),
         )
-    state = PatchState(config=config, modules=names)
-    _install_model_hooks(model, state)
-    model.fastadapt_state = state
-    logger.info("patched %d modules with %s (r=%d)", len(names), method, config.r)
-    return model
+    return names
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -103,7 +146,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for name in state.modules:
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, getattr(parent, attr).base_layer)
-    for handle in state.hooks:
+    for handle in reversed(state.hooks):
         handle.remove()
     model.__dict__.pop("save_pretrained", None)
     del model.fastadapt_state
@@ -233,7 +276,8 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def _make_config(cls: type, method: str, options: dict[str, Any]):
+def make_config(cls: type, method: str, options: dict[str, Any]):
+    """``cls(**options)``, with an error naming unknown options."""
     known = [f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init]
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -262,9 +306,10 @@ def _install_model_hooks(model: nn.Module, state: PatchState) -> None:
         state.hooks.append(embeddings.register_forward_hook(inputs_require_grad))
 
     # Adapter-only checkpoints (what a patched model's save_pretrained writes) are complete: drop
-    # the frozen base keys from "missing" when every one of them is missing.
+    # the frozen base keys from "missing" when every one of them is missing. (Right after
+    # patching, the trainable parameters are exactly the adapter's.)
     all_keys = model.state_dict().keys()
-    adapter_keys = {k for k in all_keys if any(k.startswith(n + ".lora_") for n in state.modules)}
+    adapter_keys = {n for n, p in model.named_parameters() if p.requires_grad}
     n_base_keys = len(all_keys) - len(adapter_keys)
 
     def adapter_only_load(module, incompatible):
@@ -279,3 +324,6 @@ def _install_model_hooks(model: nn.Module, state: PatchState) -> None:
 
     # Trainer and users call model.save_pretrained: a patched model saves its adapter, as in PEFT.
     model.save_pretrained = types.MethodType(save_pretrained_adapter, model)
+
+
+register_method("lora", Method(make_config=lambda m, o: make_config(LoraConfig, m, o), apply=_apply_lora))

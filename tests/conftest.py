@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# No GPU: run Triton kernels in the interpreter on CPU tensors. Must be set before triton decorates
+# any kernel, i.e. before fastadapt's kernels are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Deterministic CPU matmuls for tight comparisons.

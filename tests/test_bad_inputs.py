@@ -1,0 +1,229 @@
+"""Bad input gets a clear error that names what is wrong, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import randomize_adapters
+from tiny_models import tiny_model
+from torch import nn
+
+import fastadapt as fa
+
+
+@pytest.fixture
+def model():
+    return tiny_model("llama")
+
+
+def test_unknown_method(model):
+    with pytest.raises(ValueError, match="method must be one of"):
+        fa.patch(model, "lorra")
+
+
+@pytest.mark.parametrize("r", [0, -3])
+def test_rank_not_positive(model, r):
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        fa.patch(model, "lora", r=r)
+
+
+@pytest.mark.parametrize("r", [2.5, "8", True])
+def test_rank_not_int(model, r):
+    with pytest.raises(TypeError, match="r must be a positive int"):
+        fa.patch(model, "lora", r=r)
+
+
+def test_rank_above_layer_size_warns(model):
+    with pytest.warns(UserWarning, match=r"r=64 > min\(in_features, out_features\)"):
+        fa.patch(model, "lora", r=64, targets=["k_proj"])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_out_of_range(model, p):
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        fa.patch(model, "lora", dropout=p)
+
+
+def test_unknown_option(model):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rank'\]"):
+        fa.patch(model, "lora", rank=8)
+
+
+def test_targets_matching_nothing_lists_candidates(model):
+    with pytest.raises(ValueError, match=r"matched no module; candidate linear layers: \['q_proj'"):
+        fa.patch(model, "lora", targets=["query"])
+    with pytest.raises(ValueError, match="regex 'nothing.*' matched no module"):
+        fa.patch(model, "lora", targets="nothing.*")
+
+
+def test_invalid_regex(model):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        fa.patch(model, "lora", targets="q_proj(")
+
+
+def test_unsupported_module_type(model):
+    with pytest.raises(TypeError, match=r"target 'model.layers.0.mlp': unsupported module type .*LlamaMLP"):
+        fa.patch(model, "lora", targets=r"model\.layers\.0\.mlp")
+    # nothing was changed by the failed call
+    assert not hasattr(model, "fastadapt_state")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_subclass_with_its_own_forward_is_refused():
+    class Quantized(nn.Linear):
+        def forward(self, x):  # computes something else from its weight
+            return super().forward(x) * 2
+
+    model = nn.Sequential(Quantized(4, 4))
+    with pytest.raises(TypeError, match="unsupported module type"):
+        fa.patch(model, "lora", targets=["0"])
+
+
+def test_auto_targets_unknown_architecture():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="targets='auto' has no default for model_type None"):
+        fa.patch(model, "lora")
+
+
+def test_patching_twice(model):
+    fa.patch(model, "lora")
+    with pytest.raises(RuntimeError, match="already patched with 'lora'"):
+        fa.patch(model, "lora")
+
+
+def test_tied_weights_are_refused():
+    model = tiny_model("gpt2")  # lm_head is tied to the token embeddings
+    with pytest.raises(ValueError, match="tied weights"):
+        fa.patch(model, "lora", targets=["lm_head"])
+
+
+def test_unpatch_restores_the_original_model(model):
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+    names = [n for n, _ in model.named_parameters()]
+    fa.patch(model, "lora", targets="all-linear")
+    fa.unpatch(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert "save_pretrained" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    fa.patch(model, "lora")  # can be patched again
+
+
+def test_patch_keeps_train_eval_mode():
+    m = tiny_model("llama").eval()
+    fa.patch(m, "lora", dropout=0.5)
+    assert not any(mod.training for mod in m.modules())
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, m(ids).logits)  # no dropout in eval mode
+    m2 = tiny_model("llama").train()
+    fa.patch(m2, "lora")
+    assert all(mod.training for mod in m2.modules())
+
+
+def _saved(model, tmp_path, name="a"):
+    randomize_adapters(model)
+    return fa.save_adapter(model, tmp_path / name)
+
+
+def test_load_mismatched_adapter_names_the_key(tmp_path):
+    src = tiny_model("llama")
+    fa.patch(src, "lora", r=4, targets=["q_proj", "v_proj"])
+    path = _saved(src, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    # missing key
+    missing = dict(tensors)
+    del missing[key]
+    save_file(missing, path / "adapter_model.safetensors")
+    dst = tiny_model("llama")
+    with pytest.raises(KeyError, match="missing key.*layers.1.self_attn.v_proj.lora_B.weight"):
+        fa.load_adapter(dst, path)
+    assert not hasattr(dst, "fastadapt_state")  # left as it was
+    # unexpected key
+    extra = dict(tensors)
+    extra["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"] = torch.zeros(4, 48)
+    save_file(extra, path / "adapter_model.safetensors")
+    with pytest.raises(KeyError, match="unexpected key.*o_proj.lora_A.weight"):
+        fa.load_adapter(tiny_model("llama"), path)
+    # shape mismatch
+    bad = dict(tensors)
+    bad[key] = torch.zeros(23, 4)
+    save_file(bad, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"v_proj.lora_B.weight' has shape \(23, 4\), the model expects \(24, 4\)"):
+        fa.load_adapter(tiny_model("llama"), path)
+
+
+def test_load_into_differently_patched_model(tmp_path):
+    src = tiny_model("llama")
+    fa.patch(src, "lora", r=4)
+    path = _saved(src, tmp_path)
+    dst = tiny_model("llama")
+    fa.patch(dst, "lora", r=8)
+    with pytest.raises(ValueError, match="patched with r=8 but the adapter .* has r=4"):
+        fa.load_adapter(dst, path)
+
+
+def test_load_unsupported_peft_features(tmp_path):
+    src = tiny_model("llama")
+    fa.patch(src, "lora", r=4)
+    path = _saved(src, tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_dora=True, which fastadapt does not support"):
+        fa.load_adapter(tiny_model("llama"), path)
+
+
+def test_load_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        fa.load_adapter(tiny_model("llama"), tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        fa.load_adapter(tiny_model("llama"), tmp_path)
+
+
+def test_merge_or_save_without_patch(model, tmp_path):
+    with pytest.raises(ValueError, match=r"not patched by fastadapt: call fa.patch"):
+        fa.merge(model)
+    with pytest.raises(ValueError, match="no adapter to save"):
+        fa.save_adapter(model, tmp_path)
+
+
+class TestOp:
+    """Validation at the public boundary of fa.ops.lora_linear."""
+
+    def args(self, **over):
+        a = dict(x=torch.randn(3, 8), weight=torch.randn(6, 8), lora_a=torch.randn(2, 8),
+                 lora_b=torch.randn(6, 2))
+        a.update(over)
+        return a
+
+    @pytest.mark.parametrize(
+        "over, err, match",
+        [
+            ({"x": torch.randn(3, 7)}, ValueError, r"x must have last dimension in_features = 8"),
+            ({"lora_a": torch.randn(2, 7)}, ValueError, r"lora_a must have shape \(r, in_features\) = \(r, 8\), got \(2, 7\)"),
+            ({"lora_b": torch.randn(6, 3)}, ValueError, r"lora_b must have shape \(out_features, r\) = \(6, 2\)"),
+            ({"weight": torch.randn(6, 8, dtype=torch.float64)}, TypeError, "weight dtype torch.float64 must match x dtype"),
+            ({"x": torch.ones(3, 8, dtype=torch.int64)}, TypeError, "x must be a floating-point tensor"),
+        ],
+    )
+    def test_shapes_and_dtypes(self, over, err, match):
+        with pytest.raises(err, match=match):
+            fa.ops.lora_linear(**self.args(**over), scaling=1.0)
+
+    def test_bias_dropout_backend(self):
+        with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(6,\)"):
+            fa.ops.lora_linear(**self.args(), scaling=1.0, bias=torch.zeros(5))
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            fa.ops.lora_linear(**self.args(), scaling=1.0, dropout_p=1.0)
+        with pytest.raises(ValueError, match="backend must be one of"):
+            fa.ops.lora_linear(**self.args(), scaling=1.0, backend="tpu")
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            fa.ops.lora_linear(**self.args(), scaling=float("nan"))
