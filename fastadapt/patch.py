@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .modules import LoraLinear, is_supported_linear, linear_dims
+from .modules.lora import SharedInputGroup
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,42 @@ def _apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
             attr,
             LoraLinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora),
         )
+    _group_shared_inputs(model, names)
     return names
+
+
+#: Sibling layers that HF decoders feed the same tensor: their LoRA S comes from one pass over X.
+SHARED_INPUT_SETS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("query", "key", "value"),
+    ("w1", "w3"),
+)
+
+
+def _group_shared_inputs(model: nn.Module, names: list[str]) -> None:
+    by_parent: dict[str, dict[str, LoraLinear]] = {}
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        by_parent.setdefault(parent, {})[attr] = model.get_submodule(name)
+    for siblings in by_parent.values():
+        for shared in SHARED_INPUT_SETS:
+            members = [siblings[a] for a in shared if a in siblings]
+            if len(members) < 2:
+                continue
+            first = members[0]
+            w = first.base_layer.weight
+            if all(
+                m.in_features == first.in_features
+                and m.base_layer.weight.dtype == w.dtype
+                and m.base_layer.weight.device == w.device
+                and m.scaling == first.scaling
+                and m.dropout == first.dropout
+                for m in members
+            ):
+                group = SharedInputGroup(members)
+                for m in members:
+                    m.group = group
 
 
 def unpatch(model: nn.Module) -> nn.Module:

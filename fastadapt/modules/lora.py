@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ..ops import lora_linear
+from ..ops import lora_linear, lora_linear_group
+from ..ops.lora_linear import selected_backend
 from .base import AdapterWeight, linear_dims
 
 
@@ -47,6 +48,7 @@ class LoraLinear(nn.Module):
         self.lora_B = AdapterWeight(out_features, r, **factory)
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
+        self.group: SharedInputGroup | None = None  # set by the patcher for q/k/v, gate/up
         self.reset_parameters()
         self.train(base_layer.training)
 
@@ -63,6 +65,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.group is not None and self.group.usable(x):
+            return self.group.output(self, x)
         return lora_linear(
             x,
             self.base_weight_nk(),
@@ -124,3 +128,41 @@ class LoraLinear(nn.Module):
             f"alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
         )
+
+
+class SharedInputGroup:
+    """LoRA layers that read the same input (q/k/v, gate/up): the first member called with a new x
+    computes every member's output with one grouped op (X read once for all S and all dA); the
+    others then take theirs. Used on the Triton backend outside ``torch.compile``; a member
+    called with another tensor falls back to its own op, so a model that feeds the members
+    different inputs still gets the right numbers."""
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        self._x: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def usable(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or any(m.merged for m in self.members):
+            return False
+        return selected_backend(x.device) == "triton"
+
+    def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        if x is self._x and id(member) in self._pending:
+            y = self._pending.pop(id(member))
+            if not self._pending:
+                self._x = None
+            return y
+        first = self.members[0]
+        ys = lora_linear_group(
+            x,
+            [m.base_weight_nk() for m in self.members],
+            [m.lora_A.weight for m in self.members],
+            [m.lora_B.weight for m in self.members],
+            scaling=first.scaling,
+            biases=[m.base_layer.bias for m in self.members],
+            dropout_p=first.dropout if member.training else 0.0,
+        )
+        self._pending = {id(m): y for m, y in zip(self.members, ys) if m is not member}
+        self._x = x if self._pending else None
+        return ys[self.members.index(member)]

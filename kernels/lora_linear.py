@@ -1,0 +1,1001 @@
+"""Fused LoRA linear kernels (Triton): forward split at S, one-pass backward, Philox dropout.
+
+The op (wired up in ``fastadapt/ops/lora_linear.py``) is::
+
+    y = x Wᵀ (+ bias) + S Bᵀ,        S = scaling · dropout(x) Aᵀ
+
+with x (M, K), W (N, K) frozen, A (R, K), B (N, R). This module holds layer 1 only: the
+``@triton.jit`` kernels and one launcher per kernel. Launchers take 2-D tensors (the op layer
+flattens leading dims), read every input through its strides (non-contiguous ``x`` and transposed
+``weight`` views are never copied), allocate contiguous outputs, and validate nothing beyond
+internal asserts (the op layer validates user input).
+
+Forward
+    ``lora_shrink``        S = scaling · (mask ⊙ x / (1-p)) Aᵀ, one pass over X (a whole q/k/v
+                           group when A is the concatenation of the group's A's).
+    ``lora_expand``        y = x Wᵀ + S Bᵀ (+ bias): one GEMM whose last K-steps are the rank.
+    ``lora_add_epilogue``  y += S Bᵀ (+ bias) in place, after cuBLAS computed y = x Wᵀ.
+Backward
+    ``lora_dy_pass``       one pass over dY: dS = dY B (M, R) and dB = dYᵀ S (N, R), both fp32.
+    ``lora_dx``            dX = dY W + mask ⊙ (scaling · dS A) / (1-p): one GEMM + epilogue.
+    ``lora_dx_epilogue``   the same rank term added in place to a cuBLAS dX = dY W.
+    ``lora_grad_a``        dA = scaling · dSᵀ (mask ⊙ x / (1-p)), fp32, mask regenerated.
+    ``dropout_mask``       the mask itself (tests, reference backend).
+
+Dropout mask (never stored)
+    keep[m, k] = tl.rand(seed, m*K + k) >= p, with the offset computed in int64 from the
+    LOGICAL (m, k) index, never from memory strides: every kernel above regenerates the same mask
+    bit for bit from (seed, p, M, K), whatever the layout of x. Kernels apply the mask as a select
+    (exact) and fold 1/(1-p) into the fp32 scale of the accumulator, so kept values are scaled by
+    exactly scaling/(1-p) and dropped ones are exactly zero. With dropout_p == 0 the RNG code is
+    compiled out (HAS_DROPOUT constexpr).
+
+Numerics policy
+    * Accumulation is always fp32. Outputs: ``lora_shrink``/``lora_expand``/``lora_add_epilogue``/
+      ``lora_dx``/``lora_dx_epilogue`` write x's dtype (one rounding at the end);
+      ``lora_dy_pass`` and ``lora_grad_a`` return fp32 (they are reductions feeding fp32 grads).
+    * bf16/fp16 operands use the tensor cores natively. The fp32-operand rank products in the
+      backward (dS A in ``lora_dx``, dSᵀ X in ``lora_grad_a``; dS is fp32) run at the launcher's
+      fp32 precision below.
+    * fp32 operands: the launcher picks ``tl.dot(..., input_precision=...)``: ``"ieee"`` under the
+      interpreter (TRITON_INTERPRET=1 / CPU tensors) and when
+      ``torch.backends.cuda.matmul.allow_tf32`` is False (so a user who disabled TF32 in torch gets
+      full fp32 here too); ``"tf32"`` otherwise, i.e. the same contract as a cuBLAS fp32 matmul.
+      For bf16/fp16 inputs the kernels pass ``"tf32"`` on GPU (Triton's default; it only affects
+      the fp32-operand rank products, whose operands are bf16-exact or fp32 dS).
+    * ``lora_dy_pass``'s dB reduction over M is deterministic by default (per-M-block partial
+      buffer + ``sum(0)``); ``deterministic=False`` uses fp32 ``tl.atomic_add`` instead (no
+      partial buffer, run-to-run bit differences). ``lora_grad_a`` always reduces
+      deterministically (fixed M-split into a small partial buffer).
+
+Interpreter: triton's interpreter (3.9) computes ``tl.dot`` on the raw bit patterns of bf16 operands,
+so under it (only) the kernels upcast dot operands to fp32 first (``UPCAST_DOT`` constexpr). The
+products of bf16/fp16 values are exact in fp32, so CPU results match the tensor-core math up to
+summation order.
+
+Rank sizes: R from 1 up (a concatenated q/k/v group is R = 3r, e.g. 768). Rank tiles are padded to a
+power of two >= 16 with masked loads. The shrink kernel tiles R > 256 over the grid, with the R
+tiles of one M-block on adjacent program ids so the repeated X reads hit L2; ``lora_dy_pass``
+does the same past R = 128 (dY re-read from L2); the GEMM kernels loop over R inside the program.
+
+Block sizes: the GEMM kernels (``lora_expand``, ``lora_dx``) are autotuned on CUDA over
+Hopper-style tiles (128x128x64 / 128x256x64, 3-4 stages, 4/8 warps, GROUP_M=8 swizzle). The
+memory-bound kernels use fixed heuristics. NOTE: none of these choices has been measured on a GPU
+yet (this module was written on a CPU-only machine); they are starting points for tuning.
+Under the interpreter every kernel runs one small fixed config (autotune is slow there).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "lora_shrink",
+    "dropout_mask",
+    "lora_expand",
+    "lora_add_epilogue",
+    "lora_dy_pass",
+    "lora_dx",
+    "lora_dx_epilogue",
+    "lora_grad_a",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    """True when kernels run through the Triton interpreter (env switch or CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type == "cpu"
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    """``tl.dot`` input_precision for this launch (see module docstring: Numerics policy)."""
+    if _interpreting(t):
+        return "ieee"
+    if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _rank_block(R: int, cap: int) -> int:
+    """Rank tile: tl.dot needs every dim >= 16 and a power of two; padded lanes are masked."""
+    return max(16, min(triton.next_power_of_2(R), cap))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 2  # interpreter: still exercise the split-M path on small shapes
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _dropout_scale(scaling: float, dropout_p: float) -> float:
+    assert 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}"
+    return float(scaling) / (1.0 - float(dropout_p))
+
+
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    assert t.dim() == 2, f"{name} must be 2-D, got shape {tuple(t.shape)}"
+
+
+def _gemm_configs() -> list:
+    # Hopper-style tiles (as in the Triton matmul tutorial for sm90); BLOCK_M=16/32 entries cover
+    # decode sizes (M <= 16) where a 128-row tile would be mostly padding. Not yet measured here.
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    ]
+
+
+# Interpreter: one small config. Several K-steps and N-blocks at the test shapes (K/N ~ 40-100)
+# so the masked tails and the GROUP_M swizzle are exercised.
+_INTERP_GEMM_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# shared jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep_mask(seed, offs_m, offs_k, K, p):
+    """Dropout keep-mask for logical (m, k): Philox(seed, m*K + k) >= p, offsets in int64."""
+    offs = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b. UPCAST_DOT (interpreter only): its numpy dot multiplies bf16 *bit patterns*
+    (triton 3.9), so operands go through fp32 there; bf16 x bf16 products are exact in fp32, so
+    this emulates the tensor-core result up to summation order."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # GROUP_M row-blocks share each column-block while it is still in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. shrink: S = scaling · dropout(X) Aᵀ
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R,
+    stride_xm, stride_xk,
+    stride_ar, stride_ak,
+    stride_sm, stride_sr,
+    scale, p, seed,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # R-tiles of one M-block are adjacent program ids, so for R > BLOCK_R the X tile is re-read
+    # from L2, not HBM.
+    pid = tl.program_id(0)
+    num_pid_r = tl.cdiv(R, BLOCK_R)
+    pid_m = pid // num_pid_r
+    pid_r = pid % num_pid_r
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    a_cols = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        x = tl.load(x_rows + kk.to(tl.int64)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            # select, not multiply: exact; 1/(1-p) is folded into `scale`
+            x = tl.where(_keep_mask(seed, offs_m, kk, K, p), x, tl.zeros_like(x))
+        a = tl.load(a_cols + kk.to(tl.int64)[:, None] * stride_ak,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = _mma(x, a, acc, DOT_PRECISION, UPCAST_DOT)
+
+    acc = acc * scale
+    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    *,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """S = scaling · (mask ⊙ x / (1-p)) @ lora_aᵀ in one pass over x.
+
+    Args:
+        x: (M, K), bf16/fp16/fp32, any strides.
+        lora_a: (R, K), x's dtype (for a q/k/v group: the row-concatenation of the A's).
+        scaling: LoRA scaling (alpha / r).
+        dropout_p: dropout probability in [0, 1); mask = tl.rand(seed, m*K + k) >= p.
+        seed: Philox seed (non-negative int < 2**63), reused in backward.
+    Returns:
+        s: (M, R) contiguous, x's dtype; fp32 accumulation.
+    """
+    _check_2d("x", x)
+    _check_2d("lora_a", lora_a)
+    M, K = x.shape
+    R = lora_a.shape[0]
+    assert lora_a.shape[1] == K, f"lora_a must be (R, {K}), got {tuple(lora_a.shape)}"
+    assert lora_a.dtype == x.dtype, f"lora_a dtype {lora_a.dtype} != x dtype {x.dtype}"
+    scale = _dropout_scale(scaling, dropout_p)
+    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    if M == 0 or R == 0:
+        return s
+    if K == 0:
+        return s.zero_()
+
+    interp = _interpreting(x)
+    BLOCK_R = _rank_block(R, 256)
+    if interp:
+        BLOCK_M, BLOCK_K, num_warps, num_stages = 32, 32, 4, 1
+    else:
+        # Memory-bound on X: a wide K tile per load; fewer rows when the rank tile is wide to
+        # keep the (BLOCK_M, BLOCK_R) fp32 accumulator in registers. Untuned.
+        BLOCK_M = 64 if BLOCK_R <= 64 else 32
+        BLOCK_K = 128 if BLOCK_R <= 64 else 64
+        num_warps, num_stages = 4, 3
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(R, BLOCK_R),)
+    _lora_shrink_kernel[grid](
+        x, lora_a, s,
+        M, K, R,
+        x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1),
+        s.stride(0), s.stride(1),
+        scale, float(dropout_p), int(seed),
+        HAS_DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_interpreting(x),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. dropout mask (tests / reference)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, numel, p, seed, BLOCK: tl.constexpr):
+    # Flat index == m*K + k for a contiguous (M, K) output: the same Philox offsets as _keep_mask.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    keep = tl.rand(seed, offs) >= p
+    tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < numel)
+
+
+def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
+    """The keep-mask every kernel here uses: (M, K) torch.bool, True = kept.
+
+    keep[m, k] = tl.rand(seed, m*K + k) >= dropout_p (int64 Philox offsets).
+    """
+    assert 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}"
+    out = torch.empty((M, K), device=device, dtype=torch.int8)
+    if M * K == 0:
+        return out.bool()
+    BLOCK = 1024
+    _dropout_mask_kernel[(triton.cdiv(M * K, BLOCK),)](out, M * K, float(dropout_p), int(seed), BLOCK=BLOCK)
+    return out.bool()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. expand: Y = X Wᵀ + S Bᵀ (+ bias), the rank as the last K-steps of the same GEMM
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_expand_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # 64-bit pointers advanced per step: no int32 overflow even for huge strides (e.g. x.t()).
+    x_ptrs = x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n64[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(x, w, acc, DOT_PRECISION, UPCAST_DOT)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # The rank: R more K-steps into the same accumulator (S already carries scaling and dropout).
+    offs_r = tl.arange(0, BLOCK_R)
+    s_rows = s_ptr + offs_m64[:, None] * stride_sm
+    b_cols = b_ptr + offs_n64[None, :] * stride_bn
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < R
+        s = tl.load(s_rows + rr[None, :] * stride_sr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_cols + rr[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(s, b, acc, DOT_PRECISION, UPCAST_DOT)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_lora_expand_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"])(
+    _lora_expand_kernel
+)
+
+
+def lora_expand(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    s: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ weightᵀ + s @ lora_bᵀ (+ bias): one GEMM, the rank as its last K-steps.
+
+    Args:
+        x: (M, K), bf16/fp16/fp32, any strides.
+        weight: (N, K), x's dtype, any strides (a transposed view is fine).
+        s: (M, R), x's dtype (from ``lora_shrink``: scaling and dropout already applied).
+        lora_b: (N, R), x's dtype.
+        bias: optional (N,), any float dtype (added in fp32).
+    Returns:
+        y: (M, N) contiguous, x's dtype; fp32 accumulation.
+    """
+    for name, t in (("x", x), ("weight", weight), ("s", s), ("lora_b", lora_b)):
+        _check_2d(name, t)
+    M, K = x.shape
+    N = weight.shape[0]
+    R = s.shape[1]
+    assert weight.shape[1] == K and s.shape[0] == M and tuple(lora_b.shape) == (N, R), (
+        f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, s {tuple(s.shape)}, "
+        f"lora_b {tuple(lora_b.shape)}"
+    )
+    assert weight.dtype == s.dtype == lora_b.dtype == x.dtype, "x, weight, s, lora_b must share a dtype"
+    if bias is not None:
+        assert bias.dim() == 1 and bias.shape[0] == N, f"bias must be ({N},), got {tuple(bias.shape)}"
+        assert bias.stride(0) == 1, "bias must be contiguous (the kernel reads it at unit stride)"
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y
+    args = (
+        x, weight, s, lora_b, bias if bias is not None else y, y,
+        M, N, K, R,
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        s.stride(0), s.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        y.stride(0), y.stride(1),
+    )
+    meta = dict(
+        HAS_BIAS=bias is not None, BLOCK_R=_rank_block(R, 64),
+        DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_interpreting(x),
+    )
+    if _interpreting(x):
+        cfg = _INTERP_GEMM_META
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _lora_expand_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
+    else:
+        def grid(META):
+            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+        _lora_expand_kernel_tuned[grid](*args, **meta)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. epilogue: Y += S Bᵀ (+ bias) in place, after cuBLAS computed Y = X Wᵀ
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_add_epilogue_kernel(
+    y_ptr, s_ptr, b_ptr, bias_ptr,
+    M, N, R,
+    stride_ym, stride_yn,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 8)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < R
+        s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n64[None, :] * stride_bn + rr[:, None] * stride_br,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(s, b, acc, DOT_PRECISION, UPCAST_DOT)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
+    acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_add_epilogue(
+    y: torch.Tensor,
+    s: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place: y += s @ lora_bᵀ (+ bias). One read and one write of y.
+
+    Args:
+        y: (M, N), any float dtype, any strides (typically cuBLAS's x @ weightᵀ); modified.
+        s: (M, R); lora_b: (N, R), same dtype as s.
+        bias: optional (N,).
+    Returns:
+        y (the same tensor). The sum is formed in fp32 and rounded once to y's dtype.
+    """
+    for name, t in (("y", y), ("s", s), ("lora_b", lora_b)):
+        _check_2d(name, t)
+    M, N = y.shape
+    R = s.shape[1]
+    assert s.shape[0] == M and tuple(lora_b.shape) == (N, R), (
+        f"shape mismatch: y {tuple(y.shape)}, s {tuple(s.shape)}, lora_b {tuple(lora_b.shape)}"
+    )
+    assert s.dtype == lora_b.dtype, f"s dtype {s.dtype} != lora_b dtype {lora_b.dtype}"
+    if bias is not None:
+        assert bias.dim() == 1 and bias.shape[0] == N, f"bias must be ({N},), got {tuple(bias.shape)}"
+        assert bias.stride(0) == 1, "bias must be contiguous (the kernel reads it at unit stride)"
+    if M == 0 or N == 0:
+        return y
+    if _interpreting(y):
+        BLOCK_M, BLOCK_N, num_warps = 32, 64, 4
+    else:
+        # Bandwidth-bound on Y (read + write); the rank dot is tiny. Untuned.
+        BLOCK_M, BLOCK_N, num_warps = 64, 128, 4
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
+    _lora_add_epilogue_kernel[grid](
+        y, s, lora_b, bias if bias is not None else y,
+        M, N, R,
+        y.stride(0), y.stride(1),
+        s.stride(0), s.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION=_dot_precision(s), UPCAST_DOT=_interpreting(s),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_rank_block(R, 64),
+        num_warps=num_warps,
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. backward, one pass over dY: dS = dY B, dB = dYᵀ S
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_dy_pass_kernel(
+    dy_ptr, s_ptr, b_ptr, ds_ptr, db_ptr,
+    M, N, R,
+    stride_dym, stride_dyn,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    stride_dsm, stride_dsr,
+    stride_dbp, stride_dbn, stride_dbr,
+    USE_ATOMIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # One program = one M-block x one R-tile; it walks all of N, so its dS rows are complete
+    # (no reduction) and each dY tile feeds both products while in registers.
+    pid = tl.program_id(0)
+    num_pid_r = tl.cdiv(R, BLOCK_R)
+    pid_m = pid // num_pid_r
+    pid_r = pid % num_pid_r
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    offs_m64 = offs_m.to(tl.int64)
+
+    s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dy_rows = dy_ptr + offs_m64[:, None] * stride_dym
+    # deterministic: this M-block's private slice of the partial buffer; atomic: one shared slice
+    if USE_ATOMIC:
+        db_base = db_ptr
+    else:
+        db_base = db_ptr + pid_m.to(tl.int64) * stride_dbp
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + offs_n
+        mask_n = nn < N
+        nn64 = nn.to(tl.int64)
+        dy = tl.load(dy_rows + nn64[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptr + nn64[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        ds = _mma(dy, b, ds, DOT_PRECISION, UPCAST_DOT)
+        db = _mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+        db_ptrs = db_base + nn64[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+        db_mask = mask_n[:, None] & mask_r[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(db_ptrs, db, mask=db_mask)
+        else:
+            tl.store(db_ptrs, db, mask=db_mask)
+
+    tl.store(ds_ptr + offs_m64[:, None] * stride_dsm + offs_r[None, :] * stride_dsr, ds,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+def lora_dy_pass(
+    dy: torch.Tensor,
+    s: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over dY: ds = dy @ lora_b and db = dyᵀ @ s.
+
+    Args:
+        dy: (M, N), bf16/fp16/fp32, any strides.
+        s: (M, R) saved from the forward (scaling/dropout already in it), dy's dtype.
+        lora_b: (N, R), dy's dtype.
+        deterministic: True (default): each M-block writes its dB partial to a private slice of a
+            (cdiv(M, BLOCK_M), N, R) fp32 buffer, summed afterwards in a fixed order (bitwise
+            reproducible; extra memory M·N·R·4/BLOCK_M bytes, none when M <= BLOCK_M).
+            False: fp32 atomic adds into one (N, R) buffer (no extra memory, not reproducible).
+    Returns:
+        (ds, db): ds (M, R) fp32 — multiply by scaling (and the dropout mask/(1-p)) downstream,
+        ``lora_dx``/``lora_grad_a`` do; db (N, R) fp32 = grad of lora_b.
+    """
+    for name, t in (("dy", dy), ("s", s), ("lora_b", lora_b)):
+        _check_2d(name, t)
+    M, N = dy.shape
+    R = s.shape[1]
+    assert s.shape[0] == M and tuple(lora_b.shape) == (N, R), (
+        f"shape mismatch: dy {tuple(dy.shape)}, s {tuple(s.shape)}, lora_b {tuple(lora_b.shape)}"
+    )
+    assert s.dtype == lora_b.dtype == dy.dtype, "dy, s, lora_b must share a dtype"
+    ds = torch.empty((M, R), device=dy.device, dtype=torch.float32)
+    if M == 0 or N == 0 or R == 0:
+        return ds.zero_(), torch.zeros((N, R), device=dy.device, dtype=torch.float32)
+
+    BLOCK_R = _rank_block(R, 128)
+    if _interpreting(dy):
+        BLOCK_M, BLOCK_N, num_warps, num_stages = 32, 32, 4, 1
+    else:
+        # BLOCK_M=128 halves the partial buffer vs 64; dS (128 x BLOCK_R) stays in registers.
+        BLOCK_M = 128 if BLOCK_R <= 64 else 64
+        BLOCK_N, num_warps, num_stages = 64, 8, 3
+    num_m = triton.cdiv(M, BLOCK_M)
+    use_atomic = not deterministic
+    if use_atomic:
+        db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
+        partial = db.unsqueeze(0)
+    elif num_m == 1:
+        db = torch.empty((N, R), device=dy.device, dtype=torch.float32)
+        partial = db.unsqueeze(0)
+    else:
+        partial = torch.empty((num_m, N, R), device=dy.device, dtype=torch.float32)
+    grid = (num_m * triton.cdiv(R, BLOCK_R),)
+    _lora_dy_pass_kernel[grid](
+        dy, s, lora_b, ds, partial,
+        M, N, R,
+        dy.stride(0), dy.stride(1),
+        s.stride(0), s.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        ds.stride(0), ds.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        USE_ATOMIC=use_atomic,
+        DOT_PRECISION=_dot_precision(dy), UPCAST_DOT=_interpreting(dy),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not use_atomic and num_m > 1:
+        db = partial.sum(0)
+    return ds, db
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. dX = dY W + mask ⊙ (scaling · dS A) / (1-p)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rank_term(
+    ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
+    stride_dsm, stride_dsr, stride_ar, stride_ak, scale, acc,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """acc += (scale · dS[m-block, :]) @ A[:, k-block] in fp32 (dS is fp32; A is upcast, exact)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < R
+        ds = tl.load(ds_ptr + offs_m64[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + offs_k64[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc = _mma(ds.to(tl.float32) * scale, a.to(tl.float32), acc, DOT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
+def _lora_dx_kernel(
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn,
+    stride_wn, stride_wk,
+    stride_dsm, stride_dsr,
+    stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    scale, p, seed,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Output tile (BLOCK_M, BLOCK_N) of dX (M, K); the reduction runs over the N axis of dY/W,
+    # in steps of BLOCK_K. (Meta-parameter names are shared with _lora_expand_kernel so both use
+    # the same autotune configs: BLOCK_N = output columns, BLOCK_K = reduction step.)
+    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_red = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    offs_m64 = offs_m.to(tl.int64)
+    offs_k64 = offs_k.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dy_ptrs = dy_ptr + offs_m64[:, None] * stride_dym + offs_red[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_k64[None, :] * stride_wk + offs_red[:, None] * stride_wn
+    for n0 in range(0, N, BLOCK_K):
+        mask_n = (n0 + offs_red) < N
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = _mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
+        dy_ptrs += BLOCK_K * stride_dyn
+        w_ptrs += BLOCK_K * stride_wn
+
+    if HAS_DROPOUT:
+        # The mask is elementwise on the (M, K) result: the rank term needs its own accumulator.
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lora = _rank_term(ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
+                          stride_dsm, stride_dsr, stride_ar, stride_ak, scale, lora,
+                          DOT_PRECISION, UPCAST_DOT, BLOCK_R)
+        acc += tl.where(_keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
+    else:
+        # p == 0: the rank is just R more reduction steps into the same accumulator.
+        acc = _rank_term(ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
+                         stride_dsm, stride_dsr, stride_ar, stride_ak, scale, acc,
+                         DOT_PRECISION, UPCAST_DOT, BLOCK_R)
+
+    dx_ptrs = dx_ptr + offs_m64[:, None] * stride_dxm + offs_k64[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+_lora_dx_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"])(_lora_dx_kernel)
+
+
+def lora_dx(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    ds: torch.Tensor,
+    lora_a: torch.Tensor,
+    *,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """dx = dy @ weight + mask ⊙ (scaling · ds @ lora_a) / (1-p): one GEMM with an epilogue.
+
+    Args:
+        dy: (M, N), bf16/fp16/fp32, any strides.
+        weight: (N, K), dy's dtype, any strides.
+        ds: (M, R), fp32 (from ``lora_dy_pass``) or dy's dtype; NOT yet scaled.
+        lora_a: (R, K), dy's dtype.
+        scaling, dropout_p, seed: exactly the forward's (the mask is regenerated from them).
+    Returns:
+        dx: (M, K) contiguous, dy's dtype; fp32 accumulation.
+    """
+    for name, t in (("dy", dy), ("weight", weight), ("ds", ds), ("lora_a", lora_a)):
+        _check_2d(name, t)
+    M, N = dy.shape
+    K = weight.shape[1]
+    R = ds.shape[1]
+    assert weight.shape[0] == N and ds.shape[0] == M and tuple(lora_a.shape) == (R, K), (
+        f"shape mismatch: dy {tuple(dy.shape)}, weight {tuple(weight.shape)}, ds {tuple(ds.shape)}, "
+        f"lora_a {tuple(lora_a.shape)}"
+    )
+    assert weight.dtype == dy.dtype, f"weight dtype {weight.dtype} != dy dtype {dy.dtype}"
+    scale = _dropout_scale(scaling, dropout_p)
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    if M == 0 or K == 0:
+        return dx
+    args = (
+        dy, weight, ds, lora_a, dx,
+        M, N, K, R,
+        dy.stride(0), dy.stride(1),
+        weight.stride(0), weight.stride(1),
+        ds.stride(0), ds.stride(1),
+        lora_a.stride(0), lora_a.stride(1),
+        dx.stride(0), dx.stride(1),
+        scale, float(dropout_p), int(seed),
+    )
+    meta = dict(
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=_rank_block(R, 32),
+        DOT_PRECISION=_dot_precision(dy), UPCAST_DOT=_interpreting(dy),
+    )
+    if _interpreting(dy):
+        cfg = _INTERP_GEMM_META
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+        _lora_dx_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
+    else:
+        def grid(META):
+            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_N"]),)
+        _lora_dx_kernel_tuned[grid](*args, **meta)
+    return dx
+
+
+@triton.jit
+def _lora_dx_epilogue_kernel(
+    dx_ptr, ds_ptr, a_ptr,
+    M, K, R,
+    stride_dxm, stride_dxk,
+    stride_dsm, stride_dsr,
+    stride_ar, stride_ak,
+    scale, p, seed,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), 8)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    offs_m64 = offs_m.to(tl.int64)
+    offs_k64 = offs_k.to(tl.int64)
+
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    lora = _rank_term(ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
+                      stride_dsm, stride_dsr, stride_ar, stride_ak, scale, lora,
+                      DOT_PRECISION, UPCAST_DOT, BLOCK_R)
+    if HAS_DROPOUT:
+        lora = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
+    mask = mask_m[:, None] & mask_k[None, :]
+    dx_ptrs = dx_ptr + offs_m64[:, None] * stride_dxm + offs_k64[None, :] * stride_dxk
+    acc = tl.load(dx_ptrs, mask=mask, other=0.0).to(tl.float32) + lora
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_dx_epilogue(
+    dx: torch.Tensor,
+    ds: torch.Tensor,
+    lora_a: torch.Tensor,
+    *,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """In place: dx += mask ⊙ (scaling · ds @ lora_a) / (1-p), after cuBLAS computed dx = dy @ W.
+
+    Args:
+        dx: (M, K), any float dtype, any strides; modified (one read, one write).
+        ds: (M, R) fp32 or lora_a's dtype, not yet scaled; lora_a: (R, K).
+        scaling, dropout_p, seed: exactly the forward's.
+    Returns:
+        dx (the same tensor); the sum is formed in fp32 and rounded once.
+    """
+    for name, t in (("dx", dx), ("ds", ds), ("lora_a", lora_a)):
+        _check_2d(name, t)
+    M, K = dx.shape
+    R = ds.shape[1]
+    assert ds.shape[0] == M and tuple(lora_a.shape) == (R, K), (
+        f"shape mismatch: dx {tuple(dx.shape)}, ds {tuple(ds.shape)}, lora_a {tuple(lora_a.shape)}"
+    )
+    scale = _dropout_scale(scaling, dropout_p)
+    if M == 0 or K == 0:
+        return dx
+    if _interpreting(dx):
+        BLOCK_M, BLOCK_K, num_warps = 32, 64, 4
+    else:
+        BLOCK_M, BLOCK_K, num_warps = 64, 128, 4  # bandwidth-bound on dX; untuned
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),)
+    _lora_dx_epilogue_kernel[grid](
+        dx, ds, lora_a,
+        M, K, R,
+        dx.stride(0), dx.stride(1),
+        ds.stride(0), ds.stride(1),
+        lora_a.stride(0), lora_a.stride(1),
+        scale, float(dropout_p), int(seed),
+        HAS_DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=_dot_precision(dx), UPCAST_DOT=_interpreting(dx),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R, 32),
+        num_warps=num_warps,
+    )
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. dA = scaling · dSᵀ (mask ⊙ X) / (1-p)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_grad_a_kernel(
+    x_ptr, ds_ptr, da_ptr,
+    M, K, R, ROWS_PER_SPLIT,
+    stride_xm, stride_xk,
+    stride_dsm, stride_dsr,
+    stride_dap, stride_dar, stride_dak,
+    scale, p, seed,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Grid: (K-tiles x R-tiles, SPLIT). Each program reduces a fixed row range of M into its own
+    # partial slice, so the final sum (in the launcher) is deterministic.
+    pid = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    num_pid_r = tl.cdiv(R, BLOCK_R)
+    pid_k = pid // num_pid_r
+    pid_r = pid % num_pid_r
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_mb = tl.arange(0, BLOCK_M)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    offs_k64 = offs_k.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    m_start = pid_split * ROWS_PER_SPLIT
+    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + offs_mb
+        mask_m = offs_m < m_end
+        offs_m64 = offs_m.to(tl.int64)
+        x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_k64[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), x, tl.zeros_like(x))
+        ds_t = tl.load(ds_ptr + offs_m64[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
+                       mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        acc = _mma(ds_t.to(tl.float32), x.to(tl.float32), acc, DOT_PRECISION, UPCAST_DOT)
+
+    acc = acc * scale
+    da_ptrs = (da_ptr + pid_split.to(tl.int64) * stride_dap
+               + offs_r[:, None] * stride_dar + offs_k64[None, :] * stride_dak)
+    tl.store(da_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
+
+
+def lora_grad_a(
+    x: torch.Tensor,
+    ds: torch.Tensor,
+    *,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """da = scaling · dsᵀ @ (mask ⊙ x / (1-p)), the mask regenerated from (seed, dropout_p).
+
+    Args:
+        x: (M, K) the forward's input, bf16/fp16/fp32, any strides.
+        ds: (M, R) fp32 (from ``lora_dy_pass``) or x's dtype, not yet scaled.
+        scaling, dropout_p, seed: exactly the forward's.
+    Returns:
+        da: (R, K) fp32 = grad of lora_a. The reduction over M is split into a fixed number of
+        row ranges (enough programs to fill the GPU), each written to a private fp32 partial,
+        then summed in a fixed order: deterministic.
+    """
+    _check_2d("x", x)
+    _check_2d("ds", ds)
+    M, K = x.shape
+    R = ds.shape[1]
+    assert ds.shape[0] == M, f"ds must be ({M}, R), got {tuple(ds.shape)}"
+    scale = _dropout_scale(scaling, dropout_p)
+    if M == 0 or R == 0 or K == 0:
+        return torch.zeros((R, K), device=x.device, dtype=torch.float32)
+
+    BLOCK_R = _rank_block(R, 64)
+    if _interpreting(x):
+        BLOCK_M, BLOCK_K, num_warps, num_stages = 32, 64, 4, 1
+    else:
+        BLOCK_M, BLOCK_K, num_warps, num_stages = 64, 128, 4, 3  # untuned
+    tiles = triton.cdiv(K, BLOCK_K) * triton.cdiv(R, BLOCK_R)
+    num_m = triton.cdiv(M, BLOCK_M)
+    # Enough row splits to give ~2 programs per SM; each split is whole M-blocks.
+    split = max(1, min(num_m, triton.cdiv(2 * _num_sms(x), tiles)))
+    rows_per_split = triton.cdiv(num_m, split) * BLOCK_M
+    split = triton.cdiv(M, rows_per_split)
+    partial = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
+    _lora_grad_a_kernel[(tiles, split)](
+        x, ds, partial,
+        M, K, R, rows_per_split,
+        x.stride(0), x.stride(1),
+        ds.stride(0), ds.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        scale, float(dropout_p), int(seed),
+        HAS_DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_interpreting(x),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return partial[0] if split == 1 else partial.sum(0)

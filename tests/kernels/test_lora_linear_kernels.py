@@ -1,0 +1,500 @@
+"""Layer-1 tests of kernels/lora_linear.py: every launcher vs a float64 torch reference.
+
+Runs the Triton kernels on CPU through the interpreter (TRITON_INTERPRET=1, set below before
+triton is imported). Shapes are small and odd on purpose (M in {1, 3, 17, 129}, K/N not multiples
+of the blocks, R in {1, 3, 8, 16} plus R=40 (not a power of two), R=24 (a concatenated q/k/v
+group) and ranks past each kernel's rank tile (R=100, 200, 300)).
+
+bf16/fp16 tolerance: error vs float64 <= 2x the error of the same computation done by torch in that
+dtype, plus one output ulp (4e-3 of the largest reference magnitude).
+
+The GPU test at the bottom needs a CUDA device AND the compiled path:
+    TRITON_INTERPRET=0 python -m pytest tests/kernels/test_lora_linear_kernels.py -m gpu
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fastadapt.kernels import lora_linear as L  # noqa: E402
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every float buffer the launchers allocate starts as NaN, so an unwritten element shows."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, dtype=F32, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=_gen(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+def _x(M, K, dtype, noncontig, seed=1):
+    """(M, K) input; noncontig: a column slice of a wider tensor (row stride K + 11)."""
+    if noncontig:
+        x = _rand(M, K + 11, dtype=dtype, seed=seed)[:, 5 : 5 + K]
+        assert not x.is_contiguous()
+        return x
+    return _rand(M, K, dtype=dtype, seed=seed)
+
+
+def _w(N, K, dtype, transposed, seed=2):
+    """(N, K) weight; transposed: a .t() view of a (K, N) tensor (strides (1, N))."""
+    if transposed:
+        return _rand(K, N, dtype=dtype, seed=seed, scale=K**-0.5).t()
+    return _rand(N, K, dtype=dtype, seed=seed, scale=K**-0.5)
+
+
+def _d(t):
+    return t.detach().to(torch.float64)
+
+
+def assert_matches(out, ref64, lowp=None):
+    """out vs the float64 reference. lowp: the same computation by torch in the low dtype."""
+    assert out.shape == ref64.shape, (out.shape, ref64.shape)
+    assert not torch.isnan(out).any(), "NaN in output (unwritten poisoned element?)"
+    err = (_d(out) - ref64).abs().max().item() if out.numel() else 0.0
+    scale = ref64.abs().max().item() if out.numel() else 0.0
+    if lowp is None:
+        assert err <= 1e-5 * max(scale, 1.0), f"fp32 error {err:.3g} (ref max {scale:.3g})"
+    else:
+        torch_err = (_d(lowp) - ref64).abs().max().item()
+        bound = 2.0 * torch_err + 4e-3 * scale + 1e-6
+        assert err <= bound, f"low-precision error {err:.3g} > 2 x torch {torch_err:.3g} + eps"
+
+
+def _lowp(dtype, fn):
+    """Run fn for the low-precision torch comparison, or return None for fp32."""
+    return None if dtype == F32 else fn()
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout mask
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_statistics_and_seeds(p):
+    M, K = 64, 130  # 8320 elements
+    m = L.dropout_mask(1234, M, K, p, device="cpu")
+    assert m.dtype == torch.bool and m.shape == (M, K)
+    kept = m.float().mean().item()
+    assert abs(kept - (1 - p)) < 0.03, kept
+    assert torch.equal(m, L.dropout_mask(1234, M, K, p, device="cpu")), "same seed, different mask"
+    other = L.dropout_mask(1235, M, K, p, device="cpu")
+    assert (other != m).float().mean().item() > 0.05, "a new seed must give a new mask"
+    # a row of the (M, K) mask depends on the logical index m*K + k only
+    assert torch.equal(L.dropout_mask(1234, 2 * M, K, p, device="cpu")[:M], m)
+
+
+def test_large_seed_same_mask_everywhere():
+    """Seeds from torch's generator are 63-bit: the kernels and dropout_mask must agree."""
+    M, K, p, seed = 17, 40, 0.4, 2**62 + 12345
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    assert not torch.equal(mask, L.dropout_mask(seed & 0xFFFFFFFF, M, K, p, device="cpu"))
+    x = _x(M, K, F32, True) + 3.0
+    s = L.lora_shrink(x, torch.eye(K), scaling=1.0, dropout_p=p, seed=seed)
+    assert torch.equal(s != 0, mask)
+
+
+def test_dropout_mask_p0_keeps_all():
+    assert L.dropout_mask(7, 3, 50, 0.0, device="cpu").all()
+
+
+# ----------------------------------------------------------------------------------------------
+# shrink: s = scaling * dropout(x) @ A^T
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "M,K,R,dtype,noncontig",
+    [
+        (1, 40, 1, F32, False),
+        (3, 72, 3, BF16, True),
+        (17, 100, 8, F32, True),
+        (129, 72, 16, BF16, False),
+        (17, 40, 40, F32, True),  # R not a power of two
+        (3, 100, 16, F16, True),
+        (5, 40, 300, F32, False),  # R > 256: tiled over the grid
+    ],
+)
+def test_shrink(M, K, R, dtype, noncontig):
+    x = _x(M, K, dtype, noncontig)
+    a = _rand(R, K, dtype=dtype, seed=3)
+    s = L.lora_shrink(x, a, scaling=0.75)
+    assert s.dtype == dtype and s.shape == (M, R) and s.is_contiguous()
+    ref = 0.75 * _d(x) @ _d(a).T
+    assert_matches(s, ref, _lowp(dtype, lambda: (x @ a.T) * 0.75))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_shrink_dropout(dtype):
+    M, K, R, p, seed = 17, 72, 8, 0.3, 99
+    x = _x(M, K, dtype, True)
+    a = _rand(R, K, dtype=dtype, seed=3)
+    s = L.lora_shrink(x, a, scaling=2.0, dropout_p=p, seed=seed)
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    xd = _d(x) * mask / (1 - p)
+    ref = 2.0 * xd @ _d(a).T
+    assert_matches(s, ref, _lowp(dtype, lambda: ((x * mask / (1 - p)).to(dtype) @ a.T) * 2.0))
+
+
+def test_shrink_group_concat_r24():
+    """q/k/v group: one shrink with the concatenated A == three separate shrinks."""
+    M, K = 17, 100
+    x = _x(M, K, F32, True)
+    parts = [_rand(8, K, seed=10 + i) for i in range(3)]
+    s = L.lora_shrink(x, torch.cat(parts), scaling=0.5, dropout_p=0.2, seed=5)
+    assert s.shape == (M, 24)
+    for i, a in enumerate(parts):
+        si = L.lora_shrink(x, a, scaling=0.5, dropout_p=0.2, seed=5)
+        torch.testing.assert_close(s[:, 8 * i : 8 * (i + 1)], si, rtol=1e-5, atol=1e-5)
+    mask = L.dropout_mask(5, M, K, 0.2, device="cpu")
+    assert_matches(s, 0.5 * (_d(x) * mask / 0.8) @ _d(torch.cat(parts)).T)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_shrink_mask_is_dropout_mask(p):
+    """With A = I, s = scaling * mask * x / (1-p) elementwise: the kernel's mask is visible."""
+    M, K, seed = 33, 40, 2024
+    x = _x(M, K, F32, True) + 3.0  # no zeros in x, so zeros in s are drops
+    s = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    assert torch.equal(s != 0, mask)
+    torch.testing.assert_close(s[mask], (1.5 / (1 - p)) * x[mask], rtol=1e-6, atol=0)
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.08
+    s2 = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed + 1)
+    assert not torch.equal(s2 != 0, mask), "a new seed must give a new mask"
+
+
+# ----------------------------------------------------------------------------------------------
+# forward: expand (one GEMM) and the cuBLAS + epilogue path
+# ----------------------------------------------------------------------------------------------
+
+_FWD_CASES = [
+    # M, K, N, R, dtype, bias, noncontig x, transposed weight
+    (1, 40, 72, 1, F32, True, False, False),
+    (3, 72, 100, 3, BF16, False, True, True),
+    (17, 100, 40, 8, F32, True, True, True),
+    (129, 40, 72, 16, BF16, True, False, False),
+    (17, 72, 100, 40, F32, False, True, False),
+    (3, 40, 72, 24, F16, True, False, True),
+    (17, 40, 100, 100, F32, True, True, False),  # R > the 64-wide rank step: two rank K-steps
+]
+
+
+@pytest.mark.parametrize("M,K,N,R,dtype,has_bias,noncontig,wt", _FWD_CASES)
+def test_expand(M, K, N, R, dtype, has_bias, noncontig, wt):
+    x = _x(M, K, dtype, noncontig)
+    w = _w(N, K, dtype, wt)
+    s = _rand(M, R, dtype=dtype, seed=4)
+    b = _rand(N, R, dtype=dtype, seed=5)
+    bias = _rand(N, dtype=dtype, seed=6) if has_bias else None
+    y = L.lora_expand(x, w, s, b, bias)
+    assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
+    ref = _d(x) @ _d(w).T + _d(s) @ _d(b).T
+    if has_bias:
+        ref = ref + _d(bias)
+
+    def torch_lowp():
+        out = x @ w.T + s @ b.T
+        return out + bias if has_bias else out
+
+    assert_matches(y, ref, _lowp(dtype, torch_lowp))
+
+
+@pytest.mark.parametrize("M,K,N,R,dtype,has_bias,noncontig,wt", _FWD_CASES[:4] + _FWD_CASES[-1:])
+def test_add_epilogue(M, K, N, R, dtype, has_bias, noncontig, wt):
+    x = _x(M, K, dtype, noncontig)
+    w = _w(N, K, dtype, wt)
+    s = _rand(M, R, dtype=dtype, seed=4)
+    b = _rand(N, R, dtype=dtype, seed=5)
+    bias = _rand(N, dtype=dtype, seed=6) if has_bias else None
+    # y lives inside a wider buffer (strided view): columns outside it must stay untouched
+    buf = torch.full((M, N + 7), 123.0, dtype=dtype)
+    y = buf[:, 3 : 3 + N]
+    y.copy_(x @ w.T)
+    base = y.clone()
+    out = L.lora_add_epilogue(y, s, b, bias)
+    assert out.data_ptr() == y.data_ptr()
+    assert (buf[:, :3] == 123).all() and (buf[:, 3 + N :] == 123).all()
+    ref = _d(base) + _d(s) @ _d(b).T
+    if has_bias:
+        ref = ref + _d(bias)
+
+    def torch_lowp():
+        out = base + s @ b.T
+        return out + bias if has_bias else out
+
+    assert_matches(y, ref, _lowp(dtype, torch_lowp))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dy pass (ds, db), dx (GEMM + epilogue / epilogue only), grad_a
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "M,N,R,dtype,deterministic",
+    [
+        (1, 40, 1, F32, True),
+        (3, 100, 3, BF16, True),
+        (17, 72, 8, F32, False),
+        (129, 40, 16, BF16, True),
+        (129, 100, 40, F32, True),
+        (129, 72, 24, F32, False),
+        (17, 40, 200, F32, True),  # R > 128: rank tiled over the grid
+    ],
+)
+def test_dy_pass(M, N, R, dtype, deterministic):
+    dy = _rand(M, N + 9, dtype=dtype, seed=7)[:, 4 : 4 + N]  # strided dY
+    s = _rand(M, R, dtype=dtype, seed=8)
+    b = _rand(N, R, dtype=dtype, seed=9)
+    ds, db = L.lora_dy_pass(dy, s, b, deterministic=deterministic)
+    assert ds.dtype == db.dtype == F32 and ds.shape == (M, R) and db.shape == (N, R)
+    assert_matches(ds, _d(dy) @ _d(b), _lowp(dtype, lambda: dy @ b))
+    assert_matches(db, _d(dy).T @ _d(s), _lowp(dtype, lambda: dy.T @ s))
+    assert db.abs().sum() > 0 and ds.abs().sum() > 0
+
+
+def test_dy_pass_deterministic_is_bitwise_reproducible():
+    dy, s, b = _rand(129, 72, seed=1), _rand(129, 8, seed=2), _rand(72, 8, seed=3)
+    ds1, db1 = L.lora_dy_pass(dy, s, b)
+    ds2, db2 = L.lora_dy_pass(dy, s, b)
+    assert torch.equal(ds1, ds2) and torch.equal(db1, db2)
+
+
+_DX_CASES = [
+    # M, N, K, R, dtype, p, transposed weight
+    (1, 40, 72, 1, F32, 0.0, False),
+    (3, 72, 100, 3, BF16, 0.3, True),
+    (17, 100, 40, 8, F32, 0.1, True),
+    (129, 40, 72, 16, BF16, 0.0, False),
+    (17, 72, 100, 40, F32, 0.5, False),
+    (3, 40, 72, 24, F16, 0.2, True),
+]
+
+
+def _dx_lora_ref(ds, a, scaling, p, seed, M, K):
+    lora = scaling * _d(ds) @ _d(a)
+    if p > 0:
+        lora = lora * L.dropout_mask(seed, M, K, p, device="cpu") / (1 - p)
+    return lora
+
+
+@pytest.mark.parametrize("M,N,K,R,dtype,p,wt", _DX_CASES)
+def test_dx(M, N, K, R, dtype, p, wt):
+    seed = 4321
+    dy = _rand(M, N + 5, dtype=dtype, seed=7)[:, 2 : 2 + N]
+    w = _w(N, K, dtype, wt)
+    ds = _rand(M, R, seed=8)  # fp32, as lora_dy_pass returns it
+    a = _rand(R, K, dtype=dtype, seed=9)
+    dx = L.lora_dx(dy, w, ds, a, scaling=0.5, dropout_p=p, seed=seed)
+    assert dx.dtype == dtype and dx.shape == (M, K)
+    ref = _d(dy) @ _d(w) + _dx_lora_ref(ds, a, 0.5, p, seed, M, K)
+
+    def torch_lowp():
+        lora = (0.5 * ds.to(dtype)) @ a
+        if p > 0:
+            lora = lora * L.dropout_mask(seed, M, K, p, device="cpu") / (1 - p)
+        return dy @ w + lora
+
+    assert_matches(dx, ref, _lowp(dtype, torch_lowp))
+
+
+@pytest.mark.parametrize("M,N,K,R,dtype,p,wt", _DX_CASES[1:5])
+def test_dx_epilogue(M, N, K, R, dtype, p, wt):
+    seed = 77
+    dy = _rand(M, N, dtype=dtype, seed=7)
+    w = _w(N, K, dtype, wt)
+    ds = _rand(M, R, seed=8)
+    a = _rand(R, K, dtype=dtype, seed=9)
+    dx = dy @ w
+    base = dx.clone()
+    out = L.lora_dx_epilogue(dx, ds, a, scaling=0.5, dropout_p=p, seed=seed)
+    assert out.data_ptr() == dx.data_ptr()
+    ref = _d(base) + _dx_lora_ref(ds, a, 0.5, p, seed, M, K)
+
+    def torch_lowp():
+        lora = (0.5 * ds.to(dtype)) @ a
+        if p > 0:
+            lora = lora * L.dropout_mask(seed, M, K, p, device="cpu") / (1 - p)
+        return base + lora
+
+    assert_matches(dx, ref, _lowp(dtype, torch_lowp))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dx_uses_the_forward_mask(p):
+    """dy = 0 and A = I: dx = scaling * mask * ds / (1-p) shows the regenerated mask."""
+    M, K, seed = 33, 40, 2024
+    ds = _rand(M, K, seed=3) + 5.0  # no zeros
+    dy, w = torch.zeros(M, 24), torch.ones(24, K)
+    dx = L.lora_dx(dy, w, ds, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    assert torch.equal(dx != 0, mask)
+    torch.testing.assert_close(dx[mask], (1.5 / (1 - p)) * ds[mask], rtol=1e-6, atol=0)
+    dx2 = L.lora_dx_epilogue(torch.zeros(M, K), ds, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
+    assert torch.equal(dx2, dx)
+
+
+@pytest.mark.parametrize(
+    "M,K,R,dtype,p,noncontig",
+    [
+        (1, 40, 1, F32, 0.0, False),
+        (3, 72, 3, BF16, 0.3, True),
+        (17, 100, 8, F32, 0.1, True),
+        (129, 72, 16, BF16, 0.0, True),
+        (129, 40, 40, F32, 0.5, False),
+        (129, 100, 24, F32, 0.2, True),
+        (17, 40, 100, F32, 0.2, False),  # R > 64: two rank tiles
+    ],
+)
+def test_grad_a(M, K, R, dtype, p, noncontig):
+    seed = 555
+    x = _x(M, K, dtype, noncontig)
+    ds = _rand(M, R, seed=8)
+    da = L.lora_grad_a(x, ds, scaling=0.25, dropout_p=p, seed=seed)
+    assert da.dtype == F32 and da.shape == (R, K)
+    xd = _d(x)
+    if p > 0:
+        mask = L.dropout_mask(seed, M, K, p, device="cpu")
+        xd = xd * mask / (1 - p)
+
+    def torch_lowp():
+        xl = x * mask / (1 - p) if p > 0 else x
+        return (0.25 * ds.to(dtype)).T @ xl.to(dtype)
+
+    assert_matches(da, 0.25 * _d(ds).T @ xd, _lowp(dtype, torch_lowp))
+    assert da.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_grad_a_uses_the_forward_mask(p):
+    """ds = I (M = R): da = scaling * mask * x / (1-p) row by row; M=40 spans two row splits."""
+    M, K, seed = 40, 72, 2024
+    x = _x(M, K, F32, True) + 4.0
+    da = L.lora_grad_a(x, torch.eye(M), scaling=1.5, dropout_p=p, seed=seed)
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    assert torch.equal(da != 0, mask)
+    torch.testing.assert_close(da[mask], (1.5 / (1 - p)) * x[mask], rtol=1e-6, atol=0)
+
+
+def test_forward_backward_chain_matches_autograd():
+    """The launchers composed as the op layer will: grads of x, A, B vs float64 autograd."""
+    M, K, N, R, p, seed, scaling = 17, 72, 40, 8, 0.25, 31337, 2.0
+    x, w = _x(M, K, F32, True), _w(N, K, F32, True)
+    a, b, bias = _rand(R, K, seed=3), _rand(N, R, seed=4), _rand(N, seed=5)
+    dy = _rand(M, N, seed=6)
+
+    s = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
+    y = L.lora_expand(x, w, s, b, bias)
+    ds, db = L.lora_dy_pass(dy, s, b)
+    dx = L.lora_dx(dy, w, ds, a, scaling=scaling, dropout_p=p, seed=seed)
+    da = L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, seed=seed)
+
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    x64, a64, b64 = (_d(t).requires_grad_() for t in (x, a, b))
+    y64 = x64 @ _d(w).T + _d(bias) + scaling * ((x64 * mask / (1 - p)) @ a64.T) @ b64.T
+    y64.backward(_d(dy))
+    assert_matches(y, y64.detach())
+    assert_matches(dx, x64.grad)
+    assert_matches(da, a64.grad)
+    assert_matches(db, b64.grad)
+    for g in (dx, da, db):
+        assert g.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (compiled kernels, autotuned GEMMs): TRITON_INTERPRET=0 python -m pytest ... -m gpu
+# ----------------------------------------------------------------------------------------------
+
+
+_GPU_DEVICE = "cuda"  # a dry run on CPU (interpreter) can monkeypatch this to "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("M", [1, 16, 1000])
+def test_gpu_real_shapes(M, dtype):
+    dev = _GPU_DEVICE
+    K, N, R, p, seed, scaling = 1024, 1536, 16, 0.1, 42, 2.0
+    torch.manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev) * scale).to(dtype)
+
+    x = rnd(M, K + 64)[:, 32 : 32 + K]
+    w = rnd(K, N, scale=K**-0.5).t()
+    a, b, bias, dy = rnd(R, K, scale=K**-0.5), rnd(N, R), rnd(N), rnd(M, N)
+    mask = L.dropout_mask(seed, M, K, p, device=dev)
+
+    def err(out, ref):
+        return (out.double() - ref.double()).abs().max().item()
+
+    def check(out, ref32, lowp, what):
+        assert not torch.isnan(out).any(), what
+        e, scale = err(out, ref32), ref32.abs().max().item()
+        if dtype == F32:  # TF32 is off below, so the kernels run full fp32 ("ieee")
+            assert e <= 1e-4 * max(scale, 1.0), f"{what}: fp32 error {e:.3g}"
+        else:
+            te = err(lowp, ref32)
+            assert e <= 2 * te + 4e-3 * scale + 1e-6, f"{what}: {e:.3g} vs torch {te:.3g}"
+
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference (and fp32 kernels) in full fp32
+    try:
+        xf, wf, af, bf, dyf = (t.float() for t in (x, w, a, b, dy))
+        s = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
+        s32 = scaling * (xf * mask / (1 - p)) @ af.T
+        check(s, s32, scaling * ((x * mask / (1 - p)).to(dtype) @ a.T), "shrink")
+        y32 = xf @ wf.T + s.float() @ bf.T + bias.float()
+        y_lowp = x @ w.T + s @ b.T + bias
+        check(L.lora_expand(x, w, s, b, bias), y32, y_lowp, "expand")
+        check(L.lora_add_epilogue(x @ w.T, s, b, bias), y32, y_lowp, "add_epilogue")
+        for det in (True, False):
+            ds, db = L.lora_dy_pass(dy, s, b, deterministic=det)
+            check(ds, dyf @ bf, dy @ b, "ds")
+            check(db, dyf.T @ s.float(), dy.T @ s, "db")
+        lora32 = mask * (scaling * ds @ af) / (1 - p)
+        dx_lowp = dy @ w + (mask * (scaling * ds.to(dtype) @ a) / (1 - p)).to(dtype)
+        dx = L.lora_dx(dy, w, ds, a, scaling=scaling, dropout_p=p, seed=seed)
+        check(dx, dyf @ wf + lora32, dx_lowp, "dx")
+        dx_epi = L.lora_dx_epilogue(dy @ w, ds, a, scaling=scaling, dropout_p=p, seed=seed)
+        check(dx_epi, dyf @ wf + lora32, dx_lowp, "dx_epilogue")
+        da32 = scaling * ds.T @ (xf * mask / (1 - p))
+        da_lowp = (scaling * ds.to(dtype)).T @ (x * mask / (1 - p)).to(dtype)
+        check(L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, seed=seed), da32, da_lowp, "grad_a")
+        # bf16 extremes: large-magnitude inputs must not overflow the fp32 accumulators
+        if dtype == BF16:
+            big = (x.float() * 1e4).to(dtype)
+            s_big = L.lora_shrink(big, a, scaling=scaling)
+            assert torch.isfinite(L.lora_expand(big, w, s_big, b, bias)).all()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
