@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,7 +24,7 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
         warnings.warn("model is already merged; merge() did nothing", UserWarning, stacklevel=2)
         return model
     for name, module in todo:
-        if not torch.isfinite(module.merged_weight()).all():
+        if not module.merge_is_finite():
             raise FloatingPointError(
                 f"merging the LoRA delta into {name!r} gives NaN/Inf weights (adapter or base weight "
                 "holds non-finite values, or the sum overflows the weight dtype); nothing was merged"

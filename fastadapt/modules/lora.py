@@ -91,6 +91,29 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         return (w.float() + self.delta_weight()).to(w.dtype)
 
+    def _native_merge(self) -> bool:
+        """Use the in-place CUDA merge kernel (one read + one write of W, fp32 math)?"""
+        if not self.base_layer.weight.is_cuda:
+            return False
+        from .. import _native
+
+        return _native.VERIFIED_ON_GPU and _native.native_available()
+
+    def _native_merge_call(self, *, sign: int, check_only: bool) -> bool:
+        """Run the CUDA merge kernel; True when every result is finite."""
+        flag = torch.ops.fastadapt_cuda.lora_merge_(
+            self.base_layer.weight, self.lora_A.weight.float(), self.lora_B.weight.float(),
+            float(self.scaling), self.fan_in_fan_out, sign, check_only,
+        )
+        return not bool(flag.item())
+
+    @torch.no_grad()
+    def merge_is_finite(self) -> bool:
+        """Whether merging would give finite weights (nothing is written)."""
+        if self._native_merge():
+            return self._native_merge_call(sign=1, check_only=True)
+        return bool(torch.isfinite(self.merged_weight()).all())
+
     @torch.no_grad()
     def merge(self, *, keep_original: bool = False) -> None:
         """Fold the LoRA term into the base weight (fp32 delta, one rounding).
@@ -100,12 +123,17 @@ class LoraLinear(nn.Module):
         """
         if self.merged:
             return
-        merged = self.merged_weight()
-        if not torch.isfinite(merged).all():
-            raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
         w = self.base_layer.weight
+        native = self._native_merge()
+        merged = None if native else self.merged_weight()
+        finite = self._native_merge_call(sign=1, check_only=True) if native else bool(torch.isfinite(merged).all())
+        if not finite:
+            raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
         self._unmerged_weight = w.detach().clone() if keep_original else None
-        w.copy_(merged)
+        if native:
+            self._native_merge_call(sign=1, check_only=False)
+        else:
+            w.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -118,6 +146,8 @@ class LoraLinear(nn.Module):
         if self._unmerged_weight is not None:
             w.copy_(self._unmerged_weight)
             self._unmerged_weight = None
+        elif self._native_merge():
+            self._native_merge_call(sign=-1, check_only=False)
         else:
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False

@@ -367,7 +367,22 @@ lora_linear_group_fwd.register_autograd(_group_backward, setup_context=_group_se
 # -- validation -----------------------------------------------------------------------------------
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None and _is_sharded(t):
+            raise RuntimeError(
+                f"{name} is a sharded DTensor: fused kernels never compute on a shard. Call the layer "
+                "inside its FSDP-wrapped module's forward (FSDP gathers the full weight there), or "
+                "gather it first (DTensor.full_tensor())"
+            )
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

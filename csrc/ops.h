@@ -1,0 +1,31 @@
+// Host entry points of the fastadapt CUDA ops (registered in registration.cpp).
+//
+// Semantics and shapes are documented beside each implementation and in the schemas.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace fastadapt {
+
+// out = (x if residual is None else residual) + s * up(act(down(x))); returns (out, hidden)
+// with hidden (M, b) the pre-activation x @ w_down^T (rounded to x.dtype), saved for backward.
+std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd(const at::Tensor& x, const at::Tensor& w_down,
+                                                          const at::Tensor& w_up, const at::Tensor& scaling,
+                                                          const std::optional<at::Tensor>& residual,
+                                                          c10::string_view activation);
+
+// Returns (dx, dw_down fp32, dw_up fp32, dscaling fp32 shaped like scaling).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_bwd(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& hidden, const at::Tensor& w_down,
+    const at::Tensor& w_up, const at::Tensor& scaling, c10::string_view activation, bool has_residual);
+
+// In place: weight += sign * scaling * lora_b @ lora_a (weight^T when transposed). Returns an
+// int32 (1,) device flag, 1 when any result is NaN/Inf. check_only computes the flag, writes nothing.
+at::Tensor lora_merge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+                       bool transposed, int64_t sign, bool check_only);
+
+}  // namespace fastadapt
