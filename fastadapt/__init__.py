@@ -8,7 +8,9 @@
 
 import logging
 
-from . import ops
+from . import bottleneck as _bottleneck  # noqa: F401  (registers "series" and "parallel")
+from . import distributed, ops
+from . import prefix as _prefix  # noqa: F401  (registers the "prefix" method)
 from .config import LoraConfig
 from .export import export
 from .io import load_adapter, save_adapter
@@ -22,6 +24,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "LoraConfig",
+    "distributed",
     "LoraLinear",
     "export",
     "load_adapter",

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .patch import adapter_modules, get_state
+from . import distributed
+from .patch import adapter_modules, get_state, method_impl
 
 logger = logging.getLogger(__name__)
 
@@ -28,26 +29,36 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None, *, full_state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The model's state dict under its original (unpatched) names with every LoRA delta folded in
     (fp32 sum, one rounding). Merged modules are used as they are; unmerged ones get a merged copy
-    (costs the memory of those weights: call ``fa.merge`` first to avoid it)."""
+    (costs the memory of those weights: call ``fa.merge`` first to avoid it). ``full_state_dict``:
+    the model's tensors gathered from a sharded model (see ``_gather_full_state_dict``)."""
     state = get_state(model)
-    if state is None or state.method != "lora":
+    if state is None:
         raise ValueError(
-            "model has no LoRA adapter to export: fa.export writes a merged model; use "
-            "model.save_pretrained for a plain one"
+            "model has no adapter to export: fa.export writes a model with its LoRA adapter merged; "
+            "a plain model is saved with model.save_pretrained"
         )
+    reason = method_impl(state.method).merge_error
+    if reason is not None:
+        raise ValueError(f"cannot export a {state.method!r} adapter as a merged model: {reason}")
     replaced: dict[str, torch.Tensor] = {}
     dropped: set[str] = set()
     for name, module in adapter_modules(model):
-        weight = module.base_layer.weight if module.merged else module.merged_weight()
+        if full_state_dict is not None:
+            weight = _merged_from(module, full_state_dict, name)
+        else:
+            weight = module.base_layer.weight if module.merged else module.merged_weight()
         if not torch.isfinite(weight).all():
             raise FloatingPointError(f"merged weight of {name!r} holds NaN/Inf; nothing was exported")
         replaced[f"{name}.base_layer.weight"] = weight
         dropped.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
     out = {}
-    for key, tensor in model.state_dict().items():
+    source = model.state_dict() if full_state_dict is None else full_state_dict
+    for key, tensor in source.items():
         if key in dropped:
             continue
         tensor = replaced.get(key, tensor)
@@ -70,9 +81,14 @@ def export(
     config, generation config, and the tokenizer when given) that
     ``AutoModelForCausalLM.from_pretrained(path)`` loads without fastadapt. The model itself is not
     changed. Writes into a temporary folder beside ``path`` and renames it at the end; refuses a
-    non-empty ``path`` unless ``overwrite=True``."""
+    non-empty ``path`` unless ``overwrite=True``.
+
+    Distributed: a ``DistributedDataParallel`` wrapper is looked through and, with more than one
+    process, only global rank 0 writes. An FSDP2-sharded model is gathered to full CPU tensors on
+    rank 0 (a collective: call it on every rank; rank 0 needs CPU memory for the whole model)."""
     from transformers import PreTrainedModel
 
+    model = distributed.unwrap(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     path = Path(path)
@@ -81,7 +97,27 @@ def export(
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"export path {str(path)!r} is not empty; pass overwrite=True to replace it")
     torch_dtype = parse_dtype(dtype)
-    state_dict = merged_state_dict(model, torch_dtype)
+    state = get_state(model)
+    if state is None or state.method != "lora":  # checked on every rank, before any collective
+        merged_state_dict(model, torch_dtype)  # raises the guidance error
+    if distributed.is_sharded(model):
+        full = _gather_full_state_dict(model)  # collective; empty off rank 0
+        try:
+            if distributed.is_main_process():
+                _write_export(model, path, merged_state_dict(model, torch_dtype, full_state_dict=full),
+                              tokenizer=tokenizer, torch_dtype=torch_dtype, max_shard_size=max_shard_size)
+        finally:
+            distributed.barrier()
+        return path
+    if not distributed.is_main_process():
+        return path
+    _write_export(model, path, merged_state_dict(model, torch_dtype), tokenizer=tokenizer,
+                  torch_dtype=torch_dtype, max_shard_size=max_shard_size)
+    return path
+
+
+def _write_export(model, path: Path, state_dict, *, tokenizer, torch_dtype, max_shard_size) -> None:
+    from transformers import PreTrainedModel
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
@@ -91,6 +127,7 @@ def export(
         PreTrainedModel.save_pretrained(model, tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         if torch_dtype is not None:
             _set_config_dtype(tmp / "config.json", torch_dtype)
+        _unshard_architectures(tmp / "config.json", model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, path)
@@ -100,7 +137,27 @@ def export(
     finally:
         model.config.dtype = old_dtype
     logger.info("exported merged model to %s", path)
-    return path
+
+
+def _gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of a sharded model on rank 0 (an empty dict elsewhere); every rank calls it."""
+    out = {}
+    keep = distributed.is_main_process()
+    for key, tensor in model.state_dict().items():
+        full = distributed.full_tensor(tensor.detach())  # collective, same key order on every rank
+        if keep:
+            out[key] = full.cpu()
+    return out
+
+
+@torch.no_grad()
+def _merged_from(module: nn.Module, full: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``W + scaling · B A`` from gathered tensors: the math of ``LoraLinear.merged_weight``."""
+    w = full[f"{name}.base_layer.weight"]
+    if module.merged:
+        return w
+    delta = (full[f"{name}.lora_B.weight"].float() @ full[f"{name}.lora_A.weight"].float()) * module.scaling
+    return (w.float() + (delta.t() if module.fan_in_fan_out else delta)).to(w.dtype)
 
 
 def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
@@ -111,6 +168,22 @@ def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
     if "torch_dtype" in config:  # transformers 4.x spelling
         config["torch_dtype"] = name
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _unshard_architectures(config_file: Path, model: nn.Module) -> None:
+    # FSDP2 swaps the class of a sharded model for "FSDP<Class>"; the config must name <Class>.
+    from transformers import PreTrainedModel
+
+    if not type(model).__name__.startswith("FSDP"):
+        return
+    plain = next(
+        (c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP")),
+        None,
+    )
+    config = json.loads(config_file.read_text())
+    if plain is not None and config.get("architectures") == [type(model).__name__]:
+        config["architectures"] = [plain.__name__]
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

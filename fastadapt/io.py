@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .patch import adapter_modules, get_state, method_impl, patch, unpatch
 
 logger = logging.getLogger(__name__)
@@ -49,37 +50,68 @@ _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
 
 
 def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
-    """The adapter tensors under the model's own names (``<module>.lora_A.weight`` ...), taken from
-    ``state_dict`` when given (e.g. a gathered one), else from the model."""
-    out = {}
-    for name, module in adapter_modules(model):
-        for part in ("lora_A", "lora_B"):
-            key = f"{name}.{part}.weight"
-            tensor = state_dict[key] if state_dict is not None else getattr(module, part).weight
-            out[key] = tensor.detach().to("cpu").contiguous()
-    return out
+    """The adapter tensors under the model's own names (``<module>.lora_A.weight``,
+    ``<module>.adapter_down.weight`` ...), taken from ``state_dict`` when given (e.g. a gathered
+    one), else from the model. Sharded (FSDP2 DTensor) tensors are gathered to full ones: then every
+    rank must call this (keys are visited in one fixed order)."""
+    model = distributed.unwrap(model)
+    state = get_state(model)
+    if state is None:
+        raise ValueError("model has no adapter: call fa.patch(model, ...) first")
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    return {
+        key: distributed.full_tensor(source[key].detach()).to("cpu").contiguous()
+        for key in sorted(state.adapter_keys)
+    }
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, _state_dict: dict | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, *, _state_dict: dict | None = None, _writer: bool | None = None
+) -> Path:
     """Write the adapter in PEFT's format: ``adapter_config.json`` and ``adapter_model.safetensors``
     with keys ``base_model.model.<module>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r).
     Loads with ``peft.PeftModel.from_pretrained`` and ``fa.load_adapter``. Files are written to a
-    temporary name and renamed, so an interrupted save never leaves a half-written file."""
+    temporary name and renamed, so an interrupted save never leaves a half-written file.
+
+    Distributed: a ``DistributedDataParallel`` wrapper is looked through. With a process group of
+    more than one process only global rank 0 writes. An FSDP2-sharded model (DTensor parameters)
+    is gathered to full tensors, which is a collective: call it on every rank; all ranks return
+    once the files are written."""
+    model = distributed.unwrap(model)
     state = get_state(model)
     if state is None:
         raise ValueError("model has no adapter to save: call fa.patch(model, ...) first")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    # _writer: the caller already chose the writing process (save_pretrained's is_main_process).
+    writer = distributed.is_main_process() if _writer is None else _writer
     custom_save = method_impl(state.method).save
     if custom_save is not None:
-        custom_save(model, path, _state_dict)
+        if _state_dict is None:
+            distributed.check_not_sharded(model, f"saving a {state.method!r} adapter")
+        if writer:
+            path.mkdir(parents=True, exist_ok=True)
+            custom_save(model, path, _state_dict)
         return path
+    sharded = _state_dict is None and distributed.is_sharded(model)
     tensors = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, _state_dict).items()}
+    if not writer:
+        if sharded:
+            distributed.barrier()  # return when rank 0 has written, as rank 0 does
+        return path
+    try:
+        _write_lora_adapter(model, path, tensors)
+    finally:
+        if sharded:
+            distributed.barrier()
+    return path
+
+
+def _write_lora_adapter(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
     _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     config = _peft_config(model)
     _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
     logger.info("saved %d adapter tensors to %s", len(tensors), path)
-    return path
 
 
 def save_pretrained_adapter(
@@ -92,10 +124,13 @@ def save_pretrained_adapter(
     """``model.save_pretrained`` of a patched model (the Trainer calls it for checkpoints): writes
     the PEFT-format adapter plus ``model.safetensors`` holding only the adapter under the model's
     own names, which ``Trainer(resume_from_checkpoint=...)`` loads back. No config.json is written,
-    so ``from_pretrained`` cannot mistake the folder for a full model; use ``fa.export`` for that."""
+    so ``from_pretrained`` cannot mistake the folder for a full model; use ``fa.export`` for that.
+    Without ``state_dict`` an FSDP2-sharded model is gathered here: call it on every rank then."""
+    if state_dict is None and distributed.is_sharded(self):
+        state_dict = adapter_state_dict(self)  # collective: before the rank check
     if not is_main_process:
         return
-    save_adapter(self, save_directory, _state_dict=state_dict)
+    save_adapter(self, save_directory, _state_dict=state_dict, _writer=True)
     tensors = adapter_state_dict(self, state_dict)
     _atomic_write(
         Path(save_directory) / TRAINER_WEIGHTS_NAME,
@@ -190,7 +225,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Patch ``model`` as the adapter's config says (unless already patched the same way) and load
     its weights. Reads fastadapt and PEFT LoRA directories (and the other kinds registered with
     ``register_loader``). Strict: a missing or unexpected key or a shape mismatch raises an error
-    naming the key, and the model is left as it was."""
+    naming the key, and the model is left as it was.
+
+    Distributed: load before ``fully_shard`` (every rank reads the files). Into a model that is
+    already patched and sharded, every rank must call it (the tensors are scattered to the shards)."""
+    model = distributed.unwrap(model)
     config = read_adapter_config(path)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type in _LOADERS:
@@ -205,6 +244,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     state = get_state(model)
     patched_here = state is None
+    if patched_here and distributed.is_sharded(model):
+        raise RuntimeError(
+            "model is sharded (FSDP2) but not patched: call fa.load_adapter (or fa.patch) before "
+            "fully_shard / fastadapt.distributed.shard_model, so the adapters are sharded with their layers"
+        )
     if patched_here:
         patch(model, "lora", **options)
     else:
@@ -283,5 +327,15 @@ def _load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path)
             raise TypeError(f"adapter key {key!r} has dtype {tensors[key].dtype}; expected a float tensor")
     with torch.no_grad():
         for key, param in params.items():
-            param.copy_(tensors[key])
+            param.copy_(_like(tensors[key], param))
+
+
+def _like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` laid out like ``param``: scattered to its shards when ``param`` is a DTensor."""
+    if not distributed.is_dtensor(param):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    local = tensor.to(device=param.device_mesh.device_type, dtype=param.dtype)
+    return distribute_tensor(local, param.device_mesh, param.placements)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .patch import _require_state, adapter_modules, method_impl
 
 
@@ -16,8 +17,11 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
     once. All modules are checked before any is written: a NaN/Inf result raises
     ``FloatingPointError`` naming the module and leaves the model unchanged. Merging an already
     merged model is a no-op with a warning. ``keep_original=True`` keeps a copy of each unmerged
-    weight so that ``unmerge`` is exact (costs the memory of the adapted weights)."""
+    weight so that ``unmerge`` is exact (costs the memory of the adapted weights).
+    A sharded (FSDP2) model is refused with guidance; merge in one process after loading the adapter."""
+    model = distributed.unwrap(model)
     state = _require_state(model)
+    distributed.check_not_sharded(model, "fa.merge")
     _check_mergeable(state)
     todo = [(name, m) for name, m in adapter_modules(model) if not m.merged]
     if not todo:
@@ -37,7 +41,9 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Take the LoRA deltas back out of the base weights. Exact after ``merge(keep_original=True)``;
     otherwise ``W - scaling · B A`` in fp32, within one rounding of the weight dtype."""
+    model = distributed.unwrap(model)
     state = _require_state(model)
+    distributed.check_not_sharded(model, "fa.unmerge")
     _check_mergeable(state)
     merged = [m for _, m in adapter_modules(model) if m.merged]
     if not merged:
@@ -89,6 +95,6 @@ def summary(model: nn.Module) -> Summary:
     rows = []
     if getattr(model, "fastadapt_state", None) is not None:
         for name, m in adapter_modules(model):
-            desc = f"lora r={m.r} {m.in_features}->{m.out_features}"
+            desc = m.describe() if hasattr(m, "describe") else f"lora r={m.r} {m.in_features}->{m.out_features}"
             rows.append((name, desc, sum(p.numel() for p in m.parameters() if p.requires_grad)))
     return Summary(trainable=trainable, total=total, rows=rows)

@@ -81,6 +81,8 @@ class PatchState:
     config: Any
     modules: list[str]
     hooks: list[Any] = field(default_factory=list)
+    #: names of the adapter's parameters (the trainable ones right after patching)
+    adapter_keys: list[str] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -106,6 +108,13 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
             f"model is already patched with {state.method!r} ({len(state.modules)} modules); "
             "call fa.unpatch(model) first"
         )
+    from .distributed import is_sharded
+
+    if is_sharded(model):
+        raise RuntimeError(
+            "model is already sharded (FSDP2 DTensor parameters): call fa.patch (or fa.load_adapter) "
+            "before fully_shard / fastadapt.distributed.shard_model"
+        )
     impl = _METHODS[method.lower()]
     config = impl.make_config(method.lower(), options)
     params = list(model.parameters())
@@ -119,7 +128,12 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
             p.requires_grad_(flag)
         raise
     names, handles = applied if isinstance(applied, tuple) else (applied, [])
-    state = PatchState(config=config, modules=list(names), hooks=list(handles))
+    state = PatchState(
+        config=config,
+        modules=list(names),
+        hooks=list(handles),
+        adapter_keys=[n for n, p in model.named_parameters() if p.requires_grad],
+    )
     _install_model_hooks(model, state)
     model.fastadapt_state = state
     logger.info("patched %d modules with %s", len(names), method)
@@ -345,7 +359,7 @@ def _install_model_hooks(model: nn.Module, state: PatchState) -> None:
     # the frozen base keys from "missing" when every one of them is missing. (Right after
     # patching, the trainable parameters are exactly the adapter's.)
     all_keys = model.state_dict().keys()
-    adapter_keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter_keys = set(state.adapter_keys)
     n_base_keys = len(all_keys) - len(adapter_keys)
 
     def adapter_only_load(module, incompatible):

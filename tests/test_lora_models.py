@@ -185,7 +185,7 @@ def test_export_refuses_non_empty_folder_and_leaves_it(tmp_path):
 
 
 def test_export_without_adapter_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="no LoRA adapter"):
+    with pytest.raises(ValueError, match="no adapter to export"):
         fa.export(tiny_model("llama"), tmp_path / "x")
 
 

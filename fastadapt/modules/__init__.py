@@ -1,6 +1,7 @@
 """Adapter ``nn.Module``s (layer 4): they own parameters and call one functional op each."""
 
 from .base import AdapterWeight, is_supported_linear, linear_dims
+from .bottleneck import BottleneckLinear
 from .lora import LoraLinear
 
-__all__ = ["AdapterWeight", "LoraLinear", "is_supported_linear", "linear_dims"]
+__all__ = ["AdapterWeight", "BottleneckLinear", "LoraLinear", "is_supported_linear", "linear_dims"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear, lora_linear_group
-from ..ops.lora_linear import selected_backend
+from ..ops.lora_linear import _is_sharded, selected_backend
 from .base import AdapterWeight, linear_dims
 
 
@@ -175,6 +175,10 @@ class SharedInputGroup:
     def usable(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or any(m.merged for m in self.members):
             return False
+        if any(
+            _is_sharded(t) for m in self.members for t in (m.base_layer.weight, m.lora_A.weight, m.lora_B.weight)
+        ):
+            return False  # members sharded one by one: each gathers its own weight in its own forward
         return selected_backend(x.device) == "triton"
 
     def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:

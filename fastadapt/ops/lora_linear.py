@@ -379,9 +379,9 @@ def _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if t is not None and _is_sharded(t):
             raise RuntimeError(
-                f"{name} is a sharded DTensor: fused kernels never compute on a shard. Call the layer "
-                "inside its FSDP-wrapped module's forward (FSDP gathers the full weight there), or "
-                "gather it first (DTensor.full_tensor())"
+                f"{name} is a sharded DTensor: fused kernels never compute on a shard. Shard per decoder "
+                "layer (fastadapt.distributed.shard_model), never a base_layer alone, so FSDP gathers the "
+                "full weight before the layer's forward; or gather it first (DTensor.full_tensor())"
             )
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):

@@ -35,3 +35,68 @@ def lora_linear_ref(
     y2d = y.reshape(-1, y.shape[-1])
     out = torch.addmm(y2d, s.reshape(-1, s.shape[-1]), lora_b.to(compute_dtype).t())
     return out.reshape(y.shape)
+
+
+#: Bottleneck-adapter activations, as transformers' ACT2FN names them ("gelu" is the exact erf form).
+BOTTLENECK_ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def _bottleneck_term(
+    x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, activation: str, scaling, dropout_p: float
+) -> torch.Tensor:
+    """``s · up(act(down(dropout(x))))`` in x's dtype (or the autocast dtype)."""
+    z = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    h = F.linear(z, w_down.to(x.dtype))
+    a = F.linear(BOTTLENECK_ACTIVATIONS[activation](h), w_up.to(h.dtype))
+    if isinstance(scaling, torch.Tensor):
+        return a * scaling.reshape(()).to(a.dtype)  # a learned (1,) scaling: no fp32 promotion of a
+    return a * scaling
+
+
+def bottleneck_adapter_ref(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    *,
+    activation: str,
+    scaling: float | torch.Tensor,
+    residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``(x if residual is None else residual) + scaling · up(act(down(dropout(x))))``.
+
+    x (..., d_in); w_down (b, d_in); w_up (d_out, b); residual (..., d_out) or None (then
+    d_out == d_in). ``scaling`` is a number or a 1-element tensor (a learned scaling).
+    ``backend`` is accepted for signature parity and ignored.
+    """
+    del backend
+    a = _bottleneck_term(x, w_down, w_up, activation, scaling, dropout_p)
+    base = x if residual is None else residual
+    return base + a.to(base.dtype)
+
+
+def parallel_adapter_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    *,
+    activation: str,
+    scaling: float | torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = x Wᵀ (+ bias) + scaling · up(act(down(dropout(x))))`` (LLM-Adapters' parallel adapter).
+
+    x (..., K); weight (N, K); w_down (b, K); w_up (N, b); returns (..., N) in the compute dtype.
+    """
+    del backend
+    y = F.linear(x, weight, bias)
+    return y + _bottleneck_term(x.to(y.dtype), w_down, w_up, activation, scaling, dropout_p).to(y.dtype)

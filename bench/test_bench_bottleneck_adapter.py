@@ -1,0 +1,129 @@
+"""Bottleneck adapters: fused (Triton / CUDA) vs eager PyTorch, forward and fwd+bwd, peak memory.
+
+Issue 5 target shape (H100/H200, bf16): d = 4096, b = 256, M = 8192. Baselines:
+- "llm_adapters": eager, LLM-Adapters style (fp32 adapter math: x.float() → down → act → up, then
+  cast back and added; separate ops);
+- "eager_bf16": the torch backend (``bottleneck_adapter_ref`` / ``parallel_adapter_ref``) in bf16.
+Targets: fused series fwd+bwd ≥ 2.5× faster than "llm_adapters" and within 1.3× of its memory
+floor (read x, write out: bytes / measured copy bandwidth); parallel within 1.15× of the frozen
+linear plus the adapter's own GEMM FLOPs.
+
+Cases are marked ``gpu`` (target shape) or ``smoke`` (tiny CPU run in the interpreter; numbers mean
+nothing). Records go through ``benchlib.record``: suite, case, variant, mode (forward | fwd_bwd), M, d,
+b, dtype, median_ms, peak_mem_bytes (CUDA), floor_bytes / floor_ms (series) or the FLOP counts (parallel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import benchlib
+import pytest
+import torch
+
+import fastadapt as fa
+from fastadapt.ops.reference import bottleneck_adapter_ref, parallel_adapter_ref
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+SHAPES = [pytest.param(8192, 4096, 256, marks=pytest.mark.gpu),  # (M, d, b): the issue-5 target
+          pytest.param(16, 40, 8, marks=pytest.mark.smoke)]
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def _llm_adapters_series(x, wd, wu, s):
+    out = (torch.tanh(x.float() @ wd.t()) @ wu.t()).to(x.dtype) * s
+    return out + x
+
+
+def _llm_adapters_parallel(x, w, wd, wu, s):
+    return x @ w.t() + (torch.tanh(x.float() @ wd.t()) @ wu.t()).to(x.dtype) * s
+
+
+def _inputs(m, d, b, *, n=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, d, generator=g).to(DEVICE, DTYPE).requires_grad_()
+    wd = (torch.randn(b, d, generator=g) * 0.02).to(DEVICE).requires_grad_()
+    wu = (torch.randn(n or d, b, generator=g) * 0.02).to(DEVICE).requires_grad_()
+    return x, wd, wu
+
+
+def _run(benchmark, fn, *, backward, info):
+    """Time ``fn`` (plus its backward) with benchlib; record the flat extra_info dict (bench/README.md)."""
+    device = benchlib.bench_device()
+
+    def step():
+        y = fn()
+        if backward:
+            y.backward(torch.ones_like(y))
+
+    step()  # warm-up / autotune
+    med = benchlib.median_ms(step, device, cpu_iters=1)
+    peak, _ = benchlib.peak_memory_delta(step, device)
+    benchmark.group = f"{info['suite']} {info['mode']} {info['case']}"
+    benchmark.pedantic(benchlib.synchronized(step, device), rounds=5 if CUDA else 1, iterations=1,
+                       warmup_rounds=1 if CUDA else 0)
+    floor_bytes = info.get("floor_bytes")
+    info = {**info, "median_ms": med, "peak_mem_bytes": peak,
+            "floor_ms": benchlib.floor_ms(0.0, floor_bytes, device) if floor_bytes else None}
+    benchlib.record(benchmark, info)
+
+
+def _backends():
+    out = ["llm_adapters", "eager_bf16"]
+    if CUDA or os.environ.get("TRITON_INTERPRET") == "1":  # CPU: interpreter smoke only
+        out.append("triton")
+    if CUDA:
+        out.append("cuda")
+    return out
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("variant", _backends())
+@pytest.mark.parametrize("m,d,b", SHAPES)
+def test_bench_series(benchmark, m, d, b, variant, backward):
+    x, wd, wu = _inputs(m, d, b)
+    s = 1.0
+    if variant == "cuda":
+        from fastadapt import _native
+
+        if not _native.native_available():
+            pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")
+    if variant == "llm_adapters":
+        fn = lambda: _llm_adapters_series(x, wd, wu, s)
+    elif variant == "eager_bf16":
+        fn = lambda: bottleneck_adapter_ref(x, wd, wu, activation="tanh", scaling=s)
+    else:
+        fn = lambda: fa.ops.bottleneck_adapter(x, wd, wu, activation="tanh", scaling=s, backend=variant)
+    floor = 2 * x.numel() * x.element_size()  # read x, write out
+    _run(benchmark, fn, backward=backward, info={
+        "suite": "bottleneck_adapter", "case": f"series M={m} d={d} b={b}", "variant": variant,
+        "mode": "fwd_bwd" if backward else "forward", "M": m, "d": d, "b": b, "dtype": DTYPE,
+        "floor_bytes": floor,
+    })
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("variant", ["frozen_linear", *_backends()])
+@pytest.mark.parametrize("m,d,b", SHAPES)
+def test_bench_parallel(benchmark, m, d, b, variant, backward):
+    x, wd, wu = _inputs(m, d, b)
+    w = (torch.randn(d, d) * 0.02).to(DEVICE, DTYPE)
+    if variant == "cuda":
+        from fastadapt import _native
+
+        if not _native.native_available():
+            pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")
+    if variant == "frozen_linear":
+        fn = lambda: x @ w.t()
+    elif variant == "llm_adapters":
+        fn = lambda: _llm_adapters_parallel(x, w, wd, wu, 1.0)
+    elif variant == "eager_bf16":
+        fn = lambda: parallel_adapter_ref(x, w, wd, wu, activation="tanh", scaling=1.0)
+    else:
+        fn = lambda: fa.ops.parallel_adapter(x, w, wd, wu, activation="tanh", scaling=1.0, backend=variant)
+    _run(benchmark, fn, backward=backward, info={
+        "suite": "parallel_adapter", "case": f"parallel M={m} d={d} b={b}", "variant": variant,
+        "mode": "fwd_bwd" if backward else "forward", "M": m, "d": d, "b": b, "dtype": DTYPE,
+        "adapter_flops": 2 * 2 * m * d * b, "linear_flops": 2 * m * d * d,
+    })

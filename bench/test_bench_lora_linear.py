@@ -1,0 +1,303 @@
+"""Kernel-level benchmark of one LoRA linear (and of a shared-input q/k/v or gate/up group).
+
+Variants (the baselines of shared/PERF.md), all bf16 activations and base weight:
+- ``frozen``        the frozen base ``nn.Linear`` (the floor; every other variant's ``ratio_to_ref``);
+- ``peft_default``  PEFT as users run it: fp32 adapters (``autocast_adapter_dtype=True``);
+- ``peft_bf16``     PEFT with bf16 adapters (``autocast_adapter_dtype=False``);
+- ``addmm``         cuBLAS base + addmm of the LoRA term in bf16 (``fa.ops.lora_linear_ref``);
+- ``fastadapt``     ``fa.ops.lora_linear(..., backend="triton")`` with fp32 adapter weights, as
+                    ``LoraLinear`` holds them (cast to bf16 inside the op);
+- ``fastadapt_group`` (group cases only) ``fa.ops.lora_linear_group(..., backend="triton")``.
+
+Modes: ``forward`` (a training forward: graph built), ``backward`` (``autograd.grad`` of a
+retained graph: dX and the adapter gradients, never the frozen weight's), ``fwd_bwd``.
+
+Default run: r=16 at every M (incl. the target M=8192), dropout 0 and 0.1, all three shapes.
+``--bench-full`` adds r ∈ {8, 64} at M ∈ {1, 16, 512, 4096, 16384} (the issue's whole sweep).
+Without CUDA only the ``smoke`` cases run (tiny shape, every variant, 2 timed rounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import benchlib
+import pytest
+import torch
+from torch import nn
+
+import fastadapt as fa
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+M_SWEEP = (1, 16, 512, 4096, 16384)
+M_TARGET = 8192  # the issue-4 target point (r=16, dropout 0.1)
+RANKS = (8, 16, 64)
+DEFAULT_RANK = 16
+DROPOUTS = (0.0, 0.1)
+MODES = ("forward", "backward", "fwd_bwd")
+LORA_VARIANTS = ("peft_default", "peft_bf16", "addmm", "fastadapt")
+GROUP_SHAPES = {"qkv": (4096, (4096, 4096, 4096)), "gate_up": (4096, (11008, 11008))}
+GROUP_M_DEFAULT = (16, 8192)
+GROUP_M_FULL = (4096, 16384)
+GROUP_VARIANTS = ("peft_default", "peft_bf16", "addmm", "fastadapt", "fastadapt_group")
+
+DTYPE = torch.bfloat16
+
+
+def _scaling(r: int) -> float:
+    return 2.0  # alpha = 2r, the usual choice (and issue 9's r=16, alpha=32)
+
+
+# -- building one input set per variant -------------------------------------------------------------
+
+
+class _Lins(nn.Module):
+    """Linears that read the same x (one member for a plain LoRA linear), as PEFT would wrap them."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        for i, w in enumerate(weights):
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            lin.weight.data = w
+            lin.weight.requires_grad_(False)
+            self.add_module(f"p{i}", lin)
+        self.n = len(weights)
+
+    def forward(self, x):
+        return [getattr(self, f"p{i}")(x) for i in range(self.n)]
+
+
+@dataclass
+class _Set:
+    fwd: object  # x -> list of outputs
+    x: torch.Tensor
+    dys: list[torch.Tensor]
+    inputs: list[torch.Tensor]  # what autograd.grad differentiates: x and the adapter weights
+    keep: list = field(default_factory=list)  # modules kept alive
+
+
+def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: float, device, seed: int) -> _Set:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dtype=DTYPE):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    # Never time zeros: random x, dY, W, A and a non-zero B.
+    x = rand(M, K).requires_grad_(True)
+    dys = [rand(M, n) for n in Ns]
+    weights = [rand(n, K, scale=K**-0.5) for n in Ns]
+    s = _scaling(r)
+    if variant == "frozen":
+        mod = _Lins(weights).train()
+        return _Set(mod, x, dys, [x], [mod])
+    if variant in ("peft_default", "peft_bf16"):
+        import peft
+
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=[f"p{i}" for i in range(len(Ns))])
+        model = peft.get_peft_model(_Lins(weights), cfg, autocast_adapter_dtype=(variant == "peft_default"))
+        model.train()
+        params = []
+        with torch.no_grad():
+            for name, prm in model.named_parameters():
+                if "lora_B" in name:
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+                if prm.requires_grad:
+                    params.append(prm)
+        return _Set(model, x, dys, [x, *params], [model])
+    adapter_dtype = DTYPE if variant == "addmm" else torch.float32  # fastadapt: fp32 like LoraLinear
+    lora_as = [rand(r, K, scale=K**-0.5, dtype=adapter_dtype).requires_grad_(True) for _ in Ns]
+    lora_bs = [rand(n, r, scale=0.1, dtype=adapter_dtype).requires_grad_(True) for n in Ns]
+    params = [*lora_as, *lora_bs]
+    if variant == "addmm":
+        fwd = lambda x: [
+            fa.ops.lora_linear_ref(x, w, a, b, scaling=s, dropout_p=p) for w, a, b in zip(weights, lora_as, lora_bs)
+        ]
+    elif variant == "fastadapt":
+        fwd = lambda x: [
+            fa.ops.lora_linear(x, w, a, b, scaling=s, dropout_p=p, backend="triton")
+            for w, a, b in zip(weights, lora_as, lora_bs)
+        ]
+    elif variant == "fastadapt_group":
+        fwd = lambda x: fa.ops.lora_linear_group(x, weights, lora_as, lora_bs, scaling=s, dropout_p=p, backend="triton")
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return _Set(fwd, x, dys, [x, *params], [weights])
+
+
+def _mode_fn(st: _Set, mode: str):
+    if mode == "forward":
+        return lambda: st.fwd(st.x)
+    if mode == "fwd_bwd":
+        return lambda: torch.autograd.grad(st.fwd(st.x), st.inputs, st.dys)
+    if mode == "backward":
+        ys = st.fwd(st.x)
+        st.keep.append(ys)
+        return lambda: torch.autograd.grad(ys, st.inputs, st.dys, retain_graph=True)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def _flops_bytes(mode: str, M: int, K: int, Ns, r: int, lora: bool) -> tuple[float, float]:
+    """FLOPs and the fewest bytes any implementation must move (bf16 tensors, adapters ignored)."""
+    sum_n, n = sum(Ns), len(Ns)
+    fwd_f = 2 * M * K * sum_n + (2 * M * r * (K * n + sum_n) if lora else 0)
+    fwd_b = 2 * (M * K + K * sum_n + M * sum_n)
+    bwd_f = 2 * M * K * sum_n + (4 * M * r * (K * n + sum_n) if lora else 0)
+    bwd_b = 2 * (M * sum_n + K * sum_n + M * K + (M * K if lora else 0))  # dA needs X once more
+    return {
+        "forward": (fwd_f, fwd_b),
+        "backward": (bwd_f, bwd_b),
+        "fwd_bwd": (fwd_f + bwd_f, fwd_b + bwd_b),
+    }[mode]
+
+
+def _measure(variant, mode, M, K, Ns, r, p, device, *, cpu_iters):
+    """Build the input sets, return (timed callable, median ms, peak bytes, held bytes, n sets)."""
+    set_bytes = 2 * (M * K + K * sum(Ns) + M * sum(Ns))
+    n_sets = benchlib.rotations(set_bytes, device)
+    sets = [_make_set(variant, M, K, Ns, r, p, device, seed=1000 + i) for i in range(n_sets)]
+    fns = [_mode_fn(st, mode) for st in sets]
+    rot = benchlib.Rotator(fns)
+    med = benchlib.median_ms(rot, device, cpu_iters=cpu_iters)
+    peak, held = benchlib.peak_memory_delta(fns[0], device)
+    return rot, med, peak, held, n_sets, sets
+
+
+def _ref_ms(suite, ref_key, mode, M, K, Ns, device, cpu_iters) -> tuple[float, bool]:
+    """The frozen median for this shape and mode: from this run, else measured now (inline)."""
+    key = (suite, ref_key, mode)
+    if key in benchlib.REF_MS:
+        return benchlib.REF_MS[key], False
+    _, med, *_ = _measure("frozen", mode, M, K, Ns, 0, 0.0, device, cpu_iters=cpu_iters)
+    benchlib.REF_MS[key] = med
+    return med, True
+
+
+def _run(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters):
+    torch.manual_seed(0)
+    ref_key = f"{shape_name}-M{M}"
+    lora = variant != "frozen"
+    case = f"{ref_key}-r{r}-p{p:g}" if lora else ref_key
+    rot, med, peak, held, n_sets, sets = _measure(
+        variant, mode, M, K, Ns, r, p, device, cpu_iters=cpu_iters
+    )
+    benchmark.group = f"{suite} {mode} {case if lora else ref_key}"
+    warm = 1 if device.type == "cuda" else 0
+    benchmark.pedantic(benchlib.synchronized(rot, device), rounds=rounds, warmup_rounds=warm, iterations=1)
+    if lora:
+        ref, inline = _ref_ms(suite, ref_key, mode, M, K, Ns, device, cpu_iters)
+    else:
+        benchlib.REF_MS[(suite, ref_key, mode)] = med
+        ref, inline = None, False
+    flops, min_bytes = _flops_bytes(mode, M, K, Ns, r if lora else 0, lora)
+    floor = benchlib.floor_ms(flops, min_bytes, device)
+    info = benchlib.record(benchmark, {
+        "suite": suite,
+        "case": case,
+        "mode": mode,
+        "variant": variant,
+        "ref_variant": "frozen",
+        "ref_key": ref_key,
+        "ref_ms": ref,
+        "ref_measured_inline": inline,
+        "median_ms": med,
+        "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median (CPU smoke)",
+        "peak_mem_bytes": peak,
+        "held_mem_bytes": held,
+        "group": f"{shape_name} r{r} p{p:g}" if lora else shape_name,
+        "x": M,
+        "shape": shape_name,
+        "M": M,
+        "K": K,
+        "N": list(Ns) if len(Ns) > 1 else Ns[0],
+        "r": r if lora else None,
+        "dropout": p if lora else None,
+        "dtype": DTYPE,
+        "adapter_dtype": {"peft_default": "float32", "fastadapt": "float32", "fastadapt_group": "float32"}.get(
+            variant, "bfloat16" if lora else None),
+        "flops": flops,
+        "min_bytes": min_bytes,
+        "floor_ms": floor,
+        "x_floor": (med / floor) if floor else None,
+        "n_rotations": n_sets,
+        "rounds": rounds,
+    })
+    assert info["median_ms"] > 0
+    del sets
+
+
+# -- parametrization --------------------------------------------------------------------------------
+
+
+def _lora_cases():
+    cases = []
+    for K, N in SHAPES:
+        for M in sorted({*M_SWEEP, M_TARGET}):
+            for mode in MODES:
+                cases.append(pytest.param("frozen", mode, M, K, N, 0, 0.0, id=f"{mode}-K{K}xN{N}-M{M}-frozen"))
+                for r in RANKS:
+                    if M == M_TARGET and r != DEFAULT_RANK:
+                        continue
+                    marks = [pytest.mark.full] if r != DEFAULT_RANK else []
+                    for p in DROPOUTS:
+                        for variant in LORA_VARIANTS:
+                            cases.append(pytest.param(variant, mode, M, K, N, r, p, marks=marks,
+                                                      id=f"{mode}-K{K}xN{N}-M{M}-r{r}-p{p:g}-{variant}"))
+    return cases
+
+
+def _group_cases():
+    cases = []
+    for name in GROUP_SHAPES:
+        for M in sorted({*GROUP_M_DEFAULT, *GROUP_M_FULL}):
+            marks = [pytest.mark.full] if M in GROUP_M_FULL else []
+            for mode in MODES:
+                cases.append(pytest.param(name, "frozen", mode, M, 0.0, marks=marks, id=f"{mode}-{name}-M{M}-frozen"))
+                for p in DROPOUTS:
+                    for variant in GROUP_VARIANTS:
+                        cases.append(pytest.param(name, variant, mode, M, p, marks=marks,
+                                                  id=f"{mode}-{name}-M{M}-r{DEFAULT_RANK}-p{p:g}-{variant}"))
+    return cases
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU benchmark)")
+
+
+@pytest.mark.gpu
+@_needs_cuda
+@pytest.mark.parametrize("variant,mode,M,K,N,r,p", _lora_cases())
+def test_lora_linear(benchmark, variant, mode, M, K, N, r, p):
+    _run(benchmark, suite="lora_linear", shape_name=f"K{K}xN{N}", variant=variant, mode=mode, M=M, K=K, Ns=(N,),
+         r=r, p=p, device=torch.device("cuda"), rounds=benchlib.env_int("FASTADAPT_BENCH_ROUNDS", 5), cpu_iters=0)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+@pytest.mark.parametrize("name,variant,mode,M,p", _group_cases())
+def test_lora_linear_group(benchmark, name, variant, mode, M, p):
+    K, Ns = GROUP_SHAPES[name]
+    _run(benchmark, suite="lora_linear_group", shape_name=name, variant=variant, mode=mode, M=M, K=K, Ns=Ns,
+         r=DEFAULT_RANK, p=p, device=torch.device("cuda"), rounds=benchlib.env_int("FASTADAPT_BENCH_ROUNDS", 5),
+         cpu_iters=0)
+
+
+# -- smoke: tiny shapes through every variant (CPU, Triton interpreter) ------------------------------------
+
+SMOKE_M, SMOKE_K, SMOKE_N, SMOKE_R = 5, 40, 24, 4
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", ("frozen", *LORA_VARIANTS))
+def test_smoke_lora_linear(benchmark, variant, mode):
+    r, p = (0, 0.0) if variant == "frozen" else (SMOKE_R, 0.1)
+    _run(benchmark, suite="lora_linear", shape_name=f"K{SMOKE_K}xN{SMOKE_N}", variant=variant, mode=mode,
+         M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N,), r=r, p=p, device=benchlib.bench_device(), rounds=2, cpu_iters=1)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("variant", ("frozen", *GROUP_VARIANTS))
+def test_smoke_lora_linear_group(benchmark, variant):
+    p = 0.0 if variant == "frozen" else 0.1
+    _run(benchmark, suite="lora_linear_group", shape_name="tiny_qkv", variant=variant, mode="fwd_bwd",
+         M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N, SMOKE_N, 16), r=SMOKE_R, p=p, device=benchlib.bench_device(),
+         rounds=2, cpu_iters=1)

@@ -1,0 +1,133 @@
+"""``BottleneckLinear``: a frozen linear with an LLM-Adapters bottleneck adapter (series or parallel)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import bottleneck_adapter, parallel_adapter
+from ..ops.reference import BOTTLENECK_ACTIVATIONS
+from .base import AdapterWeight, linear_dims
+
+#: Where the adapter sits relative to the frozen linear ``W x + c`` (``A(z) = up(act(down(drop(z))))``):
+#: "input"    y = W (x + s·A(x)) + c     (LLM-Adapters "mh_adapter", MLP input projections)
+#: "output"   y = h + s·A(h), h = W x + c (LLM-Adapters "output_adapter", MLP output projection)
+#: "parallel" y = W x + c + s·A(x)       (LLM-Adapters "parallel_adapter")
+POSITIONS = ("input", "output", "parallel")
+INITS = ("bert", "zeros", "mam_adapter")
+
+
+class BottleneckLinear(nn.Module):
+    """A frozen linear (``nn.Linear`` or GPT-2's ``Conv1D``) plus a bottleneck adapter at ``position``.
+
+    Parameters (fp32 by default; cast to the activation dtype in the forward):
+    ``adapter_down.weight`` (b, d_a_in), ``adapter_up.weight`` (d_a_out, b) where the adapter maps
+    in_features → in_features ("input"), out_features → out_features ("output") or in_features →
+    out_features ("parallel"), as in LLM-Adapters; ``adapter_scaling`` (1,) when ``scaling="learned"``
+    (initialised to 1). ``init="bert"``: both N(0, 0.02) (LLM-Adapters' default); ``"zeros"``: down
+    N(0, 0.02), up zeros (a fresh adapter changes nothing); ``"mam_adapter"``: down
+    kaiming-uniform(a=√5), up zeros (LLM-Adapters' other option).
+
+    Not mergeable: the activation makes the adapter non-linear, no weight delta expresses it.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        position: str,
+        bottleneck: int,
+        activation: str = "tanh",
+        dropout: float = 0.0,
+        scaling: float | str = 1.0,
+        init: str = "bert",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        if activation not in BOTTLENECK_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(BOTTLENECK_ACTIVATIONS)}, got {activation!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        in_features, out_features, fan_in_fan_out = linear_dims(base_layer)
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.position = position
+        self.bottleneck = int(bottleneck)
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.init = init
+        self.learned_scaling = scaling == "learned"
+        d_a_in = out_features if position == "output" else in_features
+        d_a_out = in_features if position == "input" else out_features
+        factory = {"device": device if device is not None else base_layer.weight.device, "dtype": dtype}
+        self.adapter_down = AdapterWeight(self.bottleneck, d_a_in, **factory)
+        self.adapter_up = AdapterWeight(d_a_out, self.bottleneck, **factory)
+        if self.learned_scaling:
+            self.adapter_scaling = nn.Parameter(torch.ones(1, **factory))
+            self.scaling: float | None = None
+        else:
+            self.scaling = float(scaling)
+        self.merged = False  # never True: fa.merge refuses bottleneck adapters
+        self.reset_parameters()
+        self.train(base_layer.training)
+
+    def reset_parameters(self) -> None:
+        if self.init == "mam_adapter":
+            nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.adapter_down.weight, mean=0.0, std=0.02)  # BERT init, as LLM-Adapters
+        if self.init == "bert":
+            nn.init.normal_(self.adapter_up.weight, mean=0.0, std=0.02)
+        else:
+            nn.init.zeros_(self.adapter_up.weight)
+        if self.learned_scaling:
+            with torch.no_grad():
+                self.adapter_scaling.fill_(1.0)
+
+    def scaling_value(self) -> float | torch.Tensor:
+        """The scaling the op gets: the float, or the learned (1,) parameter."""
+        return self.adapter_scaling if self.learned_scaling else self.scaling
+
+    def base_weight_nk(self) -> torch.Tensor:
+        """The frozen weight as (out_features, in_features) — a view for ``Conv1D``."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        kw = {"activation": self.activation, "scaling": self.scaling_value(), "dropout_p": p}
+        wd, wu = self.adapter_down.weight, self.adapter_up.weight
+        if self.position == "input":
+            return self.base_layer(bottleneck_adapter(x, wd, wu, **kw))
+        if self.position == "output":
+            return bottleneck_adapter(self.base_layer(x), wd, wu, **kw)
+        return parallel_adapter(x, self.base_weight_nk(), wd, wu, bias=self.base_layer.bias, **kw)
+
+    def merge(self, *, keep_original: bool = False) -> None:
+        raise ValueError(
+            "a bottleneck adapter cannot be merged into its base weight: the activation between "
+            "adapter_down and adapter_up makes it non-linear"
+        )
+
+    def unmerge(self) -> None:
+        raise RuntimeError("a bottleneck adapter is never merged")
+
+    def describe(self) -> str:
+        """One line for ``fa.summary``."""
+        s = "learned" if self.learned_scaling else f"{self.scaling:g}"
+        return f"{self.position} b={self.bottleneck} {self.activation} s={s} {self.in_features}->{self.out_features}"
+
+    def extra_repr(self) -> str:
+        s = "learned" if self.learned_scaling else f"{self.scaling:g}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, position={self.position}, "
+            f"bottleneck={self.bottleneck}, activation={self.activation}, scaling={s}, dropout={self.dropout:g}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}"
+        )

@@ -1,0 +1,136 @@
+"""DDP and FSDP2 with fastadapt: 2 processes on CPU (gloo), launched with torchrun from pytest.
+
+Each launch runs ``worker.py`` once; rank 0 trains a single-process copy on the whole global batch
+and writes ``results.json``, which the tests below check. ~10-25 s per launch on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+]
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+WORKER = HERE / "worker.py"
+NPROC = 2
+TIMEOUT_S = 300
+TOL = 1e-5  # fp32: relative (norm-wise) error of every trained adapter tensor vs one process
+
+
+def torchrun(out: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run the worker under torchrun (standalone rendezvous on a free port); return rank 0's results."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+        "--max_restarts=0", str(WORKER), "--out", str(out), *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks (own session)
+        log, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out after {TIMEOUT_S}s:\n{log[-4000:]}")
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if proc.returncode != 0 or "error" in results:
+        pytest.fail(f"torchrun exited {proc.returncode}:\n{results.get('error', '')}\n{log[-4000:]}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("ddp"), "--mode", "ddp", env={"FASTADAPT_BACKEND": "torch"})
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return torchrun(out, "--mode", "fsdp", "--extra", env={"FASTADAPT_BACKEND": "torch"}) | {"out": str(out)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_triton(tmp_path_factory):
+    pytest.importorskip("triton")
+    env = {"FASTADAPT_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+    return torchrun(tmp_path_factory.mktemp("fsdp-triton"), "--mode", "fsdp", env=env)
+
+
+def check_matches_one_process(r: dict, tol: float = TOL) -> None:
+    assert r["world"] == NPROC
+    assert r["n"] == 28  # 2 layers x 7 linears x (A, B)
+    assert r["max_rel_err"] < tol, (r["worst_key"], r["max_rel_err"])
+    assert r["min_update"] > 1e-2, "training barely moved some adapter: the comparison would be vacuous"
+
+
+def test_ddp_trains_like_one_process(ddp):
+    check_matches_one_process(ddp)
+
+
+def test_ddp_saved_adapter_reloads_with_the_same_logits(ddp):
+    assert ddp["loaded_logits_err"] < TOL
+
+
+def test_fsdp2_trains_like_one_process(fsdp):
+    assert fsdp["sharded"] and fsdp["class"].startswith("FSDP")
+    check_matches_one_process(fsdp)
+
+
+def test_fsdp2_saved_adapter_holds_full_tensors_and_reloads(fsdp):
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(fsdp["out"]) / "trained" / "adapter_model.safetensors")
+    shapes = {k.rsplit(".", 2)[-2]: tuple(v.shape) for k, v in tensors.items() if ".q_proj." in k}
+    assert shapes == {"lora_A": (4, 48), "lora_B": (48, 4)}  # full (r, in) / (out, r), not a shard
+    assert fsdp["loaded_logits_err"] < TOL  # fresh model + saved adapter = one-process model
+    assert fsdp["sharded_vs_loaded_logits_err"] < TOL  # = the sharded model itself
+
+
+def test_fsdp2_export_gathers_and_merge_refuses_with_guidance(fsdp):
+    assert fsdp["export_architectures"] == ["LlamaForCausalLM"]  # not FSDPLlamaForCausalLM
+    assert fsdp["export_logits_err"] < TOL
+    assert "sharded" in fsdp["merge_error"] and "fa.save_adapter" in fsdp["merge_error"]
+
+
+def test_fsdp2_load_adapter_into_sharded_model(fsdp):
+    assert fsdp["reload_into_sharded_err"] == 0.0
+
+
+def test_fsdp2_bf16_base_with_fp32_adapters(fsdp):
+    r = fsdp["bf16"]
+    if "skipped" in r:
+        pytest.skip(r["skipped"])
+    assert r["adapter_dtypes"] == ["torch.float32"]
+    # bf16 compute: gradients are rounded per rank before the fp32 reduction, so only close.
+    assert r["max_rel_err"] < 5e-2, r
+    assert r["min_update"] > 1e-2
+
+
+def test_fsdp2_never_computes_on_a_shard(fsdp):
+    # a base layer sharded as its own unit is never gathered (its forward is not called)
+    err = fsdp["bad_sharding_error"]
+    assert err is not None and "DTensor" in err
+
+
+def test_fsdp2_shared_input_group_on_triton(fsdp_triton):
+    assert fsdp_triton["group_calls_sharded"] > 0  # q/k/v and gate/up went through the grouped op
+    check_matches_one_process(fsdp_triton)
+    assert fsdp_triton["loaded_logits_err"] < TOL
