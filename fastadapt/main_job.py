@@ -21,7 +21,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: 2 CPU cores, < 15 minutes in all (measured: see docs/paper_table.md).
+#: 2 CPU cores, < 15 minutes in all (measured 285 s without setup: see docs/paper_table.md).
 CPU_DEFAULTS: dict[str, Any] = {
     "eval_limit": 20, "train_limit": 400, "max_steps": 30, "batch_size": 4, "micro_batch_size": 4,
     "lr": 1e-3, "max_new_tokens": 128, "cutoff_len": 192, "eval_batch_size": 10,

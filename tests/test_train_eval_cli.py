@@ -85,10 +85,22 @@ def read_log(out):
     return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])
+METHOD_ARGS = {
+    "lora": ["--targets", "q_proj,v_proj", "--r", "4", "--alpha", "8"],
+    "prefix": ["--num-virtual-tokens", "3"],
+    "series": ["--bottleneck", "8"],
+    "parallel": ["--bottleneck", "8"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_train_eval_export(tiny, tmp_path, method):
+    from fastadapt.patch import methods
+
+    if method not in methods():
+        pytest.skip(f"method {method!r} has not landed")
     out = tmp_path / "run"
-    extra = ["--targets", "q_proj,v_proj", "--r", "4", "--alpha", "8"] if method == "lora" else ["--num-virtual-tokens", "3"]
+    extra = METHOD_ARGS[method]
     assert main(train_argv(tiny, out, "--method", method, "--max-steps", "2", *extra)) == 0
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
@@ -110,7 +122,7 @@ def test_train_eval_export(tiny, tmp_path, method):
     code = main(["export", "--model", str(tiny / "base"), "--adapter", str(out), "--out", str(tmp_path / "merged")])
     if method == "lora":
         assert code == 0 and (tmp_path / "merged" / "config.json").is_file()
-    else:  # a prefix cannot be merged: a clear error, nothing written
+    else:  # prefix / bottleneck adapters cannot be merged: a clear error, nothing written
         assert code == 2 and not (tmp_path / "merged").exists()
 
 

@@ -155,3 +155,26 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
         if p.requires_grad:
             assert torch.allclose(p, a[n], rtol=1e-6, atol=1e-7), n
     assert any((p != 0).any() for n, p in resumed.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("method", ["series", "parallel"])
+def test_save_pretrained_of_bottleneck_model_holds_the_adapter(method, tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model("llama")
+    fa.patch(model, method, bottleneck=8, scaling="learned")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert set(tensors) == {n for n, p in model.named_parameters() if p.requires_grad}
+    fresh = tiny_model("llama")
+    fa.patch(fresh, method, bottleneck=8, scaling="learned")
+    result = fresh.load_state_dict(tensors, strict=False)  # what Trainer's resume does
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = tokens(1, 6)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert "b=8" in str(fa.summary(model))
