@@ -27,20 +27,25 @@ reads LLM-Adapters' own checkpoints (``adapter_model.bin``, read with ``torch.lo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import validate_targets
-from .io import CONFIG_NAME, PEFT_PREFIX, SAFE_WEIGHTS_NAME, _atomic_write, read_adapter_tensors, register_loader
+from .io import (
+    PEFT_PREFIX,
+    adapter_state_dict,
+    load_adapter_tensors,
+    minimal_targets,
+    read_adapter_tensors,
+    register_loader,
+    strip_peft_prefix,
+    write_adapter_files,
+)
 from .modules.bottleneck import INITS, BottleneckLinear
 from .ops.reference import BOTTLENECK_ACTIVATIONS
 from .patch import (
@@ -248,8 +253,6 @@ def _apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> list[str]:
     for name in names:
         parent, attr = _parent_and_attr(model, name)
         base = getattr(parent, attr)
-        if isinstance(base, BottleneckLinear):
-            raise RuntimeError(f"{name!r} already holds a bottleneck adapter")
         module = BottleneckLinear(
             base, position=positions[name], bottleneck=config.bottleneck, activation=config.activation,
             dropout=config.dropout, scaling=config.scaling, init=config.init,
@@ -259,30 +262,6 @@ def _apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> list[str]:
 
 
 # -- saving ---------------------------------------------------------------------------------------
-
-
-def bottleneck_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
-    """The adapter tensors under the model's own names (``<module>.adapter_down.weight``,
-    ``.adapter_up.weight``, ``.adapter_scaling``), from ``state_dict`` when given, else from the model."""
-    out = {}
-    for name, module in adapter_modules(model):
-        parts = {"adapter_down.weight": module.adapter_down.weight, "adapter_up.weight": module.adapter_up.weight}
-        if module.learned_scaling:
-            parts["adapter_scaling"] = module.adapter_scaling
-        for part, tensor in parts.items():
-            key = f"{name}.{part}"
-            t = state_dict[key] if state_dict is not None else tensor
-            out[key] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def _minimal_targets(model: nn.Module, names: list[str]) -> list[str]:
-    """Last-name suffixes when they select exactly ``names`` among the model's modules, else full names."""
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    plain = {n for n, _ in model.named_modules() if n and ".adapter_" not in n and not n.endswith(".base_layer")}
-    plain = {n.replace(".base_layer", "") for n in plain}
-    matched = {n for n in plain if any(_matches(n, s) for s in suffixes)}
-    return suffixes if matched == set(names) else sorted(names)
 
 
 def bottleneck_config_dict(model: nn.Module) -> dict[str, Any]:
@@ -300,7 +279,7 @@ def bottleneck_config_dict(model: nn.Module) -> dict[str, Any]:
         "adapter_dropout": cfg.dropout,
         "use_parallel_adapter": cfg.method == "parallel",
         "use_adapterp": cfg.method == "series" and set(positions.values()) == {"output"},
-        "target_modules": _minimal_targets(model, list(modules)),
+        "target_modules": minimal_targets(model, list(modules)),
         "scaling": cfg.scaling,
         "bias": "none",
         # LLM-Adapters only knows "bert" / "mam_adapter" (and raises on others when it builds the
@@ -315,10 +294,9 @@ def bottleneck_config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def _save_bottleneck(model: nn.Module, path: Path, state_dict: dict | None = None) -> None:
-    tensors = {PEFT_PREFIX + k: v for k, v in bottleneck_state_dict(model, state_dict).items()}
+    tensors = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, state_dict).items()}
     config = bottleneck_config_dict(model)
-    _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    write_adapter_files(path, tensors, config)
     logger.info("saved %d bottleneck adapter tensors to %s", len(tensors), path)
 
 
@@ -363,45 +341,13 @@ def _options_from_config(config: dict[str, Any], path: Path) -> tuple[str, dict[
     }
 
 
-def _strip_prefix(key: str) -> str:
-    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    return re.sub(r"\.(adapter_(?:down|up))\.default\.weight$", r".\1.weight", key)
-
-
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    params = {}
-    for name, module in adapter_modules(model):
-        params[f"{name}.adapter_down.weight"] = module.adapter_down.weight
-        params[f"{name}.adapter_up.weight"] = module.adapter_up.weight
-        if module.learned_scaling:
-            params[f"{name}.adapter_scaling"] = module.adapter_scaling
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing:
-        raise KeyError(f"adapter at {str(path)!r} is missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        raise KeyError(
-            f"adapter at {str(path)!r} has unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-            "(the model has no such adapter parameter)"
-        )
-    for key, param in params.items():
-        t = tensors[key]
-        if tuple(t.shape) != tuple(param.shape):
-            raise ValueError(f"adapter key {key!r} has shape {tuple(t.shape)}, the model expects {tuple(param.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"adapter key {key!r} has dtype {t.dtype}; expected a float tensor")
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(tensors[key])
-
-
 def _load_bottleneck(model: nn.Module, path: Path, config: dict[str, Any]) -> nn.Module:
     """Loader for ``peft_type: "BOTTLENECK"`` (fastadapt's files and LLM-Adapters' checkpoints):
     patches an unpatched model as the config says, or loads into a model patched the same way.
     Strict: a missing or unexpected key or a shape mismatch raises an error naming the key, and a
     model patched here is unpatched again."""
     method, options = _options_from_config(config, path)
-    tensors = {_strip_prefix(k): v for k, v in read_adapter_tensors(path).items()}
+    tensors = {strip_peft_prefix(k): v for k, v in read_adapter_tensors(path).items()}
     state = get_state(model)
     patched_here = state is None
     if patched_here:
@@ -410,14 +356,22 @@ def _load_bottleneck(model: nn.Module, path: Path, config: dict[str, Any]) -> nn
         cfg = state.config
         if state.method != method:
             raise ValueError(f"model is patched with {state.method!r}; the adapter at {str(path)!r} is {method!r}")
-        for key in ("bottleneck", "activation"):
+        for key in ("bottleneck", "activation", "scaling"):
             if getattr(cfg, key) != options[key]:
                 raise ValueError(
                     f"model is patched with {key}={getattr(cfg, key)!r} but the adapter at {str(path)!r} has "
                     f"{key}={options[key]!r}; load it into an unpatched model"
                 )
+        saved_positions = config.get("fastadapt_positions")
+        if isinstance(saved_positions, dict):
+            ours = {n: m.position for n, m in adapter_modules(model)}
+            if ours != saved_positions:
+                raise ValueError(
+                    f"model's adapters sit at other positions than the adapter at {str(path)!r} "
+                    f"(input/output/parallel per module); load it into an unpatched model"
+                )
     try:
-        _load_tensors(model, tensors, path)
+        load_adapter_tensors(model, tensors, path)
     except BaseException:
         if patched_here:
             unpatch(model)
@@ -438,6 +392,5 @@ __all__ = [
     "MLP_POSITIONS",
     "BottleneckConfig",
     "bottleneck_config_dict",
-    "bottleneck_state_dict",
     "make_bottleneck_config",
 ]

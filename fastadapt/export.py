@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .modules.lora import lora_delta
 from .patch import adapter_modules, get_state, method_impl
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ def merged_state_dict(
     dropped: set[str] = set()
     for name, module in adapter_modules(model):
         if full_state_dict is not None:
-            weight = _merged_from(module, full_state_dict, name)
-        else:
-            weight = module.base_layer.weight if module.merged else module.merged_weight()
+            weight = _merged_from(module, full_state_dict, name, dtype)
+        else:  # unmerged: rounded once, straight to the export dtype
+            weight = module.base_layer.weight if module.merged else module.merged_weight(dtype)
         if not torch.isfinite(weight).all():
             raise FloatingPointError(f"merged weight of {name!r} holds NaN/Inf; nothing was exported")
         replaced[f"{name}.base_layer.weight"] = weight
@@ -151,13 +152,16 @@ def _gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _merged_from(module: nn.Module, full: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """``W + scaling · B A`` from gathered tensors: the math of ``LoraLinear.merged_weight``."""
+def _merged_from(
+    module: nn.Module, full: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``W + scaling · B A`` from gathered tensors (one rounding, to ``dtype`` or W's dtype)."""
     w = full[f"{name}.base_layer.weight"]
     if module.merged:
         return w
-    delta = (full[f"{name}.lora_B.weight"].float() @ full[f"{name}.lora_A.weight"].float()) * module.scaling
-    return (w.float() + (delta.t() if module.fan_in_fan_out else delta)).to(w.dtype)
+    delta = lora_delta(full[f"{name}.lora_A.weight"], full[f"{name}.lora_B.weight"], module.scaling,
+                       fan_in_fan_out=module.fan_in_fan_out)
+    return (w.float() + delta).to(dtype or w.dtype)
 
 
 def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,6 +29,8 @@ PEFT_PREFIX = "base_model.model."
 #: What a patched model's save_pretrained also writes: the adapter under the model's own names,
 #: which is what transformers.Trainer(resume_from_checkpoint=...) reads back.
 TRAINER_WEIGHTS_NAME = "model.safetensors"
+#: safetensors metadata key holding the sha256 of the adapter_config.json written with the weights
+CONFIG_HASH_KEY = "fastadapt_config_sha256"
 
 # PEFT LoRA options that change the math; a value other than these defaults cannot be honoured.
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
@@ -108,9 +111,7 @@ def save_adapter(
 
 def _write_lora_adapter(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    config = _peft_config(model)
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    write_adapter_files(path, tensors, _peft_config(model))
     logger.info("saved %d adapter tensors to %s", len(tensors), path)
 
 
@@ -150,7 +151,7 @@ def _peft_config(model: nn.Module) -> dict[str, Any]:
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
-        "target_modules": _minimal_targets(model, list(modules)),
+        "target_modules": minimal_targets(model, list(modules)),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules.values()),
         "bias": "none",
         "inference_mode": True,
@@ -163,16 +164,30 @@ def _peft_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _minimal_targets(model: nn.Module, names: list[str]) -> list[str]:
-    """Last-name suffixes when they select exactly ``names`` (PEFT's suffix match), else full names."""
+def minimal_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """Last-name suffixes when they select exactly ``names`` (PEFT's suffix match) among the model's
+    own modules, else the full names."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    plain = {
-        n.replace(".base_layer", "")
-        for n, _ in model.named_modules()
-        if n and ".lora_" not in n and not n.endswith(".base_layer")
-    }
+    inside = tuple(f"{n}." for n in names)  # adapter internals: base_layer, lora_A, adapter_down, ...
+    plain = {n for n, _ in model.named_modules() if n and not n.startswith(inside)}
     matched = {n for n in plain if any(n == s or n.endswith("." + s) for s in suffixes)}
     return suffixes if matched == set(names) else sorted(names)
+
+
+def write_adapter_files(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """``adapter_model.safetensors`` then ``adapter_config.json``, each written atomically. The
+    weights carry a hash of the config they belong to, so a save interrupted between the two files
+    (new weights beside an old config) is detected on load instead of loading with wrong settings."""
+    text = json.dumps(config, indent=2) + "\n"
+    metadata = {"format": "pt", CONFIG_HASH_KEY: _sha256(text)}
+    _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
+    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(text))
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -206,8 +221,17 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Adapter tensors from ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with
     ``torch.load(weights_only=True)``: never unpickles arbitrary objects)."""
     path = Path(path)
-    if (path / SAFE_WEIGHTS_NAME).is_file():
-        return load_file(str(path / SAFE_WEIGHTS_NAME))
+    weights = path / SAFE_WEIGHTS_NAME
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            expected = (f.metadata() or {}).get(CONFIG_HASH_KEY)
+        config_file = path / CONFIG_NAME
+        if expected is not None and config_file.is_file() and _sha256(config_file.read_text()) != expected:
+            raise ValueError(
+                f"{weights} and {config_file} come from different saves (an interrupted save?); "
+                "save the adapter again"
+            )
+        return load_file(str(weights))
     if (path / BIN_WEIGHTS_NAME).is_file():
         return torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} in {str(path)!r}")
@@ -240,7 +264,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"{['LORA', *_LOADERS]}"
         )
     options = _lora_options(config, path)
-    tensors = {_strip_prefix(k): v for k, v in read_adapter_tensors(path).items()}
+    tensors = {strip_peft_prefix(k): v for k, v in read_adapter_tensors(path).items()}
 
     state = get_state(model)
     patched_here = state is None
@@ -274,8 +298,11 @@ def _lora_options(config: dict[str, Any], path) -> dict[str, Any]:
     if targets is None:
         raise ValueError(f"adapter config at {str(path)!r} has no target_modules")
     # A list of suffixes, or a string: "all-linear" or a regex (as in PEFT).
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"adapter config at {str(path)!r} needs r, a positive int; got {r!r}")
     return {
-        "r": int(config["r"]),
+        "r": r,
         "alpha": config.get("lora_alpha", 8),
         "dropout": float(config.get("lora_dropout", 0.0)),
         "rslora": bool(config.get("use_rslora", False)),
@@ -295,19 +322,20 @@ def _check_same_lora(state, options: dict[str, Any], path) -> None:
             )
 
 
-def _strip_prefix(key: str) -> str:
+def strip_peft_prefix(key: str) -> str:
+    """``base_model.model.<path>.lora_A.weight`` -> ``<path>.lora_A.weight``; PEFT keeps the adapter
+    name in memory (``lora_A.default.weight``) and normally omits it in files: drop it too."""
     key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    # PEFT keeps the adapter name in memory ("lora_A.default.weight"); files normally omit it.
-    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", key)
+    return re.sub(r"\.default\.weight$", ".weight", key)
 
 
-def _load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
-    params = {}
-    for name, module in adapter_modules(model):
-        if module.merged:
-            raise RuntimeError(f"module {name!r} is merged; call fa.unmerge(model) before loading an adapter")
-        params[f"{name}.lora_A.weight"] = module.lora_A.weight
-        params[f"{name}.lora_B.weight"] = module.lora_B.weight
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy ``tensors`` (keys under the model's own names) into the adapter's parameters, strictly:
+    every check runs before the first copy, and a missing or unexpected key, a shape mismatch or a
+    non-float tensor is an error naming the key."""
+    state = get_state(model)
+    named = dict(model.named_parameters())
+    params = {key: named[key] for key in state.adapter_keys}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing:
@@ -315,7 +343,7 @@ def _load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path)
     if unexpected:
         raise KeyError(
             f"adapter at {str(path)!r} has unexpected key(s) {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} (the model has no such adapter module)"
+            f"{' ...' if len(unexpected) > 5 else ''} (the model has no such adapter parameter)"
         )
     for key, param in params.items():
         if tuple(tensors[key].shape) != tuple(param.shape):
@@ -328,6 +356,13 @@ def _load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path)
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(_like(tensors[key], param))
+
+
+def _load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    for name, module in adapter_modules(model):
+        if module.merged:
+            raise RuntimeError(f"module {name!r} is merged; call fa.unmerge(model) before loading an adapter")
+    load_adapter_tensors(model, tensors, path)
 
 
 def _like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

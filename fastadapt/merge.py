@@ -34,7 +34,7 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
                 "holds non-finite values, or the sum overflows the weight dtype); nothing was merged"
             )
     for _, module in tqdm(todo, desc="merge", unit="module", disable=None, leave=False):
-        module.merge(keep_original=keep_original)
+        module.merge(keep_original=keep_original, check=False)  # checked above, all modules first
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,8 @@ class PatchState:
     hooks: list[Any] = field(default_factory=list)
     #: names of the adapter's parameters (the trainable ones right after patching)
     adapter_keys: list[str] = field(default_factory=list)
+    #: the base parameters and their requires_grad flags before patching (unpatch restores them)
+    base_requires_grad: tuple[list, list[bool]] = field(default_factory=lambda: ([], []))
 
     @property
     def method(self) -> str:
@@ -124,8 +127,10 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     try:
         applied = impl.apply(model, config)
     except BaseException:
-        for p, flag in zip(params, flags):  # apply validates before swapping: restore the flags
-            p.requires_grad_(flag)
+        # apply validates before swapping, but building a module can still fail (out of memory):
+        # give the model back exactly as it was.
+        _unswap_adapter_modules(model)
+        _restore_requires_grad(params, flags)
         raise
     names, handles = applied if isinstance(applied, tuple) else (applied, [])
     state = PatchState(
@@ -133,6 +138,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
         modules=list(names),
         hooks=list(handles),
         adapter_keys=[n for n, p in model.named_parameters() if p.requires_grad],
+        base_requires_grad=(params, flags),
     )
     _install_model_hooks(model, state)
     model.fastadapt_state = state
@@ -198,9 +204,25 @@ def unpatch(model: nn.Module) -> nn.Module:
         setattr(parent, attr, getattr(parent, attr).base_layer)
     for handle in reversed(state.hooks):
         handle.remove()
+    _restore_requires_grad(*state.base_requires_grad)
     model.__dict__.pop("save_pretrained", None)
     del model.fastadapt_state
     return model
+
+
+def _restore_requires_grad(params: list, flags: list[bool]) -> None:
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+
+def _unswap_adapter_modules(model: nn.Module) -> None:
+    """Put back the wrapped layer of every adapter module (those of a failed, unrecorded patch)."""
+    from .modules.base import AdapterModule
+
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, AdapterModule):
+            parent, attr = _parent_and_attr(model, name)
+            setattr(parent, attr, module.base_layer)
 
 
 def get_state(model: nn.Module) -> PatchState | None:
@@ -309,15 +331,9 @@ def _warn_large_rank(model: nn.Module, names: list[str], r: int) -> None:
         if r > min(in_f, out_f):
             too_big.append(f"{name} ({in_f}->{out_f})")
     if too_big:
-        logger.warning(
-            "r=%d exceeds min(in_features, out_features) of %d module(s), e.g. %s: the update cannot "
-            "have rank r there", r, len(too_big), too_big[:3]
-        )
-        import warnings
-
         warnings.warn(
             f"r={r} > min(in_features, out_features) for {len(too_big)} target module(s), e.g. "
-            f"{too_big[0]}", UserWarning, stacklevel=3,
+            f"{too_big[0]}: the update cannot have rank r there", UserWarning, stacklevel=4,
         )
 
 

@@ -33,7 +33,6 @@ Supported: models whose attention modules use transformers' attention interface 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -42,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import CONFIG_NAME, SAFE_WEIGHTS_NAME, _atomic_write, register_loader
+from .io import read_adapter_tensors, register_loader, write_adapter_files
 from .patch import Method, get_state, make_config, patch, register_method, unpatch
 
 logger = logging.getLogger(__name__)
@@ -382,8 +380,7 @@ def _save_prefix(model: nn.Module, path: Path, state_dict: dict | None = None) -
         "inference_mode": True,
         "layout": "per token: (layer, key|value, kv_head, head_dim); keys/values are post-RoPE",
     }
-    _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    write_adapter_files(path, tensors, config)
 
 
 def _load_prefix(model: nn.Module, path: Path, config: dict[str, Any]) -> nn.Module:
@@ -392,10 +389,7 @@ def _load_prefix(model: nn.Module, path: Path, config: dict[str, Any]) -> nn.Mod
     p = config.get("num_virtual_tokens")
     if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
         raise ValueError(f"adapter config at {str(path)!r} has no valid num_virtual_tokens (got {p!r})")
-    file = path / SAFE_WEIGHTS_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} in {str(path)!r}")
-    tensors = load_file(str(file))
+    tensors = read_adapter_tensors(path)
     unexpected = sorted(set(tensors) - {TABLE_KEY})
     if TABLE_KEY not in tensors:
         raise KeyError(f"adapter at {str(path)!r} is missing key {TABLE_KEY!r} (has {sorted(tensors)[:5]})")

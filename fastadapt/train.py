@@ -13,8 +13,9 @@ or an Alpaca/GSM8K JSON/JSONL file), build Alpaca prompts, tokenize with respons
 - ``training_config.json``: every setting of the run, resolved;
 - ``train_log.jsonl``: one row per optimizer step ``{"step", "loss", "learning_rate", "epoch"}``
   (and ``{"step", "eval_loss"}`` rows with a validation set);
-- ``checkpoints/checkpoint-N``: Trainer checkpoints (adapter, optimizer, scheduler, RNG states, plus
-  ``trainable.safetensors`` with every trainable tensor, which resuming loads for any method).
+- ``checkpoints/checkpoint-N``: Trainer checkpoints (the adapter — which ``model.safetensors``
+  holds under the model's own names, what resuming loads for any method — optimizer, scheduler and
+  RNG states).
 
 ``resume=True`` continues from the last checkpoint: same data order, RNG and optimizer state, so
 the losses after the checkpoint equal those of an uninterrupted run.
@@ -60,7 +61,6 @@ DEFAULT_LR = {"lora": 3e-4, "series": 3e-4, "parallel": 3e-4, "prefix": 3e-2}
 LOG_NAME = "train_log.jsonl"
 CONFIG_NAME = "training_config.json"
 CHECKPOINT_DIR = "checkpoints"
-TRAINABLE_NAME = "trainable.safetensors"
 
 
 def parse_targets(targets: str | Sequence[str] | None) -> str | list[str] | None:
@@ -207,7 +207,6 @@ def split_val(features: list, val_size: int, seed: int) -> tuple[list, list]:
 
 def _callbacks(log_path: Path):
     from transformers import TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class LossLog(TrainerCallback):
         """Appends ``train_log.jsonl`` rows; keeps losses in memory for the caller."""
@@ -230,43 +229,7 @@ def _callbacks(log_path: Path):
             with log_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    class SaveTrainable(TrainerCallback):
-        """Every trainable tensor into the checkpoint, so resuming restores any method's adapter."""
-
-        def on_save(self, args, state, control, model=None, **kwargs):
-            if not state.is_world_process_zero or model is None:
-                return
-            from safetensors.torch import save_file
-
-            ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if ckpt.is_dir():
-                save_file(_trainable_state(model), str(ckpt / TRAINABLE_NAME), metadata={"format": "pt"})
-
-    return LossLog(), SaveTrainable()
-
-
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _load_trainable(model, ckpt: Path) -> None:
-    from safetensors.torch import load_file
-
-    file = ckpt / TRAINABLE_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} has no {TRAINABLE_NAME}: not written by fastadapt train")
-    tensors = load_file(str(file))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise KeyError(f"checkpoint {str(ckpt)!r} does not match the patched model: missing {missing[:3]}, "
-                       f"unexpected {unexpected[:3]} (was it trained with other method options?)")
-    with torch.no_grad():
-        for n, p in params.items():
-            if tuple(tensors[n].shape) != tuple(p.shape):
-                raise ValueError(f"checkpoint tensor {n!r} has shape {tuple(tensors[n].shape)}, "
-                                 f"the model expects {tuple(p.shape)}")
-            p.copy_(tensors[n])
+    return LossLog()
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
@@ -370,8 +333,7 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
     resolved = asdict(config) | {"bf16": bf16, "grad_accum": config.grad_accum, "n_train": len(train_set),
                                  "n_val": len(val_set), "trainable_params": s.trainable, "total_params": s.total}
     (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    if ckpt is not None:
-        _load_trainable(model, ckpt)
+    if ckpt is not None:  # the Trainer loads the adapter from the checkpoint's model.safetensors
         step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
         _truncate_log(log_path, step)
         logger.info("resuming from %s (step %d)", ckpt, step)
@@ -406,10 +368,10 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
         report_to=[],
         disable_tqdm=not config.progress,
     )
-    loss_log, save_trainable = _callbacks(log_path)
+    loss_log = _callbacks(log_path)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
-        data_collator=make_collator(tokenizer), callbacks=[loss_log, save_trainable],
+        data_collator=make_collator(tokenizer), callbacks=[loss_log],
     )
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
 

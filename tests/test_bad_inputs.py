@@ -104,9 +104,12 @@ def test_unpatch_restores_the_original_model(model):
     with torch.no_grad():
         before = model(ids).logits
     names = [n for n, _ in model.named_parameters()]
+    model.lm_head.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     fa.patch(model, "lora", targets="all-linear")
     fa.unpatch(model)
     assert [n for n, _ in model.named_parameters()] == names
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert "save_pretrained" not in model.__dict__
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
@@ -227,3 +230,55 @@ class TestOp:
             fa.ops.lora_linear(**self.args(), scaling=1.0, backend="tpu")
         with pytest.raises(ValueError, match="scaling must be a finite number"):
             fa.ops.lora_linear(**self.args(), scaling=float("nan"))
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path):
+    """An interrupted re-save (new weights beside the old config) must not load with wrong settings."""
+    src = tiny_model("llama")
+    fa.patch(src, "lora", r=4, alpha=8)
+    path = _saved(src, tmp_path)
+    old_config = (path / "adapter_config.json").read_text()
+    fa.unpatch(src)
+    fa.patch(src, "lora", r=4, alpha=32)
+    fa.save_adapter(src, path)
+    (path / "adapter_config.json").write_text(old_config)  # as if the save stopped after the weights
+    with pytest.raises(ValueError, match="come from different saves"):
+        fa.load_adapter(tiny_model("llama"), path)
+
+
+def test_failed_load_leaves_requires_grad_as_it_was(tmp_path):
+    src = tiny_model("llama")
+    fa.patch(src, "lora", r=4)
+    path = _saved(src, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    tensors.popitem()
+    save_file(tensors, path / "adapter_model.safetensors")
+    dst = tiny_model("llama")
+    dst.model.embed_tokens.weight.requires_grad_(False)  # a user's own choice must survive too
+    before = {n: p.requires_grad for n, p in dst.named_parameters()}
+    with pytest.raises(KeyError):
+        fa.load_adapter(dst, path)
+    assert {n: p.requires_grad for n, p in dst.named_parameters()} == before
+
+
+def test_failure_while_swapping_leaves_the_model_unpatched(monkeypatch):
+    from fastadapt.modules import lora as lora_module
+
+    model = tiny_model("llama")
+    names = [n for n, _ in model.named_modules()]
+    real_init = lora_module.LoraLinear.__init__
+    calls = []
+
+    def failing_init(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora_module.LoraLinear, "__init__", failing_init)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fa.patch(model, "lora", targets="all-linear")
+    assert [n for n, _ in model.named_modules()] == names
+    assert not hasattr(model, "fastadapt_state") and all(p.requires_grad for p in model.parameters())

@@ -117,8 +117,10 @@ def test_merge_is_one_rounding_in_bf16():
     model = tiny_model("llama", dtype=torch.bfloat16)
     fa.patch(model, "lora", r=4, targets="all-linear")
     randomize_adapters(model)
-    expected = {n: (m.base_layer.weight.float() + m.delta_weight()).to(torch.bfloat16)
-                for n, m in adapter_modules(model)}
+    # independent of the module's own helpers: W + (alpha / r) · B A in fp32, one rounding
+    scaling = 16 / 4
+    expected = {n: (m.base_layer.weight.float() + scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float()))
+                .to(torch.bfloat16) for n, m in adapter_modules(model)}
     fa.merge(model)
     for n, m in adapter_modules(model):
         assert torch.equal(m.base_layer.weight, expected[n]), n

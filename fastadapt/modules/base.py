@@ -52,3 +52,9 @@ class AdapterWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
+
+
+class AdapterModule(nn.Module):
+    """Base of the modules ``patch`` swaps in: an adapter around a frozen ``base_layer``."""
+
+    base_layer: nn.Module

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import bottleneck_adapter, parallel_adapter
 from ..ops.reference import BOTTLENECK_ACTIVATIONS
-from .base import AdapterWeight, linear_dims
+from .base import AdapterModule, AdapterWeight, linear_dims
 
 #: Where the adapter sits relative to the frozen linear ``W x + c`` (``A(z) = up(act(down(drop(z))))``):
 #: "input"    y = W (x + s·A(x)) + c     (LLM-Adapters "mh_adapter", MLP input projections)
@@ -19,7 +19,7 @@ POSITIONS = ("input", "output", "parallel")
 INITS = ("bert", "zeros", "mam_adapter")
 
 
-class BottleneckLinear(nn.Module):
+class BottleneckLinear(AdapterModule):
     """A frozen linear (``nn.Linear`` or GPT-2's ``Conv1D``) plus a bottleneck adapter at ``position``.
 
     Parameters (fp32 by default; cast to the activation dtype in the forward):

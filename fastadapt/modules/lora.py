@@ -7,12 +7,20 @@ import math
 import torch
 from torch import nn
 
+from ..distributed import is_dtensor
 from ..ops import lora_linear, lora_linear_group
-from ..ops.lora_linear import _is_sharded, selected_backend
-from .base import AdapterWeight, linear_dims
+from ..ops.lora_linear import selected_backend
+from .base import AdapterModule, AdapterWeight, linear_dims
 
 
-class LoraLinear(nn.Module):
+@torch.no_grad()
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, fan_in_fan_out: bool) -> torch.Tensor:
+    """``scaling · B A`` in fp32, (out, in), or (in, out) for a ``Conv1D`` (``fan_in_fan_out``)."""
+    delta = (lora_b.float() @ lora_a.float()) * scaling
+    return delta.t() if fan_in_fan_out else delta
+
+
+class LoraLinear(AdapterModule):
     """``y = base(x) + scaling · B(A(dropout(x)))``.
 
     ``base_layer`` keeps the frozen weight (``nn.Linear``, or ``Conv1D`` whose weight is stored
@@ -82,14 +90,14 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B A`` in fp32, laid out like the base weight."""
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        return delta.t() if self.fan_in_fan_out else delta
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, fan_in_fan_out=self.fan_in_fan_out)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """``W + scaling · B A`` computed in fp32 and rounded once to the weight's dtype."""
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W + scaling · B A`` computed in fp32 and rounded once, to ``dtype`` (default: the
+        weight's dtype)."""
         w = self.base_layer.weight
-        return (w.float() + self.delta_weight()).to(w.dtype)
+        return (w.float() + self.delta_weight()).to(dtype or w.dtype)
 
     def _native_merge(self) -> bool:
         """Use the in-place CUDA merge kernel (one read + one write of W, fp32 math)?"""
@@ -115,10 +123,11 @@ class LoraLinear(nn.Module):
         return bool(torch.isfinite(self.merged_weight()).all())
 
     @torch.no_grad()
-    def merge(self, *, keep_original: bool = False) -> None:
+    def merge(self, *, keep_original: bool = False, check: bool = True) -> None:
         """Fold the LoRA term into the base weight (fp32 delta, one rounding).
 
-        Raises ``FloatingPointError`` (weight untouched) when the result holds NaN/Inf.
+        Raises ``FloatingPointError`` (weight untouched) when the result holds NaN/Inf;
+        ``check=False`` skips that test for a caller that already ran ``merge_is_finite``.
         ``keep_original`` keeps a copy of the unmerged weight so ``unmerge`` restores it exactly.
         """
         if self.merged:
@@ -126,8 +135,9 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         native = self._native_merge()
         merged = None if native else self.merged_weight()
-        finite = self._native_merge_call(sign=1, check_only=True) if native else bool(torch.isfinite(merged).all())
-        if not finite:
+        if check and not (
+            self._native_merge_call(sign=1, check_only=True) if native else bool(torch.isfinite(merged).all())
+        ):
             raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
         self._unmerged_weight = w.detach().clone() if keep_original else None
         if native:
@@ -171,18 +181,24 @@ class SharedInputGroup:
         self.members = members
         self._x: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}
+        self._versions: tuple[int, ...] = ()
 
     def usable(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or any(m.merged for m in self.members):
             return False
-        if any(
-            _is_sharded(t) for m in self.members for t in (m.base_layer.weight, m.lora_A.weight, m.lora_B.weight)
-        ):
-            return False  # members sharded one by one: each gathers its own weight in its own forward
+        for m in self.members:
+            base = (m.base_layer.weight, m.base_layer.bias)
+            if any(t is not None and t.requires_grad for t in base):
+                return False  # the grouped backward computes adapter gradients only
+            if any(is_dtensor(t) for t in (*base, m.lora_A.weight, m.lora_B.weight)):
+                return False  # members sharded one by one: each gathers its own weight in its own forward
         return selected_backend(x.device) == "triton"
 
+    def _adapter_versions(self) -> tuple[int, ...]:
+        return tuple(w._version for m in self.members for w in (m.lora_A.weight, m.lora_B.weight))
+
     def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-        if x is self._x and id(member) in self._pending:
+        if x is self._x and id(member) in self._pending and self._versions == self._adapter_versions():
             y = self._pending.pop(id(member))
             if not self._pending:
                 self._x = None
@@ -199,4 +215,5 @@ class SharedInputGroup:
         )
         self._pending = {id(m): y for m, y in zip(self.members, ys) if m is not member}
         self._x = x if self._pending else None
+        self._versions = self._adapter_versions()  # an optimizer step in between invalidates them
         return ys[self.members.index(member)]

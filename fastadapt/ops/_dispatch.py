@@ -35,9 +35,11 @@ def resolve_backend(
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    source = f"backend={requested!r}"
     if requested == "auto":
         forced = settings.backend_override()
         if forced is not None:
+            source = f"FASTADAPT_BACKEND={forced}"
             if forced not in BACKENDS:
                 raise ValueError(f"FASTADAPT_BACKEND must be one of {BACKENDS}, got {forced!r}")
             if forced in available:
@@ -51,11 +53,10 @@ def resolve_backend(
                 return name
         return "torch"
     if requested not in available:
-        raise ValueError(
-            f"backend={requested!r} is not implemented for {op}; available: {sorted(available)}"
-        )
+        raise ValueError(f"{source}: {op} has no {requested} backend; available: {sorted(available)}")
     if not available[requested](device):
-        raise RuntimeError(f"backend={requested!r} for {op} cannot run on device {device}")
+        hint = " (Triton on CPU tensors needs TRITON_INTERPRET=1)" if requested == "triton" else ""
+        raise RuntimeError(f"{source}: {op} cannot run the {requested} backend on device {device}{hint}")
     return requested
 
 

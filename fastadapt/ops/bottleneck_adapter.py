@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import settings
+from ..distributed import is_dtensor
 from ._dispatch import BACKENDS, resolve_backend, triton_usable
-from .lora_linear import _autocast_inputs, _is_sharded, draw_seed
+from .lora_linear import SHARDED_ERROR, _autocast_inputs, draw_seed
 from .reference import BOTTLENECK_ACTIVATIONS, bottleneck_adapter_ref, parallel_adapter_ref
 
 __all__ = ["ACTIVATIONS", "bottleneck_adapter", "parallel_adapter", "selected_backend"]
@@ -428,12 +429,8 @@ def _check_common(x, w_down, w_up, activation, scaling, dropout_p, extra: dict) 
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if _is_sharded(t):
-            raise RuntimeError(
-                f"{name} is a sharded DTensor: fused kernels never compute on a shard. Shard per decoder "
-                "layer (fastadapt.distributed.shard_model), never a base_layer alone, so FSDP gathers the "
-                "full weight before the layer's forward; or gather it first (DTensor.full_tensor())"
-            )
+        if is_dtensor(t):
+            raise RuntimeError(SHARDED_ERROR.format(name=name))
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         if t is not x and t.device != x.device:

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ..distributed import is_dtensor
 from ._dispatch import resolve_backend, triton_usable
 from .reference import lora_linear_ref
 
@@ -367,22 +368,17 @@ lora_linear_group_fwd.register_autograd(_group_backward, setup_context=_group_se
 # -- validation -----------------------------------------------------------------------------------
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+SHARDED_ERROR = (
+    "{name} is a sharded DTensor: fused kernels never compute on a shard. Shard per decoder layer "
+    "(fastadapt.distributed.shard_model), never a base_layer alone, so FSDP gathers the full weight "
+    "before the layer's forward; or gather it first (DTensor.full_tensor())"
+)
 
 
 def _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
-        if t is not None and _is_sharded(t):
-            raise RuntimeError(
-                f"{name} is a sharded DTensor: fused kernels never compute on a shard. Shard per decoder "
-                "layer (fastadapt.distributed.shard_model), never a base_layer alone, so FSDP gathers the "
-                "full weight before the layer's forward; or gather it first (DTensor.full_tensor())"
-            )
+        if t is not None and is_dtensor(t):
+            raise RuntimeError(SHARDED_ERROR.format(name=name))
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

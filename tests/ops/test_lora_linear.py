@@ -78,11 +78,11 @@ def test_low_precision_error_within_2x_of_torch_same_dtype(dtype):
     x, w, a, b, c = make(33, 72, 100, 8, dtype=dtype)
     y = fa.ops.lora_linear(x, w, a, b, scaling=2.0, bias=c, backend="triton")
     same_dtype = lora_linear_ref(x, w, a, b, scaling=2.0, bias=c)
-    exact = lora_linear_ref(x.double(), w.double(), a.double(), b.double(), scaling=2.0, bias=c.double())
+    exact_in = [t.detach().double().requires_grad_() for t in (x, a, b)]  # float64 leaves: exact grads
+    exact = lora_linear_ref(exact_in[0], w.double(), exact_in[1], exact_in[2], scaling=2.0, bias=c.double())
     assert y.dtype == dtype
     assert rel_err(y, exact) <= 2 * rel_err(same_dtype, exact) + 1e-3
-    for got, same, want in zip(grads(y, (x, a, b)), grads(same_dtype, (x, a, b)),
-                               grads(exact, [t for t in (x, a, b)])):
+    for got, same, want in zip(grads(y, (x, a, b)), grads(same_dtype, (x, a, b)), grads(exact, exact_in)):
         assert norm_rel_err(got, want) <= 2 * norm_rel_err(same, want) + 1e-3
 
 
@@ -226,3 +226,52 @@ def test_group_member_called_with_another_input_falls_back(monkeypatch):
         for mod, x, got in ((attn.q_proj, x1, q), (attn.k_proj, x2, k), (attn.v_proj, x1, v)):
             want = lora_linear_ref(x, mod.base_layer.weight, mod.lora_A.weight, mod.lora_B.weight, scaling=mod.scaling)
             assert rel_err(got, want) < 1e-5
+
+
+def test_group_with_a_trainable_base_weight_falls_back_to_per_layer_ops(monkeypatch):
+    """The grouped backward computes adapter gradients only: a base weight or bias that trains must
+    get its gradient through the per-layer op."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    model = tiny_model("qwen2")  # q/k/v with biases
+    fa.patch(model, "lora", r=4, targets=["q_proj", "k_proj", "v_proj"], dropout=0.0)
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.base_layer.weight.requires_grad_(True)
+    attn.k_proj.base_layer.bias.requires_grad_(True)
+    x = torch.randn(5, 48)
+    (attn.q_proj(x).sum() + attn.k_proj(x).sum() + attn.v_proj(x).sum()).backward()
+    wq, bk = attn.q_proj.base_layer.weight, attn.k_proj.base_layer.bias
+    assert wq.grad is not None and bk.grad is not None
+    assert torch.allclose(wq.grad, torch.ones(wq.shape[0], 1) * x.sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(bk.grad, torch.full_like(bk, 5.0))
+
+
+def test_lora_linear_group_with_dropout_biases_and_unused_members():
+    kernels = op_module._kernels()
+    p = 0.25
+    x = torch.randn(9, 40, device=DEVICE, dtype=torch.float64).float().requires_grad_()
+    ws = [torch.randn(n, 40, device=DEVICE) / 6 for n in (40, 24, 24)]
+    As = [torch.randn(3, 40, device=DEVICE, requires_grad=True) for _ in range(3)]
+    Bs = [torch.randn(n, 3, device=DEVICE, requires_grad=True) for n in (40, 24, 24)]
+    cs = [torch.randn(40, device=DEVICE), None, torch.randn(24, device=DEVICE)]
+    torch.manual_seed(5)
+    ys = fa.ops.lora_linear_group(x, ws, As, Bs, scaling=1.5, biases=cs, dropout_p=p, backend="triton")
+    torch.manual_seed(5)
+    mask = kernels.dropout_mask(op_module.draw_seed(x.device), 9, 40, p, device=x.device)
+    xd = x.detach().double().requires_grad_()
+    Ad = [a.detach().double().requires_grad_() for a in As]
+    Bd = [b.detach().double().requires_grad_() for b in Bs]
+    dropped = xd * mask / (1 - p)  # one mask shared by the group
+    refs = [xd @ w.double().t() + (0 if c is None else c.double()) + 1.5 * (dropped @ a.t()) @ b.t()
+            for w, a, b, c in zip(ws, Ad, Bd, cs)]
+    for y, r in zip(ys, refs):
+        assert rel_err(y, r) < 1e-5
+    weights = [torch.randn(y.shape, device=DEVICE) for y in ys]
+    loss = (ys[0] * weights[0]).sum() + (ys[2] * weights[2]).sum()  # the middle member is unused
+    loss_ref = (refs[0] * weights[0].double()).sum() + (refs[2] * weights[2].double()).sum()
+    got = torch.autograd.grad(loss, [x, *As, *Bs])
+    want = torch.autograd.grad(loss_ref, [xd, *Ad, *Bd], allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g.abs().max() == 0  # unused member: zero gradient
+        else:
+            assert g.abs().sum() > 0 and norm_rel_err(g, w) < 1e-5
