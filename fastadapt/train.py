@@ -40,12 +40,12 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("lora", "series", "parallel", "prefix")
 
-#: Paper defaults (LLM-Adapters' commands): LoRA r=32, alpha=64 on q,k,v,up,down; bottleneck 256
-#: (series after the MLP output, parallel beside the MLP: the method's own default targets); prefix
-#: 10 virtual tokens.
+#: Paper defaults (LLM-Adapters' commands): LoRA r=32, alpha=64 on q,k,v,up,down; series bottleneck
+#: 256 on the MLP output projection; parallel 256 beside the MLP projections (its own default
+#: targets); prefix 10 virtual tokens.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]},
-    "series": {"bottleneck": 256},
+    "series": {"bottleneck": 256, "targets": "mlp-output"},
     "parallel": {"bottleneck": 256},
     "prefix": {"num_virtual_tokens": 10},
 }
