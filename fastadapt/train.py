@@ -63,11 +63,15 @@ CONFIG_NAME = "training_config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
+TARGET_KEYWORDS = ("auto", "all-linear", "mlp", "mlp-input", "mlp-output")
+
+
 def parse_targets(targets: str | Sequence[str] | None) -> str | list[str] | None:
-    """``"q_proj,v_proj"`` -> ``["q_proj", "v_proj"]``; ``"auto"``/``"all-linear"``/a regex stay strings."""
+    """``"q_proj,v_proj"`` -> ``["q_proj", "v_proj"]``; the keywords (``auto``, ``all-linear``, and the
+    bottleneck presets ``mlp``, ``mlp-input``, ``mlp-output``) and regexes stay strings."""
     if targets is None or not isinstance(targets, str):
         return None if targets is None else list(targets)
-    if targets in ("auto", "all-linear") or any(c in targets for c in "^$()[]*+?\\|"):
+    if targets in TARGET_KEYWORDS or any(c in targets for c in "^$()[]*+?\\|"):
         return targets
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:

@@ -186,3 +186,12 @@ def test_help_lists_every_flag():
     for flag in ("--model", "--adapter", "--data", "--output", "--limit", "--batch-size", "--max-new-tokens",
                  "--num-beams"):
         assert flag in out.stdout, flag
+
+
+def test_targets_keywords_pass_through_as_keywords():
+    from fastadapt.train import method_options
+
+    assert method_options("series") == {"bottleneck": 256, "targets": "mlp-output"}  # the paper's placement
+    for keyword in ("mlp", "mlp-input", "mlp-output", "all-linear", "auto"):
+        assert method_options("series", targets=keyword)["targets"] == keyword
+    assert method_options("lora", targets="q_proj,v_proj")["targets"] == ["q_proj", "v_proj"]

@@ -164,7 +164,7 @@ def test_save_pretrained_of_bottleneck_model_holds_the_adapter(method, tmp_path)
     model = tiny_model("llama")
     fa.patch(model, method, bottleneck=8, scaling="learned")
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
     model.save_pretrained(tmp_path)
