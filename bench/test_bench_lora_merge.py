@@ -7,10 +7,10 @@ path, tiny shape): it proves the code runs, its numbers mean nothing."""
 
 from __future__ import annotations
 
+import benchlib
 import pytest
 import torch
 
-import benchlib
 from fastadapt.modules import LoraLinear
 
 CUDA = torch.cuda.is_available()
