@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,7 +75,8 @@ def _add_train(sub) -> None:
     p.add_argument("--method", default="lora", choices=METHODS, help="adapter method (default: lora)")
     p.add_argument("--output", required=True, help="output folder for the adapter, logs and checkpoints")
     g = p.add_argument_group("method options (unset = the paper's default for --method)")
-    g.add_argument("--r", type=int, default=None, help="LoRA rank (default 32)")
+    g.add_argument("--r", "--lora-r", dest="r", type=int, default=None,
+                   help="LoRA rank (default 32); spell it --lora-r under torchrun, whose parser claims --r")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scaling = alpha / r (default 64)")
     g.add_argument("--dropout", type=float, default=None,
                    help="adapter dropout (LoRA default 0.05; series/parallel: the method's default)")
@@ -201,7 +203,12 @@ def cmd_main_job(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
+    # Under torchrun / accelerate launch only rank 0 logs below warnings and draws progress bars.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    level = getattr(logging, args.log_level) if rank0 else max(logging.WARNING, getattr(logging, args.log_level))
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not rank0:
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as e:

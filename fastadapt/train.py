@@ -63,6 +63,15 @@ CONFIG_NAME = "training_config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun/accelerate set it (readable before any process group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 TARGET_KEYWORDS = ("auto", "all-linear", "mlp", "mlp-input", "mlp-output")
 
 
@@ -132,10 +141,12 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.batch_size % self.micro_batch_size:
+        world = launch_world_size()
+        if self.batch_size % (self.micro_batch_size * world):
             raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size}): "
-                "each optimizer step accumulates batch_size / micro_batch_size micro-batches"
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size}) "
+                f"x processes ({world}): each optimizer step accumulates "
+                "batch_size / (micro_batch_size x processes) micro-batches per process"
             )
         if not (isinstance(self.max_steps, int) and (self.max_steps > 0 or self.max_steps == -1)):
             raise ValueError(f"max_steps must be a positive int or -1 (use epochs), got {self.max_steps!r}")
@@ -155,7 +166,8 @@ class TrainConfig:
 
     @property
     def grad_accum(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        # --batch-size is the global batch: under torchrun each process takes its share.
+        return self.batch_size // (self.micro_batch_size * launch_world_size())
 
 
 @dataclass
@@ -301,7 +313,8 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
             raise FileNotFoundError(f"resume: no checkpoint found in {str(out / CHECKPOINT_DIR)!r}")
     else:
         ckpt = None
-        if (out / CONFIG_NAME).exists() and not overwrite:
+        # rank 0 alone checks: it writes the config below, which another rank could then see
+        if launch_rank() == 0 and (out / CONFIG_NAME).exists() and not overwrite:
             raise FileExistsError(
                 f"output {str(out)!r} already holds a training run; pass --resume to continue it or "
                 "--overwrite to start over"
@@ -336,12 +349,14 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
     out.mkdir(parents=True, exist_ok=True)
     resolved = asdict(config) | {"bf16": bf16, "grad_accum": config.grad_accum, "n_train": len(train_set),
                                  "n_val": len(val_set), "trainable_params": s.trainable, "total_params": s.total}
-    (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    if launch_rank() == 0:
+        (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
     if ckpt is not None:  # the Trainer loads the adapter from the checkpoint's model.safetensors
         step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
-        _truncate_log(log_path, step)
+        if launch_rank() == 0:
+            _truncate_log(log_path, step)
         logger.info("resuming from %s (step %d)", ckpt, step)
-    else:
+    elif launch_rank() == 0:
         log_path.unlink(missing_ok=True)
 
     args = TrainingArguments(
@@ -368,6 +383,7 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
         data_seed=config.seed,
         **_checkpointing_args(config.gradient_checkpointing),
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every adapter parameter takes part in every step
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=not config.progress,

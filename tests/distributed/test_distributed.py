@@ -134,3 +134,34 @@ def test_fsdp2_shared_input_group_on_triton(fsdp_triton):
     assert fsdp_triton["group_calls_sharded"] > 0  # q/k/v and gate/up went through the grouped op
     check_matches_one_process(fsdp_triton)
     assert fsdp_triton["loaded_logits_err"] < TOL
+
+
+def test_train_cli_under_torchrun_uses_the_global_batch(tmp_path):
+    """`torchrun -m fastadapt train`: --batch-size is the global batch (each of 2 processes takes half),
+    rank 0 alone writes the run's files, and the adapter it writes loads."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_train_eval_cli import make_tiny_checkpoint, write_train_data
+
+    make_tiny_checkpoint(tmp_path / "base")
+    write_train_data(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+        "--max_restarts=0", "-m", "fastadapt", "train", "--model", str(tmp_path / "base"),
+        "--data", str(tmp_path / "train.jsonl"), "--output", str(out), "--method", "lora",
+        "--targets", "q_proj,v_proj", "--lora-r", "4", "--alpha", "8", "--batch-size", "4",
+        "--micro-batch-size", "2", "--max-steps", "2", "--cutoff-len", "64", "--seed", "0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["grad_accum"] == 1  # 4 = 2 per micro-batch x 2 processes x 1 accumulation step
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log if "loss" in row] == [1, 2]  # one row per step: rank 0 only
+    import fastadapt as fa
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    fa.load_adapter(model, out)
