@@ -41,16 +41,24 @@ def torchrun(out: Path, *args: str, env: dict[str, str] | None = None) -> dict:
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks (own session)
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out after {TIMEOUT_S}s:\n{log[-4000:]}")
-    results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for attempt in (1, 2):
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks (own session)
+            log, _ = proc.communicate()
+            pytest.fail(f"torchrun timed out after {TIMEOUT_S}s:\n{log[-4000:]}")
+        results_file = out / "results.json"
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        # gloo on a loaded 2-core machine rarely aborts a rank while connecting ("terminate called
+        # without an active exception", no Python error): launch once more. A worker that reports a
+        # Python error, or fails twice, fails the test.
+        crashed = proc.returncode != 0 and not results and "terminate called" in log
+        if crashed and attempt == 1:
+            continue
+        break
     if proc.returncode != 0 or "error" in results:
         pytest.fail(f"torchrun exited {proc.returncode}:\n{results.get('error', '')}\n{log[-4000:]}")
     return results
@@ -154,14 +162,18 @@ def test_train_cli_under_torchrun_uses_the_global_batch(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    for attempt in (1, 2):  # one more launch only for the rare gloo abort (see torchrun above)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        if proc.returncode == 0 or "terminate called" not in proc.stdout + proc.stderr or attempt == 2:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = json.loads((out / "training_config.json").read_text())
     assert config["grad_accum"] == 1  # 4 = 2 per micro-batch x 2 processes x 1 accumulation step
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "loss" in row] == [1, 2]  # one row per step: rank 0 only
-    import fastadapt as fa
     from transformers import AutoModelForCausalLM
+
+    import fastadapt as fa
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     fa.load_adapter(model, out)
