@@ -131,8 +131,8 @@ def save_pretrained_adapter(
         state_dict = adapter_state_dict(self)  # collective: before the rank check
     if not is_main_process:
         return
-    save_adapter(self, save_directory, _state_dict=state_dict, _writer=True)
-    tensors = adapter_state_dict(self, state_dict)
+    tensors = adapter_state_dict(self, state_dict)  # gathered/copied once, for both files
+    save_adapter(self, save_directory, _state_dict=tensors, _writer=True)
     _atomic_write(
         Path(save_directory) / TRAINER_WEIGHTS_NAME,
         lambda f: save_file(tensors, f, metadata={"format": "pt"}),

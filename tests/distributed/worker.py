@@ -194,6 +194,9 @@ def run_bad_sharding(results) -> None:
         results["bad_sharding_error"] = None
     except Exception as e:  # noqa: BLE001 - any error is the point; record its text
         results["bad_sharding_error"] = f"{type(e).__name__}: {e}"[:500]
+    # The failed forward may leave FSDP's all-gathers in flight: let them finish on both ranks
+    # before the process group is torn down (gloo aborts on pending work at destroy).
+    dist.barrier()
 
 
 def main() -> int:
@@ -216,6 +219,8 @@ def main() -> int:
         code = 1
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if code == 0:
+        dist.barrier()  # no rank tears the group down while another still has collectives queued
     dist.destroy_process_group()
     return code
 
