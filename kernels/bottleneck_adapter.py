@@ -21,9 +21,8 @@ logical indices, so the mask does not depend on x's strides).
 
 Dtypes: bf16, fp16 and fp32 (x, weights and residual share one dtype; ``scaling`` is a
 1-element fp32 tensor read in-kernel, so a learned scaling costs no host sync). Products
-accumulate in fp32. fp32 precision policy: ``tl.dot`` runs in IEEE fp32 in the interpreter
-(CPU tensors / ``TRITON_INTERPRET=1``) and when ``torch.backends.cuda.matmul.allow_tf32`` is
-False, in TF32 otherwise (the same switch torch uses for its own fp32 matmuls).
+accumulate in fp32. fp32 precision policy: ``_common.dot_precision`` (IEEE fp32 in the
+interpreter and when ``torch.backends.cuda.matmul.allow_tf32`` is False, TF32 otherwise).
 
 Forward: one program per row block reads x (and the residual) and writes out once; the
 M_blk × b intermediate stays on chip. When residual is None the residual add re-reads the
@@ -33,7 +32,7 @@ Backward: three launches plus deterministic sums (see ``bottleneck_bwd``):
   1. row-block kernel: reads dout, hidden and x once each, keeps dg/dh on chip, writes dx, the
      small dh (M × b) and a per-block partial of ds (when residual is None, dx's identity term
      re-reads the dout row block, from L2);
-  2./3. weight-gradient kernel, for dw_down and for dw_up: a GEMM contracting over M whose
+  2./3. ``_common.weight_grad``, for dw_down and for dw_up: a GEMM contracting over M whose
      (b × d) output tiles stay in fp32 registers across the whole M loop.
 Why not reduce dw_down / dw_up inside the row-block kernel (fp32 atomics or per-block
 partials)? Each row block would then push b·(d_in+d_out) fp32 values: at the target shape
@@ -42,23 +41,36 @@ or that much memory per block (as partials). Contracting over M in separate kern
 one more read of x and of dout (2 × M·d·2 bytes) instead, and is deterministic: no atomics;
 split-M partials (bounded, shape-only split count) are summed in a fixed order.
 
-Interpreter (TRITON_INTERPRET=1, CPU): its bf16 support is partial (tl.dot multiplies bf16 bit
-patterns, fp32 → bf16 casts truncate), so bf16 launches set INTERP_BF16 and the kernels emulate
-the GPU numerics there (fp32 dot operands, round-to-nearest-even casts). GPU code is unchanged.
+Interpreter (TRITON_INTERPRET=1, CPU): the INTERPRET constexpr makes the kernels emulate the GPU
+numerics there (``_common.mma``/``_common.to_dtype``). GPU code is unchanged.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ACTIVATIONS", "bottleneck_bwd", "bottleneck_fwd", "dropout_mask"]
+from . import _common
+from ._common import (
+    ACTIVATIONS,
+    NO_ACTIVATION,
+    activation,
+    activation_grad,
+    check_activation,
+    check_dropout,
+    device_ctx,
+    dot_precision,
+    interpreting,
+    keep_mask,
+    keep_scale,
+    mma,
+    to_dtype,
+    weight_grad,
+)
+from ._common import dropout_mask as dropout_mask
 
-# Constexpr ids of the supported activations (names as in transformers' ACT2FN).
-ACTIVATIONS: dict[str, int] = {"tanh": 0, "relu": 1, "gelu": 2, "silu": 3}
+__all__ = ["ACTIVATIONS", "bottleneck_bwd", "bottleneck_fwd", "dropout_mask"]
 
 # Largest bottleneck kept on chip as one BLOCK_M × next_pow2(b) fp32 tile (b ≤ 256 covers the
 # paper's sizes). Larger b loops over _CHUNK_R-wide chunks, round-tripping hidden / dh through
@@ -66,79 +78,7 @@ ACTIVATIONS: dict[str, int] = {"tanh": 0, "relu": 1, "gelu": 2, "silu": 3}
 # (sm_90 cubin, see _row_blocks). Module-level so tests can force the chunked path.
 _MAX_BLOCK_R = 256
 _CHUNK_R = 128
-# Weight-gradient kernel: split M until about this many programs are in flight (≈ 2 waves
-# on a 132-SM H100). Shape-only, so results do not depend on the device.
-_WGRAD_TARGET_PROGRAMS = 264
-
-
 # ----------------------------------------------------------------------------- jit helpers
-
-
-@triton.jit
-def _activation(h, ACTIVATION: tl.constexpr):
-    """act(h) for fp32 h; act(0) == 0 for all four, so masked (zero) lanes stay zero."""
-    if ACTIVATION == 0:
-        # tanh via exp(-2|h|): no overflow, and portable (no libdevice across triton versions).
-        t = tl.exp(-2.0 * tl.abs(h))
-        y = (1.0 - t) / (1.0 + t)
-        y = tl.where(h < 0.0, -y, y)
-    elif ACTIVATION == 1:
-        y = tl.maximum(h, 0.0)
-    elif ACTIVATION == 2:
-        # exact (erf) gelu, as transformers ACT2FN["gelu"]
-        y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    else:
-        y = h / (1.0 + tl.exp(-h))
-    return y
-
-
-@triton.jit
-def _activation_grad(h, ACTIVATION: tl.constexpr):
-    """act'(h) for fp32 h (relu'(0) = 0, as torch)."""
-    if ACTIVATION == 0:
-        t = tl.exp(-2.0 * tl.abs(h))
-        y = (1.0 - t) / (1.0 + t)
-        d = 1.0 - y * y
-    elif ACTIVATION == 1:
-        d = tl.where(h > 0.0, 1.0, 0.0)
-    elif ACTIVATION == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
-        d = cdf + h * pdf
-    else:
-        sig = 1.0 / (1.0 + tl.exp(-h))
-        d = sig * (1.0 + h * (1.0 - sig))
-    return d
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """x.to(dtype), rounding to nearest even. INTERP_BF16: the interpreter truncates fp32 → bf16
-    (the GPU rounds to nearest even), so round the fp32 bits first; the truncation is then exact."""
-    if INTERP_BF16:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + (0x7FFF + ((bits >> 16) & 1))
-            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """acc + a @ b. INTERP_BF16 (interpreter + bf16 only): the interpreter multiplies bf16 bit
-    patterns in tl.dot (triton-lang/triton#11584), so dot fp32 copies: bf16 products are exact
-    in fp32, hence the same values a bf16 tensor-core dot with fp32 accumulation gives."""
-    if INTERP_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _keep_mask(seed, offs_m64, offs_k, K, p):
-    """Dropout keep-mask of the (offs_m, offs_k) tile: Philox at the logical offset m*K + k (int64)."""
-    rnd = tl.rand(seed, offs_m64[:, None] * K + offs_k[None, :])
-    return rnd >= p
 
 
 @triton.jit
@@ -146,7 +86,7 @@ def _down_tile(
     x_ptr, wd_ptr, offs_m64, m_mask, offs_r, r_mask, K,
     stride_xm, stride_xk, stride_wdr, stride_wdk,
     p, inv_keep, seed,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """hidden tile (BLOCK_M, BLOCK_R) = drop(x) @ w_downᵀ in fp32."""
@@ -159,13 +99,13 @@ def _down_tile(
             mask=m_mask[:, None] & k_mask[None, :], other=0.0,
         )
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, offs_m64, offs_k, K, p)
+            keep = keep_mask(seed, offs_m64, offs_k, K, p)
             x = tl.where(keep, x, tl.zeros_like(x))
         wd = tl.load(
             wd_ptr + offs_r[None, :] * stride_wdr + offs_k[:, None] * stride_wdk,
             mask=r_mask[None, :] & k_mask[:, None], other=0.0,
         )
-        acc = _mma(x, wd, acc, DOT_PRECISION, INTERP_BF16)
+        acc = mma(x, wd, acc, DOT_PRECISION, INTERPRET)
     if HAS_DROPOUT:
         # 1/(1-p) applied once to the fp32 accumulator (exact mask, one rounding less)
         acc = acc * inv_keep
@@ -176,7 +116,7 @@ def _down_tile(
 def _store_out(
     acc, scale, x_ptr, res_ptr, out_ptr, offs_m64, m_mask, n0, N,
     stride_xm, stride_xk, stride_resm, stride_resn, stride_om, stride_on,
-    HAS_RESIDUAL: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask = m_mask[:, None] & (offs_n < N)[None, :]
@@ -189,7 +129,7 @@ def _store_out(
                       mask=mask, other=0.0)
     out = res.to(tl.float32) + scale * acc
     tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :] * stride_on,
-             _to(out, out_ptr.dtype.element_ty, INTERP_BF16), mask=mask)
+             to_dtype(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -207,7 +147,7 @@ def _bottleneck_fwd_kernel(
     stride_hm, stride_hr,
     p, inv_keep, seed,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -225,9 +165,9 @@ def _bottleneck_fwd_kernel(
             r_mask = offs_r < R
             acc = _down_tile(x_ptr, wd_ptr, offs_m64, m_mask, offs_r, r_mask, K,
                              stride_xm, stride_xk, stride_wdr, stride_wdk, p, inv_keep, seed,
-                             HAS_DROPOUT, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_R)
+                             HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
             tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                     _to(acc, hid_ptr.dtype.element_ty, INTERP_BF16), mask=m_mask[:, None] & r_mask[None, :])
+                     to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
         # make this program's hidden stores visible to all its threads before reading back
         tl.debug_barrier()
         for n0 in range(0, N, BLOCK_N):
@@ -240,38 +180,38 @@ def _bottleneck_fwd_kernel(
                 # .cg: read from L2, where the stores above landed (never a stale L1 line)
                 h = tl.load(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                             mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
-                g = _to(_activation(h.to(tl.float32), ACTIVATION), dtype, INTERP_BF16)
+                g = to_dtype(activation(h.to(tl.float32), ACTIVATION), dtype, INTERPRET)
                 wu = tl.load(wu_ptr + offs_r[:, None] * stride_wur + offs_n[None, :] * stride_wun,
                              mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc_o = _mma(g, wu, acc_o, DOT_PRECISION, INTERP_BF16)
+                acc_o = mma(g, wu, acc_o, DOT_PRECISION, INTERPRET)
             _store_out(acc_o, scale, x_ptr, res_ptr, out_ptr, offs_m64, m_mask, n0, N,
                        stride_xm, stride_xk, stride_resm, stride_resn, stride_om, stride_on,
-                       HAS_RESIDUAL, INTERP_BF16, BLOCK_N)
+                       HAS_RESIDUAL, INTERPRET, BLOCK_N)
     else:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         acc = _down_tile(x_ptr, wd_ptr, offs_m64, m_mask, offs_r, r_mask, K,
                          stride_xm, stride_xk, stride_wdr, stride_wdk, p, inv_keep, seed,
-                         HAS_DROPOUT, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_R)
+                         HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
         tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                 _to(acc, hid_ptr.dtype.element_ty, INTERP_BF16), mask=m_mask[:, None] & r_mask[None, :])
+                 to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
         # act on the fp32 accumulator; rounded to the input dtype only as a dot operand
-        g = _to(_activation(acc, ACTIVATION), dtype, INTERP_BF16)
+        g = to_dtype(activation(acc, ACTIVATION), dtype, INTERPRET)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             wu = tl.load(wu_ptr + offs_r[:, None] * stride_wur + offs_n[None, :] * stride_wun,
                          mask=r_mask[:, None] & (offs_n < N)[None, :], other=0.0)
-            acc_o = _mma(g, wu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, INTERP_BF16)
+            acc_o = mma(g, wu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, INTERPRET)
             _store_out(acc_o, scale, x_ptr, res_ptr, out_ptr, offs_m64, m_mask, n0, N,
                        stride_xm, stride_xk, stride_resm, stride_resn, stride_om, stride_on,
-                       HAS_RESIDUAL, INTERP_BF16, BLOCK_N)
+                       HAS_RESIDUAL, INTERPRET, BLOCK_N)
 
 
 @triton.jit
 def _dh_tile(
     dout_ptr, wu_ptr, hid_ptr, offs_m64, m_mask, offs_r, r_mask, N, scale,
     stride_dom, stride_don, stride_wun, stride_wur, stride_hm, stride_hr,
-    ACTIVATION: tl.constexpr, NEED_DSCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ACTIVATION: tl.constexpr, NEED_DSCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dh tile = s · (dout @ w_up) ⊙ act'(hidden) in fp32, and per-row Σ g ⊙ (dout @ w_up)."""
@@ -283,15 +223,15 @@ def _dh_tile(
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         wu = tl.load(wu_ptr + offs_n[:, None] * stride_wun + offs_r[None, :] * stride_wur,
                      mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        dgu = _mma(do, wu, dgu, DOT_PRECISION, INTERP_BF16)
+        dgu = mma(do, wu, dgu, DOT_PRECISION, INTERPRET)
     h = tl.load(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                 mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     if NEED_DSCALE:
         # padded rows / columns: dgu == 0 there (masked loads), so they add nothing
-        ds_rows = tl.sum(_activation(h, ACTIVATION) * dgu, axis=1)
+        ds_rows = tl.sum(activation(h, ACTIVATION) * dgu, axis=1)
     else:
         ds_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    dh = (scale * dgu) * _activation_grad(h, ACTIVATION)
+    dh = (scale * dgu) * activation_grad(h, ACTIVATION)
     return dh, ds_rows
 
 
@@ -300,19 +240,19 @@ def _store_dx(
     acc, dout_ptr, dx_ptr, offs_m64, m_mask, k0, K,
     stride_dom, stride_don, stride_dxm, stride_dxk,
     p, inv_keep, seed,
-    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = m_mask[:, None] & (offs_k < K)[None, :]
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, offs_m64, offs_k, K, p)
+        keep = keep_mask(seed, offs_m64, offs_k, K, p)
         acc = tl.where(keep, acc * inv_keep, 0.0)
     if not HAS_RESIDUAL:
         # out = x + s·A(x): the identity path's gradient (N == K; this dout row block is in L2)
         acc += tl.load(dout_ptr + offs_m64[:, None] * stride_dom + offs_k[None, :] * stride_don,
                        mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offs_m64[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-             _to(acc, dx_ptr.dtype.element_ty, INTERP_BF16), mask=mask)
+             to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])  # one compile for every seed
@@ -328,7 +268,7 @@ def _bottleneck_bwd_rows_kernel(
     stride_dhm, stride_dhr,
     p, inv_keep, seed,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    NEED_DSCALE: tl.constexpr, R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -345,10 +285,10 @@ def _bottleneck_bwd_rows_kernel(
             r_mask = offs_r < R
             dh, ds_part = _dh_tile(dout_ptr, wu_ptr, hid_ptr, offs_m64, m_mask, offs_r, r_mask, N, scale,
                                    stride_dom, stride_don, stride_wun, stride_wur, stride_hm, stride_hr,
-                                   ACTIVATION, NEED_DSCALE, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_N, BLOCK_R)
+                                   ACTIVATION, NEED_DSCALE, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
             ds_rows += ds_part
             tl.store(dh_ptr + offs_m64[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
-                     _to(dh, dh_ptr.dtype.element_ty, INTERP_BF16), mask=m_mask[:, None] & r_mask[None, :])
+                     to_dtype(dh, dh_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
         tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -361,17 +301,17 @@ def _bottleneck_bwd_rows_kernel(
                              mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
                 wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + offs_k[None, :] * stride_wdk,
                              mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                acc = _mma(dh, wd, acc, DOT_PRECISION, INTERP_BF16)
+                acc = mma(dh, wd, acc, DOT_PRECISION, INTERPRET)
             _store_dx(acc, dout_ptr, dx_ptr, offs_m64, m_mask, k0, K,
                       stride_dom, stride_don, stride_dxm, stride_dxk, p, inv_keep, seed,
-                      HAS_RESIDUAL, HAS_DROPOUT, INTERP_BF16, BLOCK_K)
+                      HAS_RESIDUAL, HAS_DROPOUT, INTERPRET, BLOCK_K)
     else:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         dh, ds_rows = _dh_tile(dout_ptr, wu_ptr, hid_ptr, offs_m64, m_mask, offs_r, r_mask, N, scale,
                                stride_dom, stride_don, stride_wun, stride_wur, stride_hm, stride_hr,
-                               ACTIVATION, NEED_DSCALE, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_N, BLOCK_R)
-        dh_lp = _to(dh, dh_ptr.dtype.element_ty, INTERP_BF16)
+                               ACTIVATION, NEED_DSCALE, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
+        dh_lp = to_dtype(dh, dh_ptr.dtype.element_ty, INTERPRET)
         tl.store(dh_ptr + offs_m64[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
                  dh_lp, mask=m_mask[:, None] & r_mask[None, :])
         dh_lp = dh_lp.to(dtype)
@@ -379,123 +319,16 @@ def _bottleneck_bwd_rows_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + offs_k[None, :] * stride_wdk,
                          mask=r_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-            acc = _mma(dh_lp, wd, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION, INTERP_BF16)
+            acc = mma(dh_lp, wd, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION, INTERPRET)
             _store_dx(acc, dout_ptr, dx_ptr, offs_m64, m_mask, k0, K,
                       stride_dom, stride_don, stride_dxm, stride_dxk, p, inv_keep, seed,
-                      HAS_RESIDUAL, HAS_DROPOUT, INTERP_BF16, BLOCK_K)
+                      HAS_RESIDUAL, HAS_DROPOUT, INTERPRET, BLOCK_K)
     if NEED_DSCALE:
         # one partial per row block, summed in a fixed order by the launcher (deterministic)
         tl.store(dsp_ptr + pid, tl.sum(ds_rows, axis=0))
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
-def _bottleneck_wgrad_kernel(
-    a_ptr, b_ptr, c_ptr, scale_ptr,
-    M, I, J, rows_per_split,  # noqa: E741
-    stride_am, stride_ai,
-    stride_bm, stride_bj,
-    stride_cs, stride_ci, stride_cj,
-    p, inv_keep, seed,
-    B_ACTIVATION: tl.constexpr, B_DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """C[split] (I, J) = f(A)ᵀ g(B) over this split's rows of M, fp32.
-
-    dw_down: A = dh (M, b), B = x (M, d_in) with the dropout mask (B_DROPOUT);
-    dw_up:   A = dout (M, d_out), B = hidden (M, b) through the activation, times s (SCALE_OUT).
-    """
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    num_j = tl.cdiv(J, BLOCK_J)
-    pid_i = pid // num_j
-    pid_j = pid % num_j
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    i_mask = offs_i < I
-    j_mask = offs_j < J
-    m_start = split * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < m_end
-        offs_m64 = offs_m.to(tl.int64)
-        a = tl.load(a_ptr + offs_m64[None, :] * stride_am + offs_i[:, None] * stride_ai,
-                    mask=i_mask[:, None] & m_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_m64[:, None] * stride_bm + offs_j[None, :] * stride_bj,
-                    mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-        if B_ACTIVATION >= 0:
-            b = _to(_activation(b.to(tl.float32), B_ACTIVATION), a.dtype, INTERP_BF16)
-        if B_DROPOUT:
-            keep = _keep_mask(seed, offs_m64, offs_j, J, p)
-            b = tl.where(keep, b, tl.zeros_like(b))
-        acc = _mma(a, b, acc, DOT_PRECISION, INTERP_BF16)
-    if B_DROPOUT:
-        acc = acc * inv_keep
-    if SCALE_OUT:
-        acc = acc * tl.load(scale_ptr).to(tl.float32)
-    tl.store(c_ptr + split * stride_cs + offs_i[:, None] * stride_ci + offs_j[None, :] * stride_cj,
-             acc, mask=i_mask[:, None] & j_mask[None, :])
-
-
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
-def _dropout_mask_kernel(mask_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_m64 = offs_m.to(tl.int64)
-    keep = _keep_mask(seed, offs_m64, offs_k, K, p)
-    tl.store(mask_ptr + offs_m64[:, None] * K + offs_k[None, :], keep.to(tl.int8),
-             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
-
-
-# ----------------------------------------------------------------------------- host helpers
-
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _alloc(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a launcher writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype != torch.float32:
-        return "tf32"  # triton's default; ignored for 16-bit operands
-    if _interpreting() or device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    # the interpreter cannot tl.dot bf16 operands (see _mma)
-    return _interpreting() and dtype == torch.bfloat16
-
-
-def _device_ctx(t: torch.Tensor):
-    # triton launches on the current CUDA device: make it the tensors' device
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _check_activation(activation: str) -> int:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return ACTIVATIONS[activation]
-
-
-def _check_dropout(dropout_p: float, seed: int) -> None:
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
 
 
 def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor, shape_doc: str) -> None:
@@ -557,35 +390,7 @@ def _row_blocks(M: int, R: int, dtype: torch.dtype) -> tuple[int, int, int, int,
     return block_m, 32, 32, block_r, num_warps, chunked
 
 
-def _wgrad_blocks(I: int, J: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:  # noqa: E741
-    """(BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages) of the weight-gradient kernel (spill-free
-    on sm_90 by the same offline check as _row_blocks; larger output tiles mean fewer re-reads)."""
-    big, cfg = (128, (32, 8, 3)) if dtype != torch.float32 else (64, (32, 4, 2))
-    return (max(16, min(big, triton.next_power_of_2(I))), max(16, min(big, triton.next_power_of_2(J))), *cfg)
-
-
 # ----------------------------------------------------------------------------- launchers
-
-
-def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
-    """The keep-mask (M, K) bool that ``bottleneck_fwd``/``bottleneck_bwd`` use for ``(seed, dropout_p)``.
-
-    keep[m, k] = philox_uniform(seed, m * K + k) >= dropout_p (tl.rand, int64 logical offset).
-    Kept values are scaled by 1/(1-p) in the kernels. For tests and references; the kernels
-    never materialise it.
-    """
-    _check_dropout(dropout_p, seed)
-    if M < 0 or K < 0:
-        raise ValueError(f"M and K must be ≥ 0, got M={M}, K={K}")
-    device = torch.device(device)
-    if dropout_p == 0.0 or M == 0 or K == 0:
-        return torch.ones((M, K), dtype=torch.bool, device=device)
-    mask = _alloc((M, K), dtype=torch.int8, device=device)
-    BLOCK_M, BLOCK_K = 32, 64
-    with _device_ctx(mask):
-        _dropout_mask_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
-            mask, M, K, float(dropout_p), seed, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-    return mask.view(torch.bool)
 
 
 def bottleneck_fwd(
@@ -617,8 +422,8 @@ def bottleneck_fwd(
         hidden (M, b) = drop(x) @ w_downᵀ (pre-activation, fp32-accumulated, stored in x.dtype):
         with x, everything backward needs.
     """
-    act = _check_activation(activation)
-    _check_dropout(dropout_p, seed)
+    act = check_activation(activation)
+    check_dropout(dropout_p, seed)
     M, K, N, R = _check_common(x, w_down, w_up, scaling)
     if residual is None:
         if N != K:
@@ -626,15 +431,15 @@ def bottleneck_fwd(
     else:
         _check_2d("residual", residual, (M, N), x, "(M, d_out)")
 
-    out = _alloc((M, N), dtype=x.dtype, device=x.device)
-    hidden = _alloc((M, R), dtype=x.dtype, device=x.device)
+    out = _common.alloc((M, N), dtype=x.dtype, device=x.device)
+    hidden = _common.alloc((M, R), dtype=x.dtype, device=x.device)
     if M == 0:
         return out, hidden
     has_dropout = dropout_p > 0.0
-    inv_keep = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
+    inv_keep = keep_scale(dropout_p) if has_dropout else 1.0
     BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, num_warps, chunked = _row_blocks(M, R, x.dtype)
     res = x if residual is None else residual
-    with _device_ctx(x):
+    with device_ctx(x):
         _bottleneck_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
             x, w_down, w_up, res, scaling, out, hidden,
             M, K, N, R,
@@ -646,43 +451,12 @@ def bottleneck_fwd(
             hidden.stride(0), hidden.stride(1),
             float(dropout_p), inv_keep, seed,
             ACTIVATION=act, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
-            R_CHUNKED=chunked, DOT_PRECISION=_dot_precision(x.dtype, x.device),
-            INTERP_BF16=_upcast(x.dtype),
+            R_CHUNKED=chunked, DOT_PRECISION=dot_precision(x.dtype),
+            INTERPRET=interpreting(),
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
             num_warps=num_warps, num_stages=2,
         )
     return out, hidden
-
-
-def _wgrad(
-    a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor, *,
-    b_activation: int, b_dropout: bool, scale_out: bool, dropout_p: float, seed: int, dot_precision: str,
-) -> torch.Tensor:
-    """fp32 (I, J) = f(a)ᵀ g(b), contracting over M = a.shape[0], deterministic."""
-    M, I = a.shape  # noqa: E741
-    J = b.shape[1]
-    BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages = _wgrad_blocks(I, J, a.dtype)
-    tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
-    # Split M only when the output tiles alone cannot fill the GPU. The split count depends
-    # on shapes only, so a given shape always sums in the same order (bitwise reproducible).
-    splits = max(1, min(triton.cdiv(M, 4 * BLOCK_M), _WGRAD_TARGET_PROGRAMS // tiles))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
-    splits = triton.cdiv(M, rows_per_split)
-    c = _alloc((splits, I, J), dtype=torch.float32, device=a.device)
-    inv_keep = 1.0 / (1.0 - dropout_p) if b_dropout else 1.0
-    _bottleneck_wgrad_kernel[(tiles, splits)](
-        a, b, c, scaling,
-        M, I, J, rows_per_split,  # noqa: E741
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
-        c.stride(0), c.stride(1), c.stride(2),
-        float(dropout_p), inv_keep, seed,
-        B_ACTIVATION=b_activation, B_DROPOUT=b_dropout, SCALE_OUT=scale_out,
-        DOT_PRECISION=dot_precision, INTERP_BF16=_upcast(a.dtype),
-        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return c[0] if splits == 1 else c.sum(dim=0)
 
 
 def bottleneck_bwd(
@@ -720,28 +494,28 @@ def bottleneck_bwd(
     deterministic (no atomics): see the module docstring for why weight gradients are not
     reduced inside the row-block kernel.
     """
-    act = _check_activation(activation)
-    _check_dropout(dropout_p, seed)
+    act = check_activation(activation)
+    check_dropout(dropout_p, seed)
     M, K, N, R = _check_common(x, w_down, w_up, scaling)
     _check_2d("dout", dout, (M, N), x, "(M, d_out)")
     _check_2d("hidden", hidden, (M, R), x, "(M, b)")
     if not has_residual and N != K:
         raise ValueError(f"w_up must have d_out == d_in = {K} when has_residual is False, got d_out = {N}")
 
-    dx = _alloc((M, K), dtype=x.dtype, device=x.device)
+    dx = _common.alloc((M, K), dtype=x.dtype, device=x.device)
     if M == 0:
         dw_down = torch.zeros((R, K), dtype=torch.float32, device=x.device)
         dw_up = torch.zeros((N, R), dtype=torch.float32, device=x.device)
         ds = torch.zeros(scaling.shape, dtype=torch.float32, device=x.device) if need_scaling_grad else None
         return dx, dw_down, dw_up, ds
     has_dropout = dropout_p > 0.0
-    inv_keep = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
-    precision = _dot_precision(x.dtype, x.device)
+    inv_keep = keep_scale(dropout_p) if has_dropout else 1.0
+    precision = dot_precision(x.dtype)
     BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, num_warps, chunked = _row_blocks(M, R, x.dtype)
     grid_m = triton.cdiv(M, BLOCK_M)
-    dh = _alloc((M, R), dtype=x.dtype, device=x.device)
-    ds_partial = _alloc((grid_m,), dtype=torch.float32, device=x.device) if need_scaling_grad else dh
-    with _device_ctx(x):
+    dh = _common.alloc((M, R), dtype=x.dtype, device=x.device)
+    ds_partial = _common.alloc((grid_m,), dtype=torch.float32, device=x.device) if need_scaling_grad else dh
+    with device_ctx(x):
         _bottleneck_bwd_rows_kernel[(grid_m,)](
             dout, x, hidden, w_down, w_up, scaling, dx, dh, ds_partial,
             M, K, N, R,
@@ -755,13 +529,11 @@ def bottleneck_bwd(
             float(dropout_p), inv_keep, seed,
             ACTIVATION=act, HAS_RESIDUAL=bool(has_residual), HAS_DROPOUT=has_dropout,
             NEED_DSCALE=bool(need_scaling_grad), R_CHUNKED=chunked,
-            DOT_PRECISION=precision, INTERP_BF16=_upcast(x.dtype),
+            DOT_PRECISION=precision, INTERPRET=interpreting(),
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
             num_warps=num_warps, num_stages=2,
         )
-        dw_down = _wgrad(dh, x, scaling, b_activation=-1, b_dropout=has_dropout, scale_out=False,
-                         dropout_p=dropout_p, seed=seed, dot_precision=precision)
-        dw_up = _wgrad(dout, hidden, scaling, b_activation=act, b_dropout=False, scale_out=True,
-                       dropout_p=0.0, seed=0, dot_precision=precision)
+        dw_down = weight_grad(dh, x, scale=inv_keep, b_activation=NO_ACTIVATION, dropout_p=dropout_p, seed=seed)
+        dw_up = weight_grad(dout, hidden, scale_tensor=scaling, b_activation=act)
     ds = ds_partial.sum().reshape(scaling.shape) if need_scaling_grad else None
     return dx, dw_down, dw_up, ds

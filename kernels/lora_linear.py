@@ -38,20 +38,18 @@ Numerics policy
       backward (dS A in ``lora_dx``, dSᵀ X in ``lora_grad_a``; dS is fp32) run at the launcher's
       fp32 precision below.
     * fp32 operands: the launcher picks ``tl.dot(..., input_precision=...)``: ``"ieee"`` under the
-      interpreter (TRITON_INTERPRET=1 / CPU tensors) and when
-      ``torch.backends.cuda.matmul.allow_tf32`` is False (so a user who disabled TF32 in torch gets
-      full fp32 here too); ``"tf32"`` otherwise, i.e. the same contract as a cuBLAS fp32 matmul.
+      interpreter (TRITON_INTERPRET=1) and when ``torch.backends.cuda.matmul.allow_tf32`` is
+      False (``_common.dot_precision``: a user who disabled TF32 in torch gets full fp32 here too);
+      ``"tf32"`` otherwise, i.e. the same contract as a cuBLAS fp32 matmul.
       For bf16/fp16 inputs the kernels pass ``"tf32"`` on GPU (Triton's default; it only affects
       the fp32-operand rank products, whose operands are bf16-exact or fp32 dS).
     * ``lora_dy_pass``'s dB reduction over M is deterministic by default (per-M-block partial
       buffer + ``sum(0)``); ``deterministic=False`` uses fp32 ``tl.atomic_add`` instead (no
       partial buffer, run-to-run bit differences). ``lora_grad_a`` always reduces
-      deterministically (fixed M-split into a small partial buffer).
+      deterministically (``_common.weight_grad``: a shape-only M-split into fp32 partials).
 
-Interpreter: triton's interpreter (3.9) computes ``tl.dot`` on the raw bit patterns of bf16 operands,
-so under it (only) the kernels upcast dot operands to fp32 first (``UPCAST_DOT`` constexpr). The
-products of bf16/fp16 values are exact in fp32, so CPU results match the tensor-core math up to
-summation order.
+Interpreter: the ``INTERPRET`` constexpr routes dots and low-precision stores through
+``_common.mma``/``_common.to_dtype``, which emulate the GPU numerics there (see ``kernels/_common.py``).
 
 Rank sizes: R from 1 up (a concatenated q/k/v group is R = 3r, e.g. 768). Rank tiles are padded to a
 power of two >= 16 with masked loads. The shrink kernel tiles R > 256 over the grid, with the R
@@ -67,12 +65,23 @@ Under the interpreter every kernel runs one small fixed config (autotune is slow
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import _common
+from ._common import (
+    device_ctx,
+    dot_precision,
+    interpreting,
+    keep_mask,
+    mma,
+    pow2_block,
+    swizzle,
+    to_dtype,
+    weight_grad,
+)
+from ._common import dropout_mask as dropout_mask
 
 __all__ = [
     "lora_shrink",
@@ -89,36 +98,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # launcher helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    """True when kernels run through the Triton interpreter (env switch or CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type == "cpu"
-
-
-def _dot_precision(t: torch.Tensor) -> str:
-    """``tl.dot`` input_precision for this launch (see module docstring: Numerics policy)."""
-    if _interpreting(t):
-        return "ieee"
-    if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _rank_block(R: int, cap: int) -> int:
-    """Rank tile: tl.dot needs every dim >= 16 and a power of two; padded lanes are masked."""
-    return max(16, min(triton.next_power_of_2(R), cap))
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(t: torch.Tensor) -> int:
-    if t.device.type != "cuda":
-        return 2  # interpreter: still exercise the split-M path on small shapes
-    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def _dropout_scale(scaling: float, dropout_p: float) -> float:
@@ -158,36 +137,6 @@ _INTERP_GEMM_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _keep_mask(seed, offs_m, offs_k, K, p):
-    """Dropout keep-mask for logical (m, k): Philox(seed, m*K + k) >= p, offsets in int64."""
-    offs = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
-    return tl.rand(seed, offs) >= p
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc + a @ b. UPCAST_DOT (interpreter only): its numpy dot multiplies bf16 *bit patterns*
-    (triton 3.9), so operands go through fp32 there; bf16 x bf16 products are exact in fp32, so
-    this emulates the tensor-core result up to summation order."""
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # GROUP_M row-blocks share each column-block while it is still in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. shrink: S = scaling · dropout(X) Aᵀ
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +152,7 @@ def _lora_shrink_kernel(
     scale, p, seed,
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # R-tiles of one M-block are adjacent program ids, so for R > BLOCK_R the X tile is re-read
@@ -229,14 +178,14 @@ def _lora_shrink_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             # select, not multiply: exact; 1/(1-p) is folded into `scale`
-            x = tl.where(_keep_mask(seed, offs_m, kk, K, p), x, tl.zeros_like(x))
+            x = tl.where(keep_mask(seed, offs_m, kk, K, p), x, tl.zeros_like(x))
         a = tl.load(a_cols + kk.to(tl.int64)[:, None] * stride_ak,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = _mma(x, a, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = mma(x, a, acc, DOT_PRECISION, INTERPRET)
 
     acc = acc * scale
     s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
-    tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    tl.store(s_ptrs, to_dtype(acc, s_ptr.dtype.element_ty, INTERPRET), mask=mask_m[:, None] & mask_r[None, :])
 
 
 def lora_shrink(
@@ -265,14 +214,14 @@ def lora_shrink(
     assert lora_a.shape[1] == K, f"lora_a must be (R, {K}), got {tuple(lora_a.shape)}"
     assert lora_a.dtype == x.dtype, f"lora_a dtype {lora_a.dtype} != x dtype {x.dtype}"
     scale = _dropout_scale(scaling, dropout_p)
-    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    s = _common.alloc((M, R), dtype=x.dtype, device=x.device)
     if M == 0 or R == 0:
         return s
     if K == 0:
         return s.zero_()
 
-    interp = _interpreting(x)
-    BLOCK_R = _rank_block(R, 256)
+    interp = interpreting()
+    BLOCK_R = pow2_block(R, cap=256)
     if interp:
         BLOCK_M, BLOCK_K, num_warps, num_stages = 32, 32, 4, 1
     else:
@@ -282,46 +231,20 @@ def lora_shrink(
         BLOCK_K = 128 if BLOCK_R <= 64 else 64
         num_warps, num_stages = 4, 3
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(R, BLOCK_R),)
-    _lora_shrink_kernel[grid](
-        x, lora_a, s,
-        M, K, R,
-        x.stride(0), x.stride(1),
-        lora_a.stride(0), lora_a.stride(1),
-        s.stride(0), s.stride(1),
-        scale, float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_interpreting(x),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with device_ctx(x):
+        _lora_shrink_kernel[grid](
+            x, lora_a, s,
+            M, K, R,
+            x.stride(0), x.stride(1),
+            lora_a.stride(0), lora_a.stride(1),
+            s.stride(0), s.stride(1),
+            scale, float(dropout_p), int(seed),
+            HAS_DROPOUT=dropout_p > 0.0,
+            DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
+            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return s
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. dropout mask (tests / reference)
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dropout_mask_kernel(out_ptr, numel, p, seed, BLOCK: tl.constexpr):
-    # Flat index == m*K + k for a contiguous (M, K) output: the same Philox offsets as _keep_mask.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    keep = tl.rand(seed, offs) >= p
-    tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < numel)
-
-
-def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
-    """The keep-mask every kernel here uses: (M, K) torch.bool, True = kept.
-
-    keep[m, k] = tl.rand(seed, m*K + k) >= dropout_p (int64 Philox offsets).
-    """
-    assert 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}"
-    out = torch.empty((M, K), device=device, dtype=torch.int8)
-    if M * K == 0:
-        return out.bool()
-    BLOCK = 1024
-    _dropout_mask_kernel[(triton.cdiv(M * K, BLOCK),)](out, M * K, float(dropout_p), int(seed), BLOCK=BLOCK)
-    return out.bool()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,11 +263,11 @@ def _lora_expand_kernel(
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -361,7 +284,7 @@ def _lora_expand_kernel(
         mask_k = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(x, w, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = mma(x, w, acc, DOT_PRECISION, INTERPRET)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -374,13 +297,13 @@ def _lora_expand_kernel(
         mask_r = rr < R
         s = tl.load(s_rows + rr[None, :] * stride_sr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         b = tl.load(b_cols + rr[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(s, b, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = mma(s, b, acc, DOT_PRECISION, INTERPRET)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptrs, to_dtype(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask_m[:, None] & mask_n[None, :])
 
 
 _lora_expand_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"])(
@@ -419,7 +342,7 @@ def lora_expand(
     if bias is not None:
         assert bias.dim() == 1 and bias.shape[0] == N, f"bias must be ({N},), got {tuple(bias.shape)}"
         assert bias.stride(0) == 1, "bias must be contiguous (the kernel reads it at unit stride)"
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = _common.alloc((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
     args = (
@@ -432,17 +355,18 @@ def lora_expand(
         y.stride(0), y.stride(1),
     )
     meta = dict(
-        HAS_BIAS=bias is not None, BLOCK_R=_rank_block(R, 64),
-        DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_interpreting(x),
+        HAS_BIAS=bias is not None, BLOCK_R=pow2_block(R, cap=64),
+        DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
     )
-    if _interpreting(x):
-        cfg = _INTERP_GEMM_META
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _lora_expand_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
-    else:
-        def grid(META):
-            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-        _lora_expand_kernel_tuned[grid](*args, **meta)
+    with device_ctx(x):
+        if interpreting():
+            cfg = _INTERP_GEMM_META
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+            _lora_expand_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
+        else:
+            def grid(META):
+                return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+            _lora_expand_kernel_tuned[grid](*args, **meta)
     return y
 
 
@@ -460,10 +384,10 @@ def _lora_add_epilogue_kernel(
     stride_bn, stride_br,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 8)
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -480,7 +404,7 @@ def _lora_add_epilogue_kernel(
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n64[None, :] * stride_bn + rr[:, None] * stride_br,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(s, b, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = mma(s, b, acc, DOT_PRECISION, INTERPRET)
 
     mask = mask_m[:, None] & mask_n[None, :]
     y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
@@ -488,7 +412,7 @@ def _lora_add_epilogue_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, to_dtype(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def lora_add_epilogue(
@@ -519,23 +443,24 @@ def lora_add_epilogue(
         assert bias.stride(0) == 1, "bias must be contiguous (the kernel reads it at unit stride)"
     if M == 0 or N == 0:
         return y
-    if _interpreting(y):
+    if interpreting():
         BLOCK_M, BLOCK_N, num_warps = 32, 64, 4
     else:
         # Bandwidth-bound on Y (read + write); the rank dot is tiny. Untuned.
         BLOCK_M, BLOCK_N, num_warps = 64, 128, 4
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
-    _lora_add_epilogue_kernel[grid](
-        y, s, lora_b, bias if bias is not None else y,
-        M, N, R,
-        y.stride(0), y.stride(1),
-        s.stride(0), s.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
-        HAS_BIAS=bias is not None,
-        DOT_PRECISION=_dot_precision(s), UPCAST_DOT=_interpreting(s),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_rank_block(R, 64),
-        num_warps=num_warps,
-    )
+    with device_ctx(y):
+        _lora_add_epilogue_kernel[grid](
+            y, s, lora_b, bias if bias is not None else y,
+            M, N, R,
+            y.stride(0), y.stride(1),
+            s.stride(0), s.stride(1),
+            lora_b.stride(0), lora_b.stride(1),
+            HAS_BIAS=bias is not None,
+            DOT_PRECISION=dot_precision(s.dtype), INTERPRET=interpreting(),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=pow2_block(R, cap=64),
+            num_warps=num_warps,
+        )
     return y
 
 
@@ -555,7 +480,7 @@ def _lora_dy_pass_kernel(
     stride_dbp, stride_dbn, stride_dbr,
     USE_ATOMIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # One program = one M-block x one R-tile; it walks all of N, so its dS rows are complete
@@ -587,8 +512,8 @@ def _lora_dy_pass_kernel(
         dy = tl.load(dy_rows + nn64[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptr + nn64[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        ds = _mma(dy, b, ds, DOT_PRECISION, UPCAST_DOT)
-        db = _mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+        ds = mma(dy, b, ds, DOT_PRECISION, INTERPRET)
+        db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_PRECISION, INTERPRET)
         db_ptrs = db_base + nn64[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
         db_mask = mask_n[:, None] & mask_r[None, :]
         if USE_ATOMIC:
@@ -629,12 +554,12 @@ def lora_dy_pass(
         f"shape mismatch: dy {tuple(dy.shape)}, s {tuple(s.shape)}, lora_b {tuple(lora_b.shape)}"
     )
     assert s.dtype == lora_b.dtype == dy.dtype, "dy, s, lora_b must share a dtype"
-    ds = torch.empty((M, R), device=dy.device, dtype=torch.float32)
+    ds = _common.alloc((M, R), dtype=torch.float32, device=dy.device)
     if M == 0 or N == 0 or R == 0:
         return ds.zero_(), torch.zeros((N, R), device=dy.device, dtype=torch.float32)
 
-    BLOCK_R = _rank_block(R, 128)
-    if _interpreting(dy):
+    BLOCK_R = pow2_block(R, cap=128)
+    if interpreting():
         BLOCK_M, BLOCK_N, num_warps, num_stages = 32, 32, 4, 1
     else:
         # BLOCK_M=128 halves the partial buffer vs 64; dS (128 x BLOCK_R) stays in registers.
@@ -646,24 +571,25 @@ def lora_dy_pass(
         db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
         partial = db.unsqueeze(0)
     elif num_m == 1:
-        db = torch.empty((N, R), device=dy.device, dtype=torch.float32)
+        db = _common.alloc((N, R), dtype=torch.float32, device=dy.device)
         partial = db.unsqueeze(0)
     else:
-        partial = torch.empty((num_m, N, R), device=dy.device, dtype=torch.float32)
+        partial = _common.alloc((num_m, N, R), dtype=torch.float32, device=dy.device)
     grid = (num_m * triton.cdiv(R, BLOCK_R),)
-    _lora_dy_pass_kernel[grid](
-        dy, s, lora_b, ds, partial,
-        M, N, R,
-        dy.stride(0), dy.stride(1),
-        s.stride(0), s.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
-        ds.stride(0), ds.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        USE_ATOMIC=use_atomic,
-        DOT_PRECISION=_dot_precision(dy), UPCAST_DOT=_interpreting(dy),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with device_ctx(dy):
+        _lora_dy_pass_kernel[grid](
+            dy, s, lora_b, ds, partial,
+            M, N, R,
+            dy.stride(0), dy.stride(1),
+            s.stride(0), s.stride(1),
+            lora_b.stride(0), lora_b.stride(1),
+            ds.stride(0), ds.stride(1),
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            USE_ATOMIC=use_atomic,
+            DOT_PRECISION=dot_precision(dy.dtype), INTERPRET=interpreting(),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     if not use_atomic and num_m > 1:
         db = partial.sum(0)
     return ds, db
@@ -678,7 +604,7 @@ def lora_dy_pass(
 def _rank_term(
     ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
     stride_dsm, stride_dsr, stride_ar, stride_ak, scale, acc,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """acc += (scale · dS[m-block, :]) @ A[:, k-block] in fp32 (dS is fp32; A is upcast, exact)."""
     offs_r = tl.arange(0, BLOCK_R)
@@ -689,7 +615,7 @@ def _rank_term(
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         a = tl.load(a_ptr + rr[:, None] * stride_ar + offs_k64[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc = _mma(ds.to(tl.float32) * scale, a.to(tl.float32), acc, DOT_PRECISION, UPCAST_DOT)
+        acc = mma(ds.to(tl.float32) * scale, a.to(tl.float32), acc, DOT_PRECISION, INTERPRET)
     return acc
 
 
@@ -705,14 +631,14 @@ def _lora_dx_kernel(
     scale, p, seed,
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Output tile (BLOCK_M, BLOCK_N) of dX (M, K); the reduction runs over the N axis of dY/W,
     # in steps of BLOCK_K. (Meta-parameter names are shared with _lora_expand_kernel so both use
     # the same autotune configs: BLOCK_N = output columns, BLOCK_K = reduction step.)
-    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    pid_m, pid_k = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_red = tl.arange(0, BLOCK_K)
@@ -728,7 +654,7 @@ def _lora_dx_kernel(
         mask_n = (n0 + offs_red) < N
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = _mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = mma(dy, w, acc, DOT_PRECISION, INTERPRET)
         dy_ptrs += BLOCK_K * stride_dyn
         w_ptrs += BLOCK_K * stride_wn
 
@@ -737,16 +663,16 @@ def _lora_dx_kernel(
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         lora = _rank_term(ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
                           stride_dsm, stride_dsr, stride_ar, stride_ak, scale, lora,
-                          DOT_PRECISION, UPCAST_DOT, BLOCK_R)
-        acc += tl.where(_keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
+                          DOT_PRECISION, INTERPRET, BLOCK_R)
+        acc += tl.where(keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
     else:
         # p == 0: the rank is just R more reduction steps into the same accumulator.
         acc = _rank_term(ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
                          stride_dsm, stride_dsr, stride_ar, stride_ak, scale, acc,
-                         DOT_PRECISION, UPCAST_DOT, BLOCK_R)
+                         DOT_PRECISION, INTERPRET, BLOCK_R)
 
     dx_ptrs = dx_ptr + offs_m64[:, None] * stride_dxm + offs_k64[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    tl.store(dx_ptrs, to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET), mask=mask_m[:, None] & mask_k[None, :])
 
 
 _lora_dx_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"])(_lora_dx_kernel)
@@ -784,7 +710,7 @@ def lora_dx(
     )
     assert weight.dtype == dy.dtype, f"weight dtype {weight.dtype} != dy dtype {dy.dtype}"
     scale = _dropout_scale(scaling, dropout_p)
-    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    dx = _common.alloc((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0 or K == 0:
         return dx
     args = (
@@ -798,17 +724,18 @@ def lora_dx(
         scale, float(dropout_p), int(seed),
     )
     meta = dict(
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=_rank_block(R, 32),
-        DOT_PRECISION=_dot_precision(dy), UPCAST_DOT=_interpreting(dy),
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=pow2_block(R, cap=32),
+        DOT_PRECISION=dot_precision(dy.dtype), INTERPRET=interpreting(),
     )
-    if _interpreting(dy):
-        cfg = _INTERP_GEMM_META
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
-        _lora_dx_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
-    else:
-        def grid(META):
-            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_N"]),)
-        _lora_dx_kernel_tuned[grid](*args, **meta)
+    with device_ctx(dy):
+        if interpreting():
+            cfg = _INTERP_GEMM_META
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+            _lora_dx_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
+        else:
+            def grid(META):
+                return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_N"]),)
+            _lora_dx_kernel_tuned[grid](*args, **meta)
     return dx
 
 
@@ -822,10 +749,10 @@ def _lora_dx_epilogue_kernel(
     scale, p, seed,
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), 8)
+    pid_m, pid_k = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), 8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
@@ -836,13 +763,13 @@ def _lora_dx_epilogue_kernel(
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     lora = _rank_term(ds_ptr, a_ptr, offs_m64, offs_k64, mask_m, mask_k, R,
                       stride_dsm, stride_dsr, stride_ar, stride_ak, scale, lora,
-                      DOT_PRECISION, UPCAST_DOT, BLOCK_R)
+                      DOT_PRECISION, INTERPRET, BLOCK_R)
     if HAS_DROPOUT:
-        lora = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
+        lora = tl.where(keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
     mask = mask_m[:, None] & mask_k[None, :]
     dx_ptrs = dx_ptr + offs_m64[:, None] * stride_dxm + offs_k64[None, :] * stride_dxk
     acc = tl.load(dx_ptrs, mask=mask, other=0.0).to(tl.float32) + lora
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptrs, to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def lora_dx_epilogue(
@@ -873,77 +800,30 @@ def lora_dx_epilogue(
     scale = _dropout_scale(scaling, dropout_p)
     if M == 0 or K == 0:
         return dx
-    if _interpreting(dx):
+    if interpreting():
         BLOCK_M, BLOCK_K, num_warps = 32, 64, 4
     else:
         BLOCK_M, BLOCK_K, num_warps = 64, 128, 4  # bandwidth-bound on dX; untuned
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),)
-    _lora_dx_epilogue_kernel[grid](
-        dx, ds, lora_a,
-        M, K, R,
-        dx.stride(0), dx.stride(1),
-        ds.stride(0), ds.stride(1),
-        lora_a.stride(0), lora_a.stride(1),
-        scale, float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(dx), UPCAST_DOT=_interpreting(dx),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R, 32),
-        num_warps=num_warps,
-    )
+    with device_ctx(dx):
+        _lora_dx_epilogue_kernel[grid](
+            dx, ds, lora_a,
+            M, K, R,
+            dx.stride(0), dx.stride(1),
+            ds.stride(0), ds.stride(1),
+            lora_a.stride(0), lora_a.stride(1),
+            scale, float(dropout_p), int(seed),
+            HAS_DROPOUT=dropout_p > 0.0,
+            DOT_PRECISION=dot_precision(dx.dtype), INTERPRET=interpreting(),
+            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=pow2_block(R, cap=32),
+            num_warps=num_warps,
+        )
     return dx
 
 
 # ----------------------------------------------------------------------------------------------
 # 7. dA = scaling · dSᵀ (mask ⊙ X) / (1-p)
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _lora_grad_a_kernel(
-    x_ptr, ds_ptr, da_ptr,
-    M, K, R, ROWS_PER_SPLIT,
-    stride_xm, stride_xk,
-    stride_dsm, stride_dsr,
-    stride_dap, stride_dar, stride_dak,
-    scale, p, seed,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # Grid: (K-tiles x R-tiles, SPLIT). Each program reduces a fixed row range of M into its own
-    # partial slice, so the final sum (in the launcher) is deterministic.
-    pid = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    num_pid_r = tl.cdiv(R, BLOCK_R)
-    pid_k = pid // num_pid_r
-    pid_r = pid % num_pid_r
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_mb = tl.arange(0, BLOCK_M)
-    mask_k = offs_k < K
-    mask_r = offs_r < R
-    offs_k64 = offs_k.to(tl.int64)
-
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    m_start = pid_split * ROWS_PER_SPLIT
-    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + offs_mb
-        mask_m = offs_m < m_end
-        offs_m64 = offs_m.to(tl.int64)
-        x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_k64[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), x, tl.zeros_like(x))
-        ds_t = tl.load(ds_ptr + offs_m64[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
-                       mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-        acc = _mma(ds_t.to(tl.float32), x.to(tl.float32), acc, DOT_PRECISION, UPCAST_DOT)
-
-    acc = acc * scale
-    da_ptrs = (da_ptr + pid_split.to(tl.int64) * stride_dap
-               + offs_r[:, None] * stride_dar + offs_k64[None, :] * stride_dak)
-    tl.store(da_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
 
 
 def lora_grad_a(
@@ -967,35 +847,6 @@ def lora_grad_a(
     """
     _check_2d("x", x)
     _check_2d("ds", ds)
-    M, K = x.shape
-    R = ds.shape[1]
-    assert ds.shape[0] == M, f"ds must be ({M}, R), got {tuple(ds.shape)}"
+    assert ds.shape[0] == x.shape[0], f"ds must be ({x.shape[0]}, R), got {tuple(ds.shape)}"
     scale = _dropout_scale(scaling, dropout_p)
-    if M == 0 or R == 0 or K == 0:
-        return torch.zeros((R, K), device=x.device, dtype=torch.float32)
-
-    BLOCK_R = _rank_block(R, 64)
-    if _interpreting(x):
-        BLOCK_M, BLOCK_K, num_warps, num_stages = 32, 64, 4, 1
-    else:
-        BLOCK_M, BLOCK_K, num_warps, num_stages = 64, 128, 4, 3  # untuned
-    tiles = triton.cdiv(K, BLOCK_K) * triton.cdiv(R, BLOCK_R)
-    num_m = triton.cdiv(M, BLOCK_M)
-    # Enough row splits to give ~2 programs per SM; each split is whole M-blocks.
-    split = max(1, min(num_m, triton.cdiv(2 * _num_sms(x), tiles)))
-    rows_per_split = triton.cdiv(num_m, split) * BLOCK_M
-    split = triton.cdiv(M, rows_per_split)
-    partial = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
-    _lora_grad_a_kernel[(tiles, split)](
-        x, ds, partial,
-        M, K, R, rows_per_split,
-        x.stride(0), x.stride(1),
-        ds.stride(0), ds.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        scale, float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(x), UPCAST_DOT=_interpreting(x),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return partial[0] if split == 1 else partial.sum(0)
+    return weight_grad(ds, x, scale=scale, dropout_p=dropout_p, seed=seed)

@@ -1,0 +1,318 @@
+"""Helpers every Triton kernel file shares: interpreter switches, dot precision, the dropout mask,
+activations, dtype casts and the split-M weight-gradient kernel.
+
+Interpreter (``TRITON_INTERPRET=1``, CPU tensors): triton's interpreter computes ``tl.dot`` on the
+raw bit patterns of bf16 operands (triton-lang/triton#11584) and truncates fp32 → bf16 casts where
+the GPU rounds to nearest even. Kernels take one ``INTERPRET`` constexpr (from :func:`interpreting`)
+and route every dot through :func:`mma` and every low-precision store through :func:`to_dtype`,
+which emulate the GPU numerics there (fp32 dot operands — products of bf16/fp16 values are exact
+in fp32 — and round-to-nearest-even casts). The GPU code is unchanged by the flag.
+
+Dropout mask: ``keep[m, k] = tl.rand(seed, m * K + k) >= p`` at the LOGICAL (m, k) index in int64
+(never from memory strides), so every kernel regenerates the same mask whatever x's layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Constexpr ids of the activations (names as in transformers' ACT2FN; "gelu" is the exact erf form).
+ACTIVATIONS: dict[str, int] = {"tanh": 0, "relu": 1, "gelu": 2, "silu": 3}
+#: No activation (``weight_grad``'s B operand as it is).
+NO_ACTIVATION = -1
+#: Weight-gradient kernel: split M until about this many programs are in flight (≈ 2 waves on a
+#: 132-SM H100). Shape-only, so a shape always sums in the same order on every device.
+WGRAD_TARGET_PROGRAMS = 264
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def interpreting() -> bool:
+    """Kernels run in triton's interpreter (``TRITON_INTERPRET=1``; read when triton decorates them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input_precision: ``"ieee"`` in the interpreter and for fp32 operands when
+    ``torch.backends.cuda.matmul.allow_tf32`` is False (the switch torch's own fp32 matmuls
+    follow), ``"tf32"`` otherwise (triton's default; it only matters for fp32 operands)."""
+    if interpreting() or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def alloc(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a launcher writes comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def device_ctx(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device (cuda:1 in a
+    process whose current device is cuda:0 would otherwise run on the wrong GPU)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def pow2_block(n: int, *, cap: int, floor: int = 16) -> int:
+    """A tile size for a dimension of ``n``: a power of two ≥ ``floor`` (``tl.dot`` needs ≥ 16),
+    at most ``cap``; padded lanes are masked."""
+    return max(floor, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H100 SXM); 2 in the interpreter."""
+    if device.type != "cuda":
+        return 2
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_dropout(dropout_p: float, seed: int) -> None:
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def check_activation(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def keep_scale(dropout_p: float) -> float:
+    """1/(1-p): the inverted-dropout scale of kept values."""
+    return 1.0 / (1.0 - float(dropout_p))
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def keep_mask(seed, offs_m, offs_k, K, p):
+    """Dropout keep-mask of the (offs_m, offs_k) tile: Philox at the logical offset m*K + k (int64)."""
+    offs = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. INTERPRET: dot fp32 copies (see the module docstring)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x.to(dtype) rounding to nearest even. INTERPRET and bf16: round the fp32 bits first, so the
+    interpreter's truncating cast is exact (the GPU rounds to nearest even itself)."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + (0x7FFF + ((bits >> 16) & 1))
+            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row-blocks share each column-block while it is in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def activation(h, ACTIVATION: tl.constexpr):
+    """act(h) for fp32 h; act(0) == 0 for all four, so masked (zero) lanes stay zero."""
+    if ACTIVATION == 0:
+        # tanh via exp(-2|h|): no overflow, and portable (no libdevice across triton versions).
+        t = tl.exp(-2.0 * tl.abs(h))
+        y = (1.0 - t) / (1.0 + t)
+        y = tl.where(h < 0.0, -y, y)
+    elif ACTIVATION == 1:
+        y = tl.maximum(h, 0.0)
+    elif ACTIVATION == 2:
+        y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    else:
+        y = h / (1.0 + tl.exp(-h))
+    return y
+
+
+@triton.jit
+def activation_grad(h, ACTIVATION: tl.constexpr):
+    """act'(h) for fp32 h (relu'(0) = 0, as torch)."""
+    if ACTIVATION == 0:
+        t = tl.exp(-2.0 * tl.abs(h))
+        y = (1.0 - t) / (1.0 + t)
+        d = 1.0 - y * y
+    elif ACTIVATION == 1:
+        d = tl.where(h > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+        d = cdf + h * pdf
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-h))
+        d = sig * (1.0 + h * (1.0 - sig))
+    return d
+
+
+# ----------------------------------------------------------------------------- dropout mask
+
+
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+def _dropout_mask_kernel(mask_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = keep_mask(seed, offs_m, offs_k, K, p)
+    tl.store(mask_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8),
+             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+
+
+def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
+    """The keep-mask (M, K) bool, True = kept, that every kernel uses for ``(seed, dropout_p)``:
+    ``keep[m, k] = philox_uniform(seed, m * K + k) >= dropout_p``. For tests and references;
+    the kernels never materialise it."""
+    check_dropout(dropout_p, seed)
+    if M < 0 or K < 0:
+        raise ValueError(f"M and K must be ≥ 0, got M={M}, K={K}")
+    device = torch.device(device)
+    if dropout_p == 0.0 or M == 0 or K == 0:
+        return torch.ones((M, K), dtype=torch.bool, device=device)
+    mask = alloc((M, K), dtype=torch.int8, device=device)
+    BLOCK_M, BLOCK_K = 32, 64
+    with device_ctx(mask):
+        _dropout_mask_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
+            mask, M, K, float(dropout_p), seed, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return mask.view(torch.bool)
+
+
+# ----------------------------------------------------------------------------- weight gradients
+
+
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+def _weight_grad_kernel(
+    a_ptr, b_ptr, c_ptr, scale_ptr,
+    M, I, J, rows_per_split,  # noqa: E741
+    stride_am, stride_ai,
+    stride_bm, stride_bj,
+    stride_cs, stride_ci, stride_cj,
+    scale, p, seed,
+    B_ACTIVATION: tl.constexpr, B_DROPOUT: tl.constexpr, SCALE_PTR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """C[split] (I, J) = scale · f(A)ᵀ g(B) over this split's rows of M, fp32 (see weight_grad)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_j = tl.cdiv(J, BLOCK_J)
+    pid_i = pid // num_j
+    pid_j = pid % num_j
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_mask = offs_i < I
+    j_mask = offs_j < J
+    m_start = split * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        offs_m64 = offs_m.to(tl.int64)
+        a = tl.load(a_ptr + offs_m64[None, :] * stride_am + offs_i[:, None] * stride_ai,
+                    mask=i_mask[:, None] & m_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_m64[:, None] * stride_bm + offs_j[None, :] * stride_bj,
+                    mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+        if B_ACTIVATION >= 0:
+            b = to_dtype(activation(b.to(tl.float32), B_ACTIVATION), a.dtype, INTERPRET)
+        if B_DROPOUT:
+            b = tl.where(keep_mask(seed, offs_m, offs_j, J, p), b, tl.zeros_like(b))
+        if a.dtype != b.dtype:  # fp32 A (a reduction's output) against a low-precision B
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = mma(a, b, acc, DOT_PRECISION, INTERPRET)
+    acc = acc * scale
+    if SCALE_PTR:
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+    tl.store(c_ptr + split * stride_cs + offs_i[:, None] * stride_ci + offs_j[None, :] * stride_cj,
+             acc, mask=i_mask[:, None] & j_mask[None, :])
+
+
+def _weight_grad_blocks(I: int, J: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:  # noqa: E741
+    """(BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages): spill-free on sm_90 (offline compile);
+    larger output tiles mean fewer re-reads of A and B."""
+    big, cfg = (128, (32, 8, 3)) if dtype != torch.float32 else (64, (32, 4, 2))
+    return pow2_block(I, cap=big), pow2_block(J, cap=big), *cfg
+
+
+def split_rows(M: int, block_m: int, tiles: int) -> tuple[int, int]:
+    """``(splits, rows_per_split)`` for a reduction over M: split M (in whole ``block_m`` blocks,
+    at least 4 blocks per split) only as far as the ``tiles`` output tiles need to fill the GPU.
+    Shape-only: a shape always sums in the same order, on every device (bitwise reproducible)."""
+    splits = max(1, min(triton.cdiv(M, 4 * block_m), WGRAD_TARGET_PROGRAMS // max(tiles, 1)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    return triton.cdiv(M, rows_per_split), rows_per_split
+
+
+def weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    scale_tensor: torch.Tensor | None = None,
+    b_activation: int = NO_ACTIVATION,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """fp32 (I, J) = scale · [scale_tensor] · aᵀ g(b), contracting over M = a.shape[0].
+
+    ``g(b) = mask ⊙ act(b)`` with ``act`` the activation ``b_activation`` (``NO_ACTIVATION``: none)
+    and ``mask = dropout_mask(seed, M, J, dropout_p)`` (none when ``dropout_p == 0``; the 1/(1-p)
+    goes into ``scale`` at the caller). ``a`` (M, I) and ``b`` (M, J) may have different dtypes (an
+    fp32 ``a``: both are then multiplied in fp32). Deterministic: M is split by :func:`split_rows`
+    into private fp32 partials, summed in a fixed order.
+    """
+    M, I = a.shape  # noqa: E741
+    J = b.shape[1]
+    if M == 0 or I == 0 or J == 0:
+        return torch.zeros((I, J), dtype=torch.float32, device=a.device)
+    low = b.dtype if a.dtype == torch.float32 else a.dtype
+    BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages = _weight_grad_blocks(I, J, low)
+    if interpreting():
+        BLOCK_M, num_stages = 32, 1
+    tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
+    splits, rows_per_split = split_rows(M, BLOCK_M, tiles)
+    c = alloc((splits, I, J), dtype=torch.float32, device=a.device)
+    with device_ctx(a):
+        _weight_grad_kernel[(tiles, splits)](
+            a, b, c, scale_tensor if scale_tensor is not None else c,
+            M, I, J, rows_per_split,
+            a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1), c.stride(2),
+            float(scale), float(dropout_p), int(seed),
+            B_ACTIVATION=b_activation, B_DROPOUT=dropout_p > 0.0, SCALE_PTR=scale_tensor is not None,
+            DOT_PRECISION=dot_precision(low), INTERPRET=interpreting(),
+            BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return c[0] if splits == 1 else c.sum(dim=0)
