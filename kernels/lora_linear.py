@@ -132,6 +132,18 @@ def _gemm_configs() -> list:
 _INTERP_GEMM_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 
 
+def _launch_gemm(kernel, tuned, args: tuple, meta: dict, M: int, cols: int, anchor: torch.Tensor) -> None:
+    """One (M, cols) output GEMM: autotuned on CUDA, the fixed interpreter config on CPU."""
+    with device_ctx(anchor):
+        if interpreting():
+            cfg = _INTERP_GEMM_META
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
+            kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
+        else:
+            tuned[lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(cols, META["BLOCK_N"]),)](
+                *args, **meta)
+
+
 # ----------------------------------------------------------------------------------------------
 # shared jit helpers
 # ----------------------------------------------------------------------------------------------
@@ -358,15 +370,7 @@ def lora_expand(
         HAS_BIAS=bias is not None, BLOCK_R=pow2_block(R, cap=64),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
     )
-    with device_ctx(x):
-        if interpreting():
-            cfg = _INTERP_GEMM_META
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-            _lora_expand_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
-        else:
-            def grid(META):
-                return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-            _lora_expand_kernel_tuned[grid](*args, **meta)
+    _launch_gemm(_lora_expand_kernel, _lora_expand_kernel_tuned, args, meta, M, N, x)
     return y
 
 
@@ -727,15 +731,7 @@ def lora_dx(
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=pow2_block(R, cap=32),
         DOT_PRECISION=dot_precision(dy.dtype), INTERPRET=interpreting(),
     )
-    with device_ctx(dy):
-        if interpreting():
-            cfg = _INTERP_GEMM_META
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
-            _lora_dx_kernel[grid](*args, **meta, **cfg, num_warps=4, num_stages=1)
-        else:
-            def grid(META):
-                return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_N"]),)
-            _lora_dx_kernel_tuned[grid](*args, **meta)
+    _launch_gemm(_lora_dx_kernel, _lora_dx_kernel_tuned, args, meta, M, K, dy)
     return dx
 
 
