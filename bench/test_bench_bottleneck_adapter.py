@@ -85,7 +85,7 @@ def test_bench_series(benchmark, m, d, b, variant, backward):
     x, wd, wu = _inputs(m, d, b)
     s = 1.0
     if variant == "cuda":
-        from fastadapt import _native
+        from fastadapt.ops import _native
 
         if not _native.native_available():
             pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")
@@ -110,7 +110,7 @@ def test_bench_parallel(benchmark, m, d, b, variant, backward):
     x, wd, wu = _inputs(m, d, b)
     w = (torch.randn(d, d) * 0.02).to(DEVICE, DTYPE)
     if variant == "cuda":
-        from fastadapt import _native
+        from fastadapt.ops import _native
 
         if not _native.native_available():
             pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")

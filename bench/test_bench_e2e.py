@@ -74,7 +74,7 @@ DTYPE = torch.bfloat16
 
 
 def _fa_methods() -> tuple[str, ...]:
-    return importlib.import_module("fastadapt.patch").methods()
+    return importlib.import_module("fastadapt.methods").method_names()
 
 
 # -- model, variant, step ---------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_bench_lora_merge(benchmark, n, k, r, variant):
     if not CUDA and r != 16:
         pytest.skip("CPU smoke: one case")
     if variant == "cuda":
-        from fastadapt import _native
+        from fastadapt.ops import _native
 
         if not _native.native_available():
             pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")

@@ -1,6 +1,7 @@
-// Host entry points of the fastadapt CUDA ops (registered in registration.cpp).
+// Host entry points of the fastadapt CUDA kernels (registered in registration.cpp).
 //
-// Semantics and shapes are documented beside each implementation and in the schemas.
+// Semantics and shapes are documented beside each implementation and with the schemas in
+// fastadapt/ops/bottleneck_adapter.py and fastadapt/ops/lora_merge.py.
 #pragma once
 
 #include <optional>
@@ -13,6 +14,7 @@ namespace fastadapt {
 
 // out = (x if residual is None else residual) + s * up(act(down(x))); returns (out, hidden)
 // with hidden (M, b) the pre-activation x @ w_down^T (rounded to x.dtype), saved for backward.
+// The weights may be any float dtype (fp32 master copies): they are cast to x's dtype.
 std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd(const at::Tensor& x, const at::Tensor& w_down,
                                                           const at::Tensor& w_up, const at::Tensor& scaling,
                                                           const std::optional<at::Tensor>& residual,

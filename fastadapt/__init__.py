@@ -4,19 +4,19 @@
     fa.patch(model, "lora", r=8)      # swap adapter modules in, freeze the base
     fa.save_adapter(model, "out/")    # PEFT on-disk format
     fa.merge(model); fa.export(model, "merged/")
+
+Layers (docs/architecture.md): kernels → ops → modules → methods → io, patch → merge, export → app.
 """
 
 import logging
 
-from . import bottleneck as _bottleneck  # noqa: F401  (registers "series" and "parallel")
 from . import distributed, ops
-from . import prefix as _prefix  # noqa: F401  (registers the "prefix" method)
-from .config import LoraConfig
 from .export import export
-from .io import load_adapter, save_adapter
+from .io import save_adapter
 from .merge import merge, summary, unmerge
+from .methods.lora import LoraConfig
 from .modules import LoraLinear
-from .patch import patch, unpatch
+from .patch import load_adapter, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -24,8 +24,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "LoraConfig",
-    "distributed",
     "LoraLinear",
+    "distributed",
     "export",
     "load_adapter",
     "merge",

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .modules.lora import lora_delta
-from .patch import adapter_modules, get_state, method_impl
+from .methods import adapter_modules, get_method, get_state
+from .ops import lora_delta
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def merged_state_dict(
             "model has no adapter to export: fa.export writes a model with its LoRA adapter merged; "
             "a plain model is saved with model.save_pretrained"
         )
-    reason = method_impl(state.method).merge_error
+    reason = get_method(state.method).merge_error
     if reason is not None:
         raise ValueError(f"cannot export a {state.method!r} adapter as a merged model: {reason}")
     replaced: dict[str, torch.Tensor] = {}

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .patch import _require_state, adapter_modules, method_impl
+from .methods import adapter_modules, get_method, require_state
 
 
 def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
@@ -20,7 +20,7 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
     weight so that ``unmerge`` is exact (costs the memory of the adapted weights).
     A sharded (FSDP2) model is refused with guidance; merge in one process after loading the adapter."""
     model = distributed.unwrap(model)
-    state = _require_state(model)
+    state = require_state(model)
     distributed.check_not_sharded(model, "fa.merge")
     _check_mergeable(state)
     todo = [(name, m) for name, m in adapter_modules(model) if not m.merged]
@@ -42,7 +42,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Take the LoRA deltas back out of the base weights. Exact after ``merge(keep_original=True)``;
     otherwise ``W - scaling · B A`` in fp32, within one rounding of the weight dtype."""
     model = distributed.unwrap(model)
-    state = _require_state(model)
+    state = require_state(model)
     distributed.check_not_sharded(model, "fa.unmerge")
     _check_mergeable(state)
     merged = [m for _, m in adapter_modules(model) if m.merged]
@@ -58,7 +58,7 @@ def is_merged(model: nn.Module) -> bool:
 
 
 def _check_mergeable(state) -> None:
-    reason = method_impl(state.method).merge_error
+    reason = get_method(state.method).merge_error
     if reason is not None:
         raise ValueError(f"cannot merge a {state.method!r} adapter: {reason}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastadapt.patch import adapter_modules
+from fastadapt.methods import adapter_modules
 
 
 def randomize_adapters(model, *, seed: int = 0, scale: float = 0.2) -> None:

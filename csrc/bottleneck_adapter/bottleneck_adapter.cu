@@ -569,6 +569,13 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, co
               ref.scalar_type(), "), got ", t.scalar_type());
 }
 
+// The adapter weights may be the fp32 master copies: float, on x's device (cast to x's dtype below).
+void check_weight(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  check_cuda_tensor(t, name);
+  check_same_device(t, ref, name, "x");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+}
+
 void check_scaling(const at::Tensor& scaling, const at::Tensor& ref) {
   check_cuda_tensor(scaling, "scaling");
   check_same_device(scaling, ref, "scaling", "x");
@@ -609,8 +616,8 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd(const at::Tensor& x, c
                                                           c10::string_view activation) {
   check_cuda_tensor(x, "x");
   check_half_dtype(x, "x");
-  check_like(w_down, x, "w_down", "x");
-  check_like(w_up, x, "w_up", "x");
+  check_weight(w_down, x, "w_down");
+  check_weight(w_up, x, "w_up");
   check_scaling(scaling, x);
   const int act = parse_activation(activation);
   const auto [d_in, b, d_out] = check_weights(x, w_down, w_up);
@@ -628,8 +635,8 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd(const at::Tensor& x, c
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({-1, d_in}).contiguous();
   const int64_t M = x2.size(0);
-  const at::Tensor wd = w_down.contiguous();
-  const at::Tensor wu = w_up.contiguous();
+  const at::Tensor wd = w_down.to(x.scalar_type()).contiguous();
+  const at::Tensor wu = w_up.to(x.scalar_type()).contiguous();
   const at::Tensor res2 = has_res ? residual->reshape({-1, d_out}).contiguous() : x2;
   at::Tensor out = at::empty({M, d_out}, x.options());
   at::Tensor hidden = at::empty({M, b}, x.options());
@@ -663,8 +670,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_bw
   check_half_dtype(x, "x");
   check_like(dout, x, "dout", "x");
   check_like(hidden, x, "hidden", "x");
-  check_like(w_down, x, "w_down", "x");
-  check_like(w_up, x, "w_up", "x");
+  check_weight(w_down, x, "w_down");
+  check_weight(w_up, x, "w_up");
   check_scaling(scaling, x);
   const int act = parse_activation(activation);
   const auto [d_in, b, d_out] = check_weights(x, w_down, w_up);
@@ -680,8 +687,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_bw
   const at::Tensor x2 = x.reshape({M, d_in}).contiguous();
   const at::Tensor dout2 = dout.reshape({M, d_out}).contiguous();
   const at::Tensor h2 = hidden.contiguous();
-  const at::Tensor wd = w_down.contiguous();
-  const at::Tensor wu = w_up.contiguous();
+  const at::Tensor wd = w_down.to(x.scalar_type()).contiguous();
+  const at::Tensor wu = w_up.to(x.scalar_type()).contiguous();
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({M, d_in}, x.options());
   if (M == 0) {

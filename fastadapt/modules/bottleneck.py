@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _checks
 from ..ops import bottleneck_adapter, parallel_adapter
 from ..ops.reference import BOTTLENECK_ACTIVATIONS
 from .base import AdapterModule, AdapterWeight, linear_dims
@@ -17,6 +18,18 @@ from .base import AdapterModule, AdapterWeight, linear_dims
 #: "parallel" y = W x + c + s·A(x)       (LLM-Adapters "parallel_adapter")
 POSITIONS = ("input", "output", "parallel")
 INITS = ("bert", "zeros", "mam_adapter")
+
+
+def check_scaling(scaling: float | str) -> float | str:
+    """A finite number, or ``"learned"`` (one trainable scalar, initialised to 1)."""
+    if isinstance(scaling, str):
+        if scaling != "learned":
+            raise ValueError(f"scaling must be a finite number or 'learned', got {scaling!r}")
+        return scaling
+    try:
+        return _checks.finite_number("scaling", scaling)
+    except ValueError:
+        raise ValueError(f"scaling must be a finite number or 'learned', got {scaling!r}") from None
 
 
 class BottleneckLinear(AdapterModule):
@@ -47,12 +60,12 @@ class BottleneckLinear(AdapterModule):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if position not in POSITIONS:
-            raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
-        if activation not in BOTTLENECK_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(BOTTLENECK_ACTIVATIONS)}, got {activation!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        _checks.one_of("position", position, POSITIONS)
+        _checks.positive_int("bottleneck", bottleneck)
+        _checks.one_of("activation", activation, BOTTLENECK_ACTIVATIONS)
+        dropout = _checks.probability("dropout", dropout)
+        scaling = check_scaling(scaling)
+        _checks.one_of("init", init, INITS)
         in_features, out_features, fan_in_fan_out = linear_dims(base_layer)
         self.base_layer = base_layer
         self.in_features = in_features

@@ -7,17 +7,11 @@ import math
 import torch
 from torch import nn
 
+from .. import _checks
 from ..distributed import is_dtensor
-from ..ops import lora_linear, lora_linear_group
+from ..ops import lora_delta, lora_linear, lora_linear_group, lora_merge
 from ..ops.lora_linear import selected_backend
 from .base import AdapterModule, AdapterWeight, linear_dims
-
-
-@torch.no_grad()
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, fan_in_fan_out: bool) -> torch.Tensor:
-    """``scaling · B A`` in fp32, (out, in), or (in, out) for a ``Conv1D`` (``fan_in_fan_out``)."""
-    delta = (lora_b.float() @ lora_a.float()) * scaling
-    return delta.t() if fan_in_fan_out else delta
 
 
 class LoraLinear(AdapterModule):
@@ -41,6 +35,10 @@ class LoraLinear(AdapterModule):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        r = _checks.positive_int("r", r)
+        alpha = _checks.finite_number("alpha", alpha)
+        dropout = _checks.probability("dropout", dropout)
+        rslora = _checks.boolean("rslora", rslora)
         in_features, out_features, fan_in_fan_out = linear_dims(base_layer)
         self.base_layer = base_layer
         self.in_features = in_features
@@ -50,7 +48,7 @@ class LoraLinear(AdapterModule):
         self.lora_alpha = alpha
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         self.use_rslora = rslora
-        self.dropout = float(dropout)
+        self.dropout = dropout
         factory = {"device": device if device is not None else base_layer.weight.device, "dtype": dtype}
         self.lora_A = AdapterWeight(r, in_features, **factory)
         self.lora_B = AdapterWeight(out_features, r, **factory)
@@ -99,28 +97,15 @@ class LoraLinear(AdapterModule):
         w = self.base_layer.weight
         return (w.float() + self.delta_weight()).to(dtype or w.dtype)
 
-    def _native_merge(self) -> bool:
-        """Use the in-place CUDA merge kernel (one read + one write of W, fp32 math)?"""
-        if not self.base_layer.weight.is_cuda:
-            return False
-        from .. import _native
-
-        return _native.VERIFIED_ON_GPU and _native.native_available()
-
-    def _native_merge_call(self, *, sign: int, check_only: bool) -> bool:
-        """Run the CUDA merge kernel; True when every result is finite."""
-        flag = torch.ops.fastadapt_cuda.lora_merge_(
-            self.base_layer.weight, self.lora_A.weight.float(), self.lora_B.weight.float(),
-            float(self.scaling), self.fan_in_fan_out, sign, check_only,
-        )
-        return not bool(flag.item())
+    def _merge_op(self, *, sign: int, check_only: bool) -> bool:
+        """``fa.ops.lora_merge`` on this module's weight; True when every result is finite."""
+        return lora_merge(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling,
+                          fan_in_fan_out=self.fan_in_fan_out, sign=sign, check_only=check_only)
 
     @torch.no_grad()
     def merge_is_finite(self) -> bool:
         """Whether merging would give finite weights (nothing is written)."""
-        if self._native_merge():
-            return self._native_merge_call(sign=1, check_only=True)
-        return bool(torch.isfinite(self.merged_weight()).all())
+        return self._merge_op(sign=1, check_only=True)
 
     @torch.no_grad()
     def merge(self, *, keep_original: bool = False, check: bool = True) -> None:
@@ -132,18 +117,11 @@ class LoraLinear(AdapterModule):
         """
         if self.merged:
             return
-        w = self.base_layer.weight
-        native = self._native_merge()
-        merged = None if native else self.merged_weight()
-        if check and not (
-            self._native_merge_call(sign=1, check_only=True) if native else bool(torch.isfinite(merged).all())
-        ):
+        if check and not self.merge_is_finite():
             raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
+        w = self.base_layer.weight
         self._unmerged_weight = w.detach().clone() if keep_original else None
-        if native:
-            self._native_merge_call(sign=1, check_only=False)
-        else:
-            w.copy_(merged)
+        self._merge_op(sign=1, check_only=False)
         self.merged = True
 
     @torch.no_grad()
@@ -152,14 +130,11 @@ class LoraLinear(AdapterModule):
         ``W - scaling · B A`` in fp32, within one rounding of the weight dtype of the original."""
         if not self.merged:
             raise RuntimeError("unmerge called on a LoraLinear that is not merged")
-        w = self.base_layer.weight
         if self._unmerged_weight is not None:
-            w.copy_(self._unmerged_weight)
+            self.base_layer.weight.copy_(self._unmerged_weight)
             self._unmerged_weight = None
-        elif self._native_merge():
-            self._native_merge_call(sign=-1, check_only=False)
         else:
-            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self._merge_op(sign=-1, check_only=False)
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -1,16 +1,26 @@
-"""Functional ops (layer 3): ``fa.ops.lora_linear`` and friends, each with a plain-PyTorch twin in
-``fastadapt.ops.reference``."""
+"""Functional ops (layer 3): ``fa.ops.lora_linear`` and friends, one file each, every one with a
+plain-PyTorch twin of the same signature in ``fastadapt.ops.reference``."""
 
-from .bottleneck_adapter import bottleneck_adapter, parallel_adapter
+from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear, lora_linear_group
-from .reference import bottleneck_adapter_ref, lora_linear_ref, parallel_adapter_ref
+from .lora_merge import lora_delta, lora_merge
+from .parallel_adapter import parallel_adapter
+from .reference import (
+    bottleneck_adapter_ref,
+    lora_linear_ref,
+    lora_merge_ref,
+    parallel_adapter_ref,
+)
 
 __all__ = [
     "bottleneck_adapter",
     "bottleneck_adapter_ref",
+    "lora_delta",
     "lora_linear",
     "lora_linear_group",
     "lora_linear_ref",
+    "lora_merge",
+    "lora_merge_ref",
     "parallel_adapter",
     "parallel_adapter_ref",
 ]

@@ -17,23 +17,15 @@ state) regenerates the same mask on recomputation.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..distributed import is_dtensor
-from ._dispatch import resolve_backend, triton_usable
+from .. import _checks
+from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed, seed_tensor
+from ._library import custom_op, register_autograd
+from .dispatch import resolve_backend, triton_usable
 from .reference import lora_linear_ref
 
-# Auto picks Triton on CUDA only once a GPU session has shown the kernels correct and at least as
-# fast as the torch path (bench/test_bench_lora_linear.py). Until then: FASTADAPT_BACKEND=triton.
-TRITON_VERIFIED_ON_GPU = False
-
-_AVAILABLE = {"torch": lambda device: True, "triton": triton_usable}
-
-
-def _auto_order() -> tuple[str, ...]:
-    return ("triton", "torch") if TRITON_VERIFIED_ON_GPU else ("torch",)
+_AVAILABLE = {"triton": triton_usable}
 
 
 def lora_linear(
@@ -59,10 +51,10 @@ def lora_linear(
     ``backend``: "auto" | "torch" | "triton" (see ``FASTADAPT_BACKEND``).
     """
     _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
-    chosen = resolve_backend("lora_linear", backend, x.device, available=_AVAILABLE, auto_order=_auto_order())
+    chosen = selected_backend(x.device, backend)
     if chosen == "torch":
         return lora_linear_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
-    x, weight, bias = _autocast_inputs(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     lead = x.shape[:-1]
     y, _, _ = torch.ops.fastadapt.lora_linear_fwd(
         x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, bias, float(scaling), float(dropout_p)
@@ -72,17 +64,7 @@ def lora_linear(
 
 def selected_backend(device: torch.device, backend: str = "auto") -> str:
     """The backend ``lora_linear`` would run on ``device``."""
-    return resolve_backend("lora_linear", backend, device, available=_AVAILABLE, auto_order=_auto_order())
-
-
-def _autocast_inputs(x, weight, bias):
-    """Custom ops are not autocast: cast like autocast would cast ``F.linear``'s inputs."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)
-    return cast(x), cast(weight), cast(bias)
+    return resolve_backend("lora_linear", backend, device, available=_AVAILABLE)
 
 
 # -- Triton backend: custom ops -------------------------------------------------------------------
@@ -102,18 +84,12 @@ def _kernels():
     return kernels
 
 
-def draw_seed(device: torch.device) -> int:
-    """A Philox seed from torch's generator for ``device``, without a device sync."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        gen = torch.cuda.default_generators[index]
-        offset = gen.get_offset()
-        gen.set_offset(offset + 4)  # consume like one philox call; restored by checkpoint's RNG stash
-        return (gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % (2**62)
-    return int(torch.randint(0, 2**62, (1,)).item())
+def _fwd_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
+    m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
+    return x.new_empty(m, n), x.new_empty(m, r), torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("fastadapt::lora_linear_fwd", mutates_args=())
+@custom_op("lora_linear_fwd", fake=_fwd_fake)
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -134,16 +110,15 @@ def lora_linear_fwd(
         y = kernels.lora_expand(x, weight, s, b, bias)
     else:
         y = kernels.lora_add_epilogue(x @ weight.t(), s, b, bias)
-    return y, s, torch.tensor(seed, dtype=torch.int64)
+    return y, s, seed_tensor(seed)
 
 
-@lora_linear_fwd.register_fake
-def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
-    m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
-    return x.new_empty(m, n), x.new_empty(m, r), torch.empty((), dtype=torch.int64)
+def _bwd_fake(dy, x, weight, lora_a, lora_b, s, seed, scaling, dropout_p, need_dx):
+    dx = dy.new_empty(x.shape) if need_dx else dy.new_empty(0)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
-@torch.library.custom_op("fastadapt::lora_linear_bwd", mutates_args=())
+@custom_op("lora_linear_bwd", fake=_bwd_fake)
 def lora_linear_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -174,12 +149,6 @@ def lora_linear_bwd(
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype)
 
 
-@lora_linear_bwd.register_fake
-def _(dy, x, weight, lora_a, lora_b, s, seed, scaling, dropout_p, need_dx):
-    dx = dy.new_empty(x.shape) if need_dx else dy.new_empty(0)
-    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, lora_a, lora_b, bias, scaling, dropout_p = inputs
     _, s, seed = output
@@ -199,7 +168,7 @@ def _backward(ctx, dy, _ds, _dseed):
     return (dx if need_x else None), dweight, (da if need_a else None), (db if need_b else None), dbias, None, None
 
 
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(lora_linear_fwd, backward=_backward, setup_context=_setup_context)
 
 
 # -- shared-input groups (q/k/v, gate/up): one pass over X for all the members' S ------------------
@@ -231,7 +200,7 @@ def lora_linear_group(
         )
     for w, a, b, c in zip(weights, lora_as, lora_bs, biases):
         _validate_lora_linear(x, w, a, b, scaling, c, dropout_p)
-    chosen = resolve_backend("lora_linear", backend, x.device, available=_AVAILABLE, auto_order=_auto_order())
+    chosen = selected_backend(x.device, backend)
     if chosen == "torch":
         return [
             lora_linear_ref(x, w, a, b, scaling=scaling, bias=c, dropout_p=dropout_p)
@@ -240,7 +209,7 @@ def lora_linear_group(
     x_in = x
     cast = []
     for w, c in zip(weights, biases):
-        x_in, w, c = _autocast_inputs(x, w, c)
+        x_in, w, c = autocast_inputs(x, w, c)
         cast.append((w, c))
     lead = x.shape[:-1]
     ys, _, _ = torch.ops.fastadapt.lora_linear_group_fwd(
@@ -263,7 +232,13 @@ def _rank_slices(lora_as: list[torch.Tensor]) -> list[slice]:
     return out
 
 
-@torch.library.custom_op("fastadapt::lora_linear_group_fwd", mutates_args=())
+def _group_fwd_fake(x, weights, lora_as, lora_bs, biases, scaling, dropout_p):
+    m = x.shape[0]
+    r = sum(a.shape[0] for a in lora_as)
+    return [x.new_empty(m, w.shape[0]) for w in weights], x.new_empty(m, r), torch.empty((), dtype=torch.int64)
+
+
+@custom_op("lora_linear_group_fwd", fake=_group_fwd_fake)
 def lora_linear_group_fwd(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -282,17 +257,15 @@ def lora_linear_group_fwd(
         kernels.lora_add_epilogue(x @ w.t(), s_cat[:, sl], b.to(x.dtype), c if c.numel() else None)
         for w, b, c, sl in zip(weights, lora_bs, biases, _rank_slices(lora_as))
     ]
-    return ys, s_cat, torch.tensor(seed, dtype=torch.int64)
+    return ys, s_cat, seed_tensor(seed)
 
 
-@lora_linear_group_fwd.register_fake
-def _(x, weights, lora_as, lora_bs, biases, scaling, dropout_p):
-    m = x.shape[0]
-    r = sum(a.shape[0] for a in lora_as)
-    return [x.new_empty(m, w.shape[0]) for w in weights], x.new_empty(m, r), torch.empty((), dtype=torch.int64)
+def _group_bwd_fake(dys, x, weights, lora_as, lora_bs, s_cat, seed, scaling, dropout_p, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, [a.new_empty(a.shape) for a in lora_as], [b.new_empty(b.shape) for b in lora_bs]
 
 
-@torch.library.custom_op("fastadapt::lora_linear_group_bwd", mutates_args=())
+@custom_op("lora_linear_group_bwd", fake=_group_bwd_fake)
 def lora_linear_group_bwd(
     dys: list[torch.Tensor],
     x: torch.Tensor,
@@ -334,12 +307,6 @@ def lora_linear_group_bwd(
     return dx, das, dbs
 
 
-@lora_linear_group_bwd.register_fake
-def _(dys, x, weights, lora_as, lora_bs, s_cat, seed, scaling, dropout_p, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
-    return dx, [a.new_empty(a.shape) for a in lora_as], [b.new_empty(b.shape) for b in lora_bs]
-
-
 def _group_setup_context(ctx, inputs, output):
     x, weights, lora_as, lora_bs, biases, scaling, dropout_p = inputs
     _, s_cat, seed = output
@@ -362,51 +329,21 @@ def _group_backward(ctx, dys, _ds, _dseed):
     return (dx if need_x else None), [None] * n, das, dbs, [None] * n, None, None
 
 
-lora_linear_group_fwd.register_autograd(_group_backward, setup_context=_group_setup_context)
+register_autograd(lora_linear_group_fwd, backward=_group_backward, setup_context=_group_setup_context)
 
 
 # -- validation -----------------------------------------------------------------------------------
 
 
-SHARDED_ERROR = (
-    "{name} is a sharded DTensor: fused kernels never compute on a shard. Shard per decoder layer "
-    "(fastadapt.distributed.shard_model), never a base_layer alone, so FSDP gathers the full weight "
-    "before the layer's forward; or gather it first (DTensor.full_tensor())"
-)
-
-
 def _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
-    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
-        if t is not None and is_dtensor(t):
-            raise RuntimeError(SHARDED_ERROR.format(name=name))
-    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x must have last dimension in_features = {k}, got shape {tuple(x.shape)}")
+    check_tensors(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    n, k = check_linear(x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != k:
         raise ValueError(f"lora_a must have shape (r, in_features) = (r, {k}), got {tuple(lora_a.shape)}")
+    if lora_a.shape[0] < 1:
+        raise ValueError(f"lora_a must have at least one row (rank r ≥ 1), got shape {tuple(lora_a.shape)}")
     r = lora_a.shape[0]
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(f"lora_b must have shape (out_features, r) = ({n}, {r}), got {tuple(lora_b.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape (out_features,) = ({n},), got {tuple(bias.shape)}")
-    tensors = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move both to one device")
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (or run under torch.autocast)")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _checks.finite_number("scaling", scaling)
+    check_dropout_p(dropout_p)

@@ -7,6 +7,8 @@ what "cuBLAS base + addmm of the LoRA term" costs on a GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,40 @@ def lora_linear_ref(
     return out.reshape(y.shape)
 
 
+@torch.no_grad()
+def lora_delta(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """``scaling · B A`` in fp32, laid out like the base weight: (out, in), or (in, out) for a
+    ``Conv1D`` (``fan_in_fan_out``)."""
+    delta = (lora_b.float() @ lora_a.float()) * scaling
+    return delta.t() if fan_in_fan_out else delta
+
+
+@torch.no_grad()
+def lora_merge_ref(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    sign: int = 1,
+    check_only: bool = False,
+    backend: str | None = None,
+) -> bool:
+    """In place: ``weight += sign · scaling · B A``, the sum formed in fp32 and rounded once to the
+    weight's dtype. Returns whether every result is finite; ``check_only`` writes nothing.
+    ``backend`` is accepted for signature parity and ignored."""
+    del backend
+    delta = lora_delta(lora_a, lora_b, scaling, fan_in_fan_out=fan_in_fan_out)
+    merged = (weight.float() + sign * delta).to(weight.dtype)
+    finite = bool(torch.isfinite(merged).all())
+    if not check_only:
+        weight.copy_(merged)
+    return finite
+
+
 #: Bottleneck-adapter activations, as transformers' ACT2FN names them ("gelu" is the exact erf form).
 BOTTLENECK_ACTIVATIONS = {
     "tanh": torch.tanh,
@@ -44,6 +80,22 @@ BOTTLENECK_ACTIVATIONS = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
+
+
+def activation_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """act'(h), for the fp32 backward of the fused ops (relu'(0) = 0 and exact gelu, as torch and
+    the kernels' ``_common.activation_grad``)."""
+    if activation == "tanh":
+        t = torch.tanh(h)
+        return 1.0 - t * t
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + h * pdf
+    sig = torch.sigmoid(h)
+    return sig * (1.0 + h * (1.0 - sig))
 
 
 def _bottleneck_term(

@@ -34,7 +34,7 @@ EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23
 
 @pytest.fixture(scope="module")
 def ops():
-    from fastadapt import _native
+    from fastadapt.ops import _native
 
     if not _native.native_available():
         pytest.skip(f"fastadapt CUDA extension unavailable: {_native.native_load_error()}")
@@ -315,7 +315,7 @@ def test_merge_bad_inputs(ops):
 _SANITIZER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from fastadapt import _native
+    from fastadapt.ops import _native
     assert _native.native_available(), _native.native_load_error()
     ops = torch.ops.fastadapt_cuda
     torch.manual_seed(0)

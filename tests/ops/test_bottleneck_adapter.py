@@ -232,7 +232,7 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_real_shapes_bf16(backend):
     if backend == "cuda":
-        from fastadapt import _native
+        from fastadapt.ops import _native
 
         if not _native.native_available():
             pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")
