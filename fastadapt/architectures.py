@@ -6,7 +6,7 @@ Adding an architecture is adding one row to :data:`ARCHITECTURES` (docs/architec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -45,28 +45,37 @@ class Architecture:
 
 
 _QKV = ("q_proj", "k_proj", "v_proj")
-_LLAMA = Architecture(
-    lora_targets=("q_proj", "v_proj"),
-    paper_lora_targets=(*_QKV, "up_proj", "down_proj"),
-    mlp_input=("gate_proj", "up_proj"),
-    mlp_output=("down_proj",),
-    shared_input=(_QKV, ("gate_proj", "up_proj")),
-)
-_H_TO_4H = Architecture(
-    lora_targets=("query_key_value",),
-    paper_lora_targets=("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
-    mlp_input=("dense_h_to_4h",),
-    mlp_output=("dense_4h_to_h",),
-    fused=("query_key_value",),
-)
+
+
+def _separate_qkv(mlp_in: tuple[str, ...], mlp_out: str, *,
+                  lora: tuple[str, ...] = ("q_proj", "v_proj")) -> Architecture:
+    """q/k/v as three linears fed the same x, and an MLP (one or more input projections, one output);
+    the paper's LoRA targets are q, k, v and the MLP's last input ("up") and its output projection."""
+    return Architecture(
+        lora_targets=lora,
+        paper_lora_targets=(*_QKV, mlp_in[-1], mlp_out),
+        mlp_input=mlp_in,
+        mlp_output=(mlp_out,),
+        shared_input=(_QKV, mlp_in) if len(mlp_in) > 1 else (_QKV,),
+    )
+
+
+def _fused_qkv(qkv: str, mlp_in: str, mlp_out: str, *, no_prefix_tuning: str | None = None) -> Architecture:
+    """One linear computing q, k and v (PEFT's default target), and an MLP pair."""
+    return Architecture(
+        lora_targets=(qkv,),
+        paper_lora_targets=(qkv, mlp_in, mlp_out),
+        mlp_input=(mlp_in,),
+        mlp_output=(mlp_out,),
+        fused=(qkv,),
+        no_prefix_tuning=no_prefix_tuning,
+    )
+
+
+_LLAMA = _separate_qkv(("gate_proj", "up_proj"), "down_proj")
+_H_TO_4H = _fused_qkv("query_key_value", "dense_h_to_4h", "dense_4h_to_h")
 # "mlp." so GPT-2's attn.c_proj is not taken for the MLP's.
-_GPT2 = Architecture(
-    lora_targets=("c_attn",),
-    paper_lora_targets=("c_attn", "mlp.c_fc", "mlp.c_proj"),
-    mlp_input=("mlp.c_fc",),
-    mlp_output=("mlp.c_proj",),
-    fused=("c_attn",),
-)
+_GPT2 = _fused_qkv("c_attn", "mlp.c_fc", "mlp.c_proj")
 
 #: model_type -> :class:`Architecture`. "tested" in the README lists which rows the test suite covers.
 ARCHITECTURES: dict[str, Architecture] = {
@@ -86,46 +95,17 @@ ARCHITECTURES: dict[str, Architecture] = {
         mlp_output=("down_proj",),
         fused=("qkv_proj", "gate_up_proj"),
     ),
-    "phi": Architecture(
-        lora_targets=("q_proj", "v_proj", "fc1", "fc2"),
-        paper_lora_targets=(*_QKV, "fc1", "fc2"),
-        mlp_input=("mlp.fc1",),
-        mlp_output=("mlp.fc2",),
-        shared_input=(_QKV,),
-    ),
-    "bloom": replace(_H_TO_4H, no_prefix_tuning="BLOOM's ALiBi attention bypasses transformers' attention interface"),
+    "phi": _separate_qkv(("mlp.fc1",), "mlp.fc2", lora=("q_proj", "v_proj", "fc1", "fc2")),
+    "bloom": _fused_qkv("query_key_value", "dense_h_to_4h", "dense_4h_to_h",
+                        no_prefix_tuning="BLOOM's ALiBi attention bypasses transformers' attention interface"),
     "gpt_neox": _H_TO_4H,
     "falcon": _H_TO_4H,
-    "opt": Architecture(
-        lora_targets=("q_proj", "v_proj"),
-        paper_lora_targets=(*_QKV, "fc1", "fc2"),
-        mlp_input=("fc1",),
-        mlp_output=("fc2",),
-        shared_input=(_QKV,),
-    ),
-    "gptj": Architecture(
-        lora_targets=("q_proj", "v_proj"),
-        paper_lora_targets=(*_QKV, "fc_in", "fc_out"),
-        mlp_input=("fc_in",),
-        mlp_output=("fc_out",),
-        shared_input=(_QKV,),
-    ),
-    "codegen": Architecture(
-        lora_targets=("qkv_proj",),
-        paper_lora_targets=("qkv_proj", "fc_in", "fc_out"),
-        mlp_input=("fc_in",),
-        mlp_output=("fc_out",),
-        fused=("qkv_proj",),
-    ),
+    "opt": _separate_qkv(("fc1",), "fc2"),
+    "gptj": _separate_qkv(("fc_in",), "fc_out"),
+    "codegen": _fused_qkv("qkv_proj", "fc_in", "fc_out"),
     "gpt2": _GPT2,
     "gpt_bigcode": _GPT2,
-    "gpt_neo": Architecture(
-        lora_targets=("q_proj", "v_proj"),
-        paper_lora_targets=(*_QKV, "mlp.c_fc", "mlp.c_proj"),
-        mlp_input=("mlp.c_fc",),
-        mlp_output=("mlp.c_proj",),
-        shared_input=(_QKV,),
-    ),
+    "gpt_neo": _separate_qkv(("mlp.c_fc",), "mlp.c_proj"),
 }
 
 #: Sibling groups assumed for a model_type without a row: grouping only saves passes over x (a

@@ -88,12 +88,26 @@ def save_adapter(
         else:
             tensors = method.saved_tensors(model, gathered)
         path.mkdir(parents=True, exist_ok=True)
-        write_adapter_files(path, tensors, method.adapter_config(model, state.config))
+        write_adapter_files(path, tensors, adapter_config(model))
         logger.info("saved %d %s adapter tensors to %s", len(tensors), state.method, path)
     finally:
         if sharded:
             distributed.barrier()
     return path
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """``adapter_config.json`` of a patched model: the fields every method writes (as PEFT does)
+    around the method's own."""
+    state = get_state(model)
+    method = get_method(state.method)
+    return {
+        "peft_type": method.peft_type,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        **method.adapter_config(model, state.config),
+        "inference_mode": True,
+    }
 
 
 def save_pretrained_adapter(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ class Method:
     - ``apply(model, config) -> (names, handles)``: swap the adapter modules in (each keeps the
       wrapped layer as ``base_layer``), after checking everything that can be checked first.
     - ``peft_type``: the ``peft_type`` written to and recognised in ``adapter_config.json``.
-    - ``adapter_config(model, config) -> dict``: the ``adapter_config.json`` content.
+    - ``adapter_config(model, config) -> dict``: the method's fields of ``adapter_config.json``
+      (``peft_type``, ``task_type``, ``base_model_name_or_path`` and ``inference_mode`` are added
+      by ``io.save_adapter``).
     - ``read_config(adapter_config, path) -> (method name, options)``: the patch call that
       recreates a saved adapter (refusing what cannot be honoured, by name).
     - ``check_loaded(model, config, options, adapter_config, path)``: raise when a model that is
@@ -66,6 +69,20 @@ class Method:
     load_tensors: Callable[[nn.Module, dict[str, torch.Tensor], str], None] | None = None
     merge_error: str | None = None
     presets: Mapping[str, Preset] = field(default_factory=dict)
+
+    @classmethod
+    def from_hooks(cls, hooks: ModuleType, *, name: str, title: str, config_class: type,
+                   presets: Mapping[str, Preset]) -> Method:
+        """The method whose hooks are the functions of the same names in ``hooks`` (a method
+        package's ``model.py``: ``apply``, ``adapter_config``, ``read_config``, ``check_loaded``,
+        optionally ``saved_tensors``, ``load_tensors``) with its ``PEFT_TYPE`` and ``MERGE_ERROR``."""
+        return cls(
+            name=name, title=title, config_class=config_class, presets=presets,
+            apply=hooks.apply, peft_type=hooks.PEFT_TYPE, adapter_config=hooks.adapter_config,
+            read_config=hooks.read_config, check_loaded=hooks.check_loaded,
+            saved_tensors=getattr(hooks, "saved_tensors", None), load_tensors=getattr(hooks, "load_tensors", None),
+            merge_error=getattr(hooks, "MERGE_ERROR", None),
+        )
 
     @property
     def options(self) -> list[str]:

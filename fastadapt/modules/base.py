@@ -55,6 +55,19 @@ class AdapterWeight(nn.Module):
 
 
 class AdapterModule(nn.Module):
-    """Base of the modules ``patch`` swaps in: an adapter around a frozen ``base_layer``."""
+    """Base of the modules ``patch`` swaps in: an adapter around a frozen ``base_layer``
+    (``nn.Linear``, or GPT-2's ``Conv1D`` whose weight is stored transposed: ``fan_in_fan_out``)."""
 
     base_layer: nn.Module
+
+    def _wrap(self, base_layer: nn.Module, device, dtype: torch.dtype) -> dict:
+        """Keep ``base_layer`` and its dimensions; returns the factory kwargs of the adapter's own
+        parameters (on the base weight's device unless ``device`` is given)."""
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_dims(base_layer)
+        self.base_layer = base_layer
+        return {"device": device if device is not None else base_layer.weight.device, "dtype": dtype}
+
+    def base_weight_nk(self) -> torch.Tensor:
+        """The frozen weight as (out_features, in_features) — a view for ``Conv1D``."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w

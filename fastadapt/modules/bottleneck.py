@@ -10,7 +10,7 @@ from torch import nn
 from .. import _checks
 from ..ops import bottleneck_adapter, parallel_adapter
 from ..ops.reference import BOTTLENECK_ACTIVATIONS
-from .base import AdapterModule, AdapterWeight, linear_dims
+from .base import AdapterModule, AdapterWeight
 
 #: Where the adapter sits relative to the frozen linear ``W x + c`` (``A(z) = up(act(down(drop(z))))``):
 #: "input"    y = W (x + s·A(x)) + c     (LLM-Adapters "mh_adapter", MLP input projections)
@@ -66,20 +66,15 @@ class BottleneckLinear(AdapterModule):
         dropout = _checks.probability("dropout", dropout)
         scaling = check_scaling(scaling)
         _checks.one_of("init", init, INITS)
-        in_features, out_features, fan_in_fan_out = linear_dims(base_layer)
-        self.base_layer = base_layer
-        self.in_features = in_features
-        self.out_features = out_features
-        self.fan_in_fan_out = fan_in_fan_out
+        factory = self._wrap(base_layer, device, dtype)
         self.position = position
         self.bottleneck = int(bottleneck)
         self.activation = activation
         self.dropout = float(dropout)
         self.init = init
         self.learned_scaling = scaling == "learned"
-        d_a_in = out_features if position == "output" else in_features
-        d_a_out = in_features if position == "input" else out_features
-        factory = {"device": device if device is not None else base_layer.weight.device, "dtype": dtype}
+        d_a_in = self.out_features if position == "output" else self.in_features
+        d_a_out = self.in_features if position == "input" else self.out_features
         self.adapter_down = AdapterWeight(self.bottleneck, d_a_in, **factory)
         self.adapter_up = AdapterWeight(d_a_out, self.bottleneck, **factory)
         if self.learned_scaling:
@@ -107,11 +102,6 @@ class BottleneckLinear(AdapterModule):
     def scaling_value(self) -> float | torch.Tensor:
         """The scaling the op gets: the float, or the learned (1,) parameter."""
         return self.adapter_scaling if self.learned_scaling else self.scaling
-
-    def base_weight_nk(self) -> torch.Tensor:
-        """The frozen weight as (out_features, in_features) — a view for ``Conv1D``."""
-        w = self.base_layer.weight
-        return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0

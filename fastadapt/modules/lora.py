@@ -11,7 +11,7 @@ from .. import _checks
 from ..distributed import is_dtensor
 from ..ops import lora_delta, lora_linear, lora_linear_group, lora_merge
 from ..ops.lora_linear import selected_backend
-from .base import AdapterModule, AdapterWeight, linear_dims
+from .base import AdapterModule, AdapterWeight
 
 
 class LoraLinear(AdapterModule):
@@ -39,19 +39,14 @@ class LoraLinear(AdapterModule):
         alpha = _checks.finite_number("alpha", alpha)
         dropout = _checks.probability("dropout", dropout)
         rslora = _checks.boolean("rslora", rslora)
-        in_features, out_features, fan_in_fan_out = linear_dims(base_layer)
-        self.base_layer = base_layer
-        self.in_features = in_features
-        self.out_features = out_features
-        self.fan_in_fan_out = fan_in_fan_out
+        factory = self._wrap(base_layer, device, dtype)
         self.r = r
         self.lora_alpha = alpha
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         self.use_rslora = rslora
         self.dropout = dropout
-        factory = {"device": device if device is not None else base_layer.weight.device, "dtype": dtype}
-        self.lora_A = AdapterWeight(r, in_features, **factory)
-        self.lora_B = AdapterWeight(out_features, r, **factory)
+        self.lora_A = AdapterWeight(r, self.in_features, **factory)
+        self.lora_B = AdapterWeight(self.out_features, r, **factory)
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
         self.group: SharedInputGroup | None = None  # set by the patcher for q/k/v, gate/up
@@ -62,11 +57,6 @@ class LoraLinear(AdapterModule):
         # Same init as PEFT: A kaiming-uniform(a=√5), B zeros — a fresh adapter changes nothing.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-
-    def base_weight_nk(self) -> torch.Tensor:
-        """The frozen weight as (out_features, in_features) — a view for ``Conv1D``."""
-        w = self.base_layer.weight
-        return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

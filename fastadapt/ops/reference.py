@@ -11,19 +11,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
-def lora_linear_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    *,
-    scaling: float,
-    bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    backend: str | None = None,
-) -> torch.Tensor:
+def lora_linear_ref(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: float,
+                    bias: Tensor | None = None, dropout_p: float = 0.0, backend: str | None = None) -> Tensor:
     """``y = x Wᵀ (+ bias) + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
     x (..., K); weight (N, K); lora_a (r, K); lora_b (N, r); returns (..., N) in the compute dtype
@@ -50,17 +42,8 @@ def lora_delta(
 
 
 @torch.no_grad()
-def lora_merge_ref(
-    weight: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    *,
-    scaling: float,
-    fan_in_fan_out: bool = False,
-    sign: int = 1,
-    check_only: bool = False,
-    backend: str | None = None,
-) -> bool:
+def lora_merge_ref(weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: float, fan_in_fan_out: bool = False,
+                   sign: int = 1, check_only: bool = False, backend: str | None = None) -> bool:
     """In place: ``weight += sign · scaling · B A``, the sum formed in fp32 and rounded once to the
     weight's dtype. Returns whether every result is finite; ``check_only`` writes nothing.
     ``backend`` is accepted for signature parity and ignored."""
@@ -110,17 +93,9 @@ def _bottleneck_term(
     return a * scaling
 
 
-def bottleneck_adapter_ref(
-    x: torch.Tensor,
-    w_down: torch.Tensor,
-    w_up: torch.Tensor,
-    *,
-    activation: str,
-    scaling: float | torch.Tensor,
-    residual: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    backend: str | None = None,
-) -> torch.Tensor:
+def bottleneck_adapter_ref(x: Tensor, w_down: Tensor, w_up: Tensor, *, activation: str, scaling: float | Tensor,
+                           residual: Tensor | None = None, dropout_p: float = 0.0,
+                           backend: str | None = None) -> Tensor:
     """``(x if residual is None else residual) + scaling · up(act(down(dropout(x))))``.
 
     x (..., d_in); w_down (b, d_in); w_up (d_out, b); residual (..., d_out) or None (then
@@ -133,18 +108,9 @@ def bottleneck_adapter_ref(
     return base + a.to(base.dtype)
 
 
-def parallel_adapter_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    w_down: torch.Tensor,
-    w_up: torch.Tensor,
-    *,
-    activation: str,
-    scaling: float | torch.Tensor,
-    bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    backend: str | None = None,
-) -> torch.Tensor:
+def parallel_adapter_ref(x: Tensor, weight: Tensor, w_down: Tensor, w_up: Tensor, *, activation: str,
+                         scaling: float | Tensor, bias: Tensor | None = None, dropout_p: float = 0.0,
+                         backend: str | None = None) -> Tensor:
     """``y = x Wᵀ (+ bias) + scaling · up(act(down(dropout(x))))`` (LLM-Adapters' parallel adapter).
 
     x (..., K); weight (N, K); w_down (b, K); w_up (N, b); returns (..., N) in the compute dtype.

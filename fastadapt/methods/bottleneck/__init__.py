@@ -30,14 +30,10 @@ from . import model
 from .config import PARALLEL_PRESETS, SERIES_PRESETS, BottleneckConfig, ParallelConfig, SeriesConfig
 from .model import MERGE_ERROR
 
-_HOOKS = dict(
-    apply=model.apply, peft_type=model.PEFT_TYPE, adapter_config=model.adapter_config,
-    read_config=model.read_config, check_loaded=model.check_loaded, merge_error=MERGE_ERROR,
-)
-SERIES = Method(name="series", title="a series adapter", config_class=SeriesConfig, presets=SERIES_PRESETS,
-                **_HOOKS)
-PARALLEL = Method(name="parallel", title="a parallel adapter", config_class=ParallelConfig,
-                  presets=PARALLEL_PRESETS, **_HOOKS)
+SERIES = Method.from_hooks(model, name="series", title="a series adapter", config_class=SeriesConfig,
+                           presets=SERIES_PRESETS)
+PARALLEL = Method.from_hooks(model, name="parallel", title="a parallel adapter", config_class=ParallelConfig,
+                             presets=PARALLEL_PRESETS)
 register_method(SERIES)
 register_method(PARALLEL)
 

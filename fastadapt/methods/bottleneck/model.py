@@ -83,9 +83,6 @@ def adapter_config(model: nn.Module, config: BottleneckConfig) -> dict[str, Any]
     modules = dict(adapter_modules(model))
     positions = {n: m.position for n, m in modules.items()}
     return {
-        "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "bottleneck_size": config.bottleneck,
         "non_linearity": config.activation,
         "adapter_dropout": config.dropout,
@@ -98,7 +95,6 @@ def adapter_config(model: nn.Module, config: BottleneckConfig) -> dict[str, Any]
         # modules); the init does not matter once weights are loaded.
         "init_weights": "bert" if config.init == "bert" else "mam_adapter",
         "modules_to_save": None,
-        "inference_mode": True,
         "fastadapt_method": config.method,
         "fastadapt_init": config.init,
         "fastadapt_positions": positions,

@@ -5,17 +5,7 @@ from ..registry import Method, register_method
 from . import model
 from .config import PRESETS, LoraConfig
 
-METHOD = Method(
-    name="lora",
-    title="LoRA",
-    config_class=LoraConfig,
-    apply=model.apply,
-    peft_type=model.PEFT_TYPE,
-    adapter_config=model.adapter_config,
-    read_config=model.read_config,
-    check_loaded=model.check_loaded,
-    presets=PRESETS,
-)
+METHOD = Method.from_hooks(model, name="lora", title="LoRA", config_class=LoraConfig, presets=PRESETS)
 register_method(METHOD)
 
 __all__ = ["METHOD", "LoraConfig"]

@@ -93,9 +93,6 @@ def adapter_config(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
     """PEFT's LoRA ``adapter_config.json``."""
     modules = dict(adapter_modules(model))
     return {
-        "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -103,7 +100,6 @@ def adapter_config(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
         "target_modules": minimal_targets(model, list(modules)),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules.values()),
         "bias": "none",
-        "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
         "rank_pattern": {},

@@ -38,20 +38,7 @@ from .attention import prefix_attention_forward
 from .config import PRESETS, PrefixConfig
 from .model import MERGE_ERROR, prefix_encoder
 
-METHOD = Method(
-    name="prefix",
-    title="prefix tuning",
-    config_class=PrefixConfig,
-    apply=model.apply,
-    peft_type=model.PEFT_TYPE,
-    adapter_config=model.adapter_config,
-    read_config=model.read_config,
-    check_loaded=model.check_loaded,
-    saved_tensors=model.saved_tensors,
-    load_tensors=model.load_tensors,
-    merge_error=MERGE_ERROR,
-    presets=PRESETS,
-)
+METHOD = Method.from_hooks(model, name="prefix", title="prefix tuning", config_class=PrefixConfig, presets=PRESETS)
 register_method(METHOD)
 
 __all__ = ["MERGE_ERROR", "METHOD", "PrefixConfig", "prefix_attention_forward", "prefix_encoder"]

@@ -114,9 +114,6 @@ def adapter_config(model: nn.Module, config: PrefixConfig) -> dict[str, Any]:
     encoder = prefix_encoder(model)
     mcfg = model.config
     return {
-        "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None),
         "num_virtual_tokens": encoder.num_virtual_tokens,
         "num_layers": encoder.num_layers,
         "num_key_value_heads": encoder.num_kv_heads,
@@ -125,7 +122,6 @@ def adapter_config(model: nn.Module, config: PrefixConfig) -> dict[str, Any]:
         "token_dim": getattr(mcfg, "hidden_size", None),
         "prefix_projection": config.projection,
         "encoder_hidden_size": config.encoder_hidden_size,
-        "inference_mode": True,
         "layout": "per token: (layer, key|value, kv_head, head_dim); keys/values are post-RoPE",
     }
 
