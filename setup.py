@@ -9,7 +9,7 @@ FASTADAPT_SKIP_CUDA_BUILD=1 never builds it. pip's default isolated build enviro
 (it is not a build requirement, on purpose: resolving it there would download a second, possibly
 CPU-only, torch), so the native build needs ``--no-build-isolation`` against the installed torch.
 Without the extension the package still works; ``backend="cuda"`` then says how to build it, and
-an editable install can also build it on first use (JIT, see fastadapt/_native.py).
+an editable install can also build it on first use (JIT, see fastadapt/ops/_native.py).
 
 Target GPUs: sm_80 and sm_90a by default; TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0a") overrides them.
 """

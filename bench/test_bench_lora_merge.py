@@ -11,6 +11,7 @@ import benchlib
 import pytest
 import torch
 
+import fastadapt as fa
 from fastadapt.modules import LoraLinear
 
 CUDA = torch.cuda.is_available()
@@ -27,14 +28,9 @@ def _layer(n: int, k: int, r: int, dtype: torch.dtype) -> LoraLinear:
     return layer
 
 
-def _merge_torch(layer: LoraLinear):
-    w = layer.base_layer.weight
-    with torch.no_grad():
-        w.copy_(layer.merged_weight())
-
-
-def _merge_cuda(layer: LoraLinear):
-    layer._native_merge_call(sign=1, check_only=False)
+def _merge(layer: LoraLinear, backend: str):
+    fa.ops.lora_merge(layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight, scaling=layer.scaling,
+                      backend=backend)
 
 
 def _variants():
@@ -57,7 +53,7 @@ def test_bench_lora_merge(benchmark, n, k, r, variant):
             pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")
     dtype = torch.bfloat16 if CUDA else torch.float32
     layer = _layer(n, k, r, dtype)
-    fn = (lambda: _merge_cuda(layer)) if variant == "cuda" else (lambda: _merge_torch(layer))
+    fn = lambda: _merge(layer, variant)  # noqa: E731
     w = layer.base_layer.weight
     src, dst = torch.empty_like(w).normal_(), torch.empty_like(w)
     copy_ms = benchlib.median_ms(lambda: dst.copy_(src), DEVICE, cpu_iters=2)

@@ -1,6 +1,6 @@
 """Answer extraction and scoring for the LLM-Adapters evaluation sets.
 
-Three kinds of label (``record["kind"]``, see :func:`fastadapt.datasets.load_eval_set`):
+Three kinds of label (``record["kind"]``, see :func:`fastadapt.app.data.load_eval_set`):
 
 - ``"number"`` (AddSub, MultiArith, SingleEq, GSM8K, SVAMP, MAWPS): the LAST number in the
   generation, after thousands separators are removed, equal to the label within 1e-3.

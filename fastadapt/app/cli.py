@@ -15,7 +15,7 @@ from .main_job import run_main_job
 from .models import load_model
 from .train import DEFAULT_PRESET, TrainConfig, default_lr, method_options, train
 
-logger = logging.getLogger("fastadapt.cli")
+logger = logging.getLogger("fastadapt.app.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

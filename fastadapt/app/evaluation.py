@@ -107,7 +107,7 @@ def evaluate(
     progress: bool = True,
     stop_strings: Sequence[str] | None = STOP_STRINGS,
 ) -> list[dict[str, Any]]:
-    """Generate for every record of :func:`fastadapt.datasets.load_eval_set` and score it.
+    """Generate for every record of :func:`fastadapt.app.data.load_eval_set` and score it.
 
     Returns prediction rows in ``records``' order (see the module docstring). The model is put in
     eval mode for the run and its mode restored afterwards."""

@@ -1,4 +1,4 @@
-"""GPU tests of the hand-written CUDA ops (torch.ops.fastadapt_cuda, csrc/).
+"""GPU tests of the hand-written CUDA kernels (csrc/: torch.ops.fastadapt.*_cuda*).
 
 Skipped without a CUDA device or without the extension (build it with
 ``FASTADAPT_BUILD_CUDA=1 pip install --no-build-isolation -e .``; otherwise the first test JIT-builds
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,7 +39,15 @@ def ops():
 
     if not _native.native_available():
         pytest.skip(f"fastadapt CUDA extension unavailable: {_native.native_load_error()}")
-    return getattr(torch.ops, _native.NATIVE_NAMESPACE)
+    return _cuda_ops()
+
+
+def _cuda_ops() -> SimpleNamespace:
+    """The extension's kernels under short names (schemas in fastadapt/ops/bottleneck_adapter.py
+    and fastadapt/ops/lora_merge.py)."""
+    ns = torch.ops.fastadapt
+    return SimpleNamespace(bottleneck_adapter_fwd=ns.bottleneck_adapter_cuda_fwd,
+                           bottleneck_adapter_bwd=ns.bottleneck_adapter_cuda_bwd, lora_merge_=ns.lora_merge_cuda_)
 
 
 def _act(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -178,14 +187,23 @@ def test_bottleneck_bad_inputs(ops):
         ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "swishy")
     with pytest.raises(RuntimeError, match="w_down"):
         ops.bottleneck_adapter_fwd(x, wd[:, :70], wu, s, None, "tanh")
-    with pytest.raises(RuntimeError, match="w_up"):
-        ops.bottleneck_adapter_fwd(x, wd, wu.float(), s, None, "tanh")
+    with pytest.raises(RuntimeError, match="w_up must be a floating-point tensor"):
+        ops.bottleneck_adapter_fwd(x, wd, wu.int(), s, None, "tanh")
     with pytest.raises(RuntimeError, match="scaling"):
         ops.bottleneck_adapter_fwd(x, wd, wu, s.double(), None, "tanh")
     with pytest.raises(RuntimeError, match="x must be bfloat16 or float16"):
         ops.bottleneck_adapter_fwd(x.float(), wd.float(), wu.float(), s, None, "tanh")
     with pytest.raises(RuntimeError, match="residual"):
         ops.bottleneck_adapter_fwd(x, wd, wu[:64], s, None, "tanh")
+
+
+def test_bottleneck_takes_fp32_master_weights(ops):
+    # fp32 adapter weights are cast to x's dtype inside: the same result as casting first
+    x, wd, wu, _, _ = _inputs(9, 72, 72, 8, torch.bfloat16, residual=False)
+    s = torch.tensor([0.5], device="cuda")
+    out_lp, _ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "tanh")
+    out_fp32, _ = ops.bottleneck_adapter_fwd(x, wd.float(), wu.float(), s, None, "tanh")
+    assert torch.equal(out_lp, out_fp32)
 
 
 def test_bottleneck_empty_rows(ops):
@@ -315,9 +333,14 @@ def test_merge_bad_inputs(ops):
 _SANITIZER_SCRIPT = textwrap.dedent(
     """
     import torch
+    import fastadapt  # declares the ops' schemas
     from fastadapt.ops import _native
     assert _native.native_available(), _native.native_load_error()
-    ops = torch.ops.fastadapt_cuda
+    ns = torch.ops.fastadapt
+    class ops:
+        bottleneck_adapter_fwd = ns.bottleneck_adapter_cuda_fwd
+        bottleneck_adapter_bwd = ns.bottleneck_adapter_cuda_bwd
+        lora_merge_ = ns.lora_merge_cuda_
     torch.manual_seed(0)
     s = torch.tensor([0.5], device="cuda")
     for dtype in (torch.bfloat16, torch.float16):

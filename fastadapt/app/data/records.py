@@ -1,7 +1,7 @@
 """Evaluation and training data for the LLM-Adapters workflow.
 
 Evaluation: :func:`load_eval_set` reads a built-in math test set (:data:`BUILTIN_EVAL_SETS`,
-shipped in ``fastadapt/data``) or any file in LLM-Adapters' ``test.json`` format (a JSON array
+shipped in ``fastadapt/app/data``) or any file in LLM-Adapters' ``test.json`` format (a JSON array
 of ``{"instruction", "input", "output", "answer"}``; also JSONL, ``.gz``, or a folder holding
 ``test.json``), including the commonsense sets, and GSM8K's own JSONL
 (``{"question", "answer": "...#### 72"}``). Every record comes back as::
