@@ -16,6 +16,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "FASTADAPT_BUILD_CUDA": ("setup.py: 1 forces building the CUDA extension", "0"),
     "FASTADAPT_SKIP_CUDA_BUILD": ("setup.py: 1 skips building the CUDA extension", "0"),
     "FASTADAPT_JIT_BUILD": ("0 disables building the CUDA extension on first use", "1"),
+    "FASTADAPT_LORA_VARIANT": (
+        "how the Triton LoRA path joins the rank term to the frozen GEMM: auto | addmm | epilogue | fused", "auto"),
+    "FASTADAPT_AUTOTUNE": ("0: Triton GEMM kernels run their first config instead of autotuning", "1"),
 }
 
 
@@ -26,6 +29,12 @@ def _get(name: str) -> str:
 def backend_override() -> str | None:
     """The backend forced by ``FASTADAPT_BACKEND``, or None when unset / ``auto``."""
     value = _get("FASTADAPT_BACKEND").strip().lower()
+    return None if value in ("", "auto") else value
+
+
+def lora_variant() -> str | None:
+    """The LoRA variant forced by ``FASTADAPT_LORA_VARIANT``, or None when unset / ``auto``."""
+    value = _get("FASTADAPT_LORA_VARIANT").strip().lower()
     return None if value in ("", "auto") else value
 
 

@@ -8,8 +8,15 @@ and route every dot through :func:`mma` and every low-precision store through :f
 which emulate the GPU numerics there (fp32 dot operands — products of bf16/fp16 values are exact
 in fp32 — and round-to-nearest-even casts). The GPU code is unchanged by the flag.
 
-Dropout mask: ``keep[m, k] = tl.rand(seed, m * K + k) >= p`` at the LOGICAL (m, k) index in int64
-(never from memory strides), so every kernel regenerates the same mask whatever x's layout.
+Dropout mask: drawn once, in the forward, and stored packed — 1 bit per element of x, as int32
+words ``bits (M, ceil(K/32))`` with bit ``j`` of word ``w`` = ``keep[m, 32w + j]`` — so every later
+kernel reads 4 bytes per 32 elements instead of recomputing Philox. :func:`keep_bits` draws it with
+one Philox-4x32-10 call per 4 elements (``tl.randint4x`` at counter ``m * ceil(K/4) + k // 4``,
+int64, from the LOGICAL index: the mask does not depend on x's strides) and
+``keep = uniform(u32) >= p``, the test ``tl.rand`` makes. Why stored and not regenerated: a Philox
+call is ~70 integer instructions; regenerating one output per element (as before) in three kernels
+cost ~4,000 SASS instructions per 64 elements of the shrink loop, while the packed mask costs
+M·K/8 bytes written once and read twice (4 MiB per pass at 8192 × 4096).
 """
 
 from __future__ import annotations
@@ -101,10 +108,29 @@ def keep_scale(dropout_p: float) -> float:
 
 
 @triton.jit
-def keep_mask(seed, offs_m, offs_k, K, p):
-    """Dropout keep-mask of the (offs_m, offs_k) tile: Philox at the logical offset m*K + k (int64)."""
-    offs = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
-    return tl.rand(seed, offs) >= p
+def keep_bits(seed, offs_m, k0, K, p, BLOCK_K: tl.constexpr):
+    """The dropout keep-mask of rows ``offs_m`` × columns ``k0 .. k0+BLOCK_K`` (``k0`` a multiple of
+    32; columns ≥ K are dropped) and its packed words ``(BLOCK_M, BLOCK_K // 32)`` int32."""
+    offs_q = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    counter = offs_m.to(tl.int64)[:, None] * ((K + 3) // 4) + offs_q.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    u = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_K // 4, 2, 2): columns 4q + 2i + j
+    u = tl.reshape(u, (offs_m.shape[0], BLOCK_K))
+    cols = k0 + tl.arange(0, BLOCK_K)
+    keep = (tl.random.uint_to_uniform_float(u) >= p) & (cols < K)[None, :]
+    lanes = tl.reshape(keep.to(tl.int32), (offs_m.shape[0], BLOCK_K // 32, 32))
+    words = tl.sum(lanes << tl.arange(0, 32)[None, None, :], axis=2)
+    return keep, words
+
+
+@triton.jit
+def load_keep(bits_ptr, stride_bits_m, offs_m, mask_m, k0, K, BLOCK_K: tl.constexpr):
+    """The stored keep-mask of rows ``offs_m`` × columns ``k0 .. k0+BLOCK_K`` (``k0`` a multiple of 32)."""
+    offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits_m + offs_w[None, :],
+                    mask=mask_m[:, None] & (offs_w < tl.cdiv(K, 32))[None, :], other=0)
+    lanes = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(lanes, (offs_m.shape[0], BLOCK_K)) != 0
 
 
 @triton.jit
@@ -179,44 +205,64 @@ def activation_grad(h, ACTIVATION: tl.constexpr):
 # ----------------------------------------------------------------------------- dropout mask
 
 
+def bits_shape(M: int, K: int) -> tuple[int, int]:
+    """Shape of the packed keep-mask of an (M, K) input: int32 words, 32 columns each."""
+    return M, triton.cdiv(K, 32)
+
+
 @triton.jit(do_not_specialize=["seed"])  # one compile for every seed
-def _dropout_mask_kernel(mask_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dropout_bits_kernel(bits_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = keep_mask(seed, offs_m, offs_k, K, p)
-    tl.store(mask_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8),
-             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+    k0 = tl.program_id(1) * BLOCK_K
+    _, words = keep_bits(seed, offs_m, k0, K, p, BLOCK_K)
+    offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    n_words = tl.cdiv(K, 32)
+    tl.store(bits_ptr + offs_m.to(tl.int64)[:, None] * n_words + offs_w[None, :], words,
+             mask=(offs_m < M)[:, None] & (offs_w < n_words)[None, :])
 
 
-def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
-    """The keep-mask (M, K) bool, True = kept, that every kernel uses for ``(seed, dropout_p)``:
-    ``keep[m, k] = philox_uniform(seed, m * K + k) >= dropout_p``. For tests and references;
-    the kernels never materialise it."""
+def dropout_bits(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
+    """The packed keep-mask (``bits_shape(M, K)`` int32) that a forward with ``(seed, dropout_p)``
+    draws for an (M, K) input — what the shrink kernels store, from the same :func:`keep_bits`."""
     check_dropout(dropout_p, seed)
     if M < 0 or K < 0:
         raise ValueError(f"M and K must be ≥ 0, got M={M}, K={K}")
-    device = torch.device(device)
-    if dropout_p == 0.0 or M == 0 or K == 0:
-        return torch.ones((M, K), dtype=torch.bool, device=device)
-    mask = alloc((M, K), dtype=torch.int8, device=device)
-    BLOCK_M, BLOCK_K = 32, 64
-    with device_ctx(mask):
-        _dropout_mask_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
-            mask, M, K, float(dropout_p), seed, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-    return mask.view(torch.bool)
+    bits = alloc(bits_shape(M, K), dtype=torch.int32, device=torch.device(device))
+    if bits.numel():
+        BLOCK_M, BLOCK_K = 32, 64
+        with device_ctx(bits):
+            _dropout_bits_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
+                bits, M, K, float(dropout_p), seed, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return bits
+
+
+def unpack_bits(bits: torch.Tensor, K: int) -> torch.Tensor:
+    """(M, K) bool keep-mask from packed words (torch; for tests and references)."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    lanes = (bits.unsqueeze(-1) >> shifts) & 1
+    return lanes.reshape(bits.shape[0], -1)[:, :K].bool()
+
+
+def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
+    """The keep-mask (M, K) bool, True = kept, of a forward with ``(seed, dropout_p)``."""
+    if dropout_p == 0.0:
+        check_dropout(dropout_p, seed)
+        return torch.ones((M, K), dtype=torch.bool, device=torch.device(device))
+    return unpack_bits(dropout_bits(seed, M, K, dropout_p, device=device), K)
 
 
 # ----------------------------------------------------------------------------- weight gradients
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+@triton.jit
 def _weight_grad_kernel(
     a_ptr, b_ptr, c_ptr, scale_ptr,
     M, I, J, rows_per_split,  # noqa: E741
     stride_am, stride_ai,
     stride_bm, stride_bj,
     stride_cs, stride_ci, stride_cj,
-    scale, p, seed,
+    bits_ptr, stride_bits_m,
+    scale,
     B_ACTIVATION: tl.constexpr, B_DROPOUT: tl.constexpr, SCALE_PTR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -245,7 +291,8 @@ def _weight_grad_kernel(
         if B_ACTIVATION >= 0:
             b = to_dtype(activation(b.to(tl.float32), B_ACTIVATION), a.dtype, INTERPRET)
         if B_DROPOUT:
-            b = tl.where(keep_mask(seed, offs_m, offs_j, J, p), b, tl.zeros_like(b))
+            keep = load_keep(bits_ptr, stride_bits_m, offs_m, m_mask, pid_j * BLOCK_J, J, BLOCK_J)
+            b = tl.where(keep, b, tl.zeros_like(b))
         if a.dtype != b.dtype:  # fp32 A (a reduction's output) against a low-precision B
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -259,9 +306,9 @@ def _weight_grad_kernel(
 
 def _weight_grad_blocks(I: int, J: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:  # noqa: E741
     """(BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages): spill-free on sm_90 (offline compile);
-    larger output tiles mean fewer re-reads of A and B."""
+    larger output tiles mean fewer re-reads of A and B. BLOCK_J ≥ 32: a whole word of the mask."""
     big, cfg = (128, (32, 8, 3)) if dtype != torch.float32 else (64, (32, 4, 2))
-    return pow2_block(I, cap=big), pow2_block(J, cap=big), *cfg
+    return pow2_block(I, cap=big), pow2_block(J, cap=big, floor=32), *cfg
 
 
 def split_rows(M: int, block_m: int, tiles: int) -> tuple[int, int]:
@@ -280,13 +327,12 @@ def weight_grad(
     scale: float = 1.0,
     scale_tensor: torch.Tensor | None = None,
     b_activation: int = NO_ACTIVATION,
-    dropout_p: float = 0.0,
-    seed: int = 0,
+    bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 (I, J) = scale · [scale_tensor] · aᵀ g(b), contracting over M = a.shape[0].
 
     ``g(b) = mask ⊙ act(b)`` with ``act`` the activation ``b_activation`` (``NO_ACTIVATION``: none)
-    and ``mask = dropout_mask(seed, M, J, dropout_p)`` (none when ``dropout_p == 0``; the 1/(1-p)
+    and ``mask`` b's stored keep-mask ``bits`` (``bits_shape(M, J)``; None: no dropout; the 1/(1-p)
     goes into ``scale`` at the caller). ``a`` (M, I) and ``b`` (M, J) may have different dtypes (an
     fp32 ``a``: both are then multiplied in fp32). Deterministic: M is split by :func:`split_rows`
     into private fp32 partials, summed in a fixed order.
@@ -309,8 +355,9 @@ def weight_grad(
             a.stride(0), a.stride(1),
             b.stride(0), b.stride(1),
             c.stride(0), c.stride(1), c.stride(2),
-            float(scale), float(dropout_p), int(seed),
-            B_ACTIVATION=b_activation, B_DROPOUT=dropout_p > 0.0, SCALE_PTR=scale_tensor is not None,
+            bits if bits is not None else c, bits.stride(0) if bits is not None else 0,
+            float(scale),
+            B_ACTIVATION=b_activation, B_DROPOUT=bits is not None, SCALE_PTR=scale_tensor is not None,
             DOT_PRECISION=dot_precision(low), INTERPRET=interpreting(),
             BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M,
             num_warps=num_warps, num_stages=num_stages,

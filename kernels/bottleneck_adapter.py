@@ -16,8 +16,8 @@ Math (``A(z) = up(act(down(dropout(z))))``, ``s`` the scaling)::
 
 Layer 1 of fastadapt: Triton kernels and their launchers, math only (no ``torch.nn``, no
 autograd, no op registration). Only ``x`` and the small ``hidden`` (M × b, x.dtype) need to be
-saved for backward; the dropout mask is regenerated from ``(seed, m * d_in + k)`` (Philox,
-logical indices, so the mask does not depend on x's strides).
+saved for backward, with the dropout mask: drawn once in the forward and stored packed, 1 bit per
+element of x (``_common.keep_bits``).
 
 Dtypes: bf16, fp16 and fp32 (x, weights and residual share one dtype; ``scaling`` is a
 1-element fp32 tensor read in-kernel, so a learned scaling costs no host sync). Products
@@ -57,20 +57,23 @@ from ._common import (
     NO_ACTIVATION,
     activation,
     activation_grad,
+    bits_shape,
     check_activation,
     check_dropout,
     device_ctx,
     dot_precision,
     interpreting,
-    keep_mask,
+    keep_bits,
     keep_scale,
+    load_keep,
     mma,
     to_dtype,
     weight_grad,
 )
+from ._common import dropout_bits as dropout_bits
 from ._common import dropout_mask as dropout_mask
 
-__all__ = ["ACTIVATIONS", "bottleneck_bwd", "bottleneck_fwd", "dropout_mask"]
+__all__ = ["ACTIVATIONS", "bottleneck_bwd", "bottleneck_fwd", "dropout_bits", "dropout_mask"]
 
 # Largest bottleneck kept on chip as one BLOCK_M × next_pow2(b) fp32 tile (b ≤ 256 covers the
 # paper's sizes). Larger b loops over _CHUNK_R-wide chunks, round-tripping hidden / dh through
@@ -83,13 +86,14 @@ _CHUNK_R = 128
 
 @triton.jit
 def _down_tile(
-    x_ptr, wd_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-    stride_xm, stride_xk, stride_wdr, stride_wdk,
-    p, inv_keep, seed,
+    x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
+    stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m,
+    p, inv_keep, seed, store_bits,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """hidden tile (BLOCK_M, BLOCK_R) = drop(x) @ w_downᵀ in fp32."""
+    """hidden tile (BLOCK_M, BLOCK_R) = drop(x) @ w_downᵀ in fp32; with dropout the mask is drawn
+    here (and stored packed when ``store_bits``: the first rank chunk)."""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -99,8 +103,12 @@ def _down_tile(
             mask=m_mask[:, None] & k_mask[None, :], other=0.0,
         )
         if HAS_DROPOUT:
-            keep = keep_mask(seed, offs_m64, offs_k, K, p)
+            keep, words = keep_bits(seed, offs_m64, k0, K, p, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
+            if store_bits:
+                offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                tl.store(bits_ptr + offs_m64[:, None] * stride_bits_m + offs_w[None, :], words,
+                         mask=m_mask[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
         wd = tl.load(
             wd_ptr + offs_r[None, :] * stride_wdr + offs_k[:, None] * stride_wdk,
             mask=r_mask[None, :] & k_mask[:, None], other=0.0,
@@ -137,7 +145,7 @@ def _store_out(
 
 @triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _bottleneck_fwd_kernel(
-    x_ptr, wd_ptr, wu_ptr, res_ptr, scale_ptr, out_ptr, hid_ptr,
+    x_ptr, wd_ptr, wu_ptr, res_ptr, scale_ptr, out_ptr, hid_ptr, bits_ptr,
     M, K, N, R,
     stride_xm, stride_xk,
     stride_wdr, stride_wdk,
@@ -145,6 +153,7 @@ def _bottleneck_fwd_kernel(
     stride_resm, stride_resn,
     stride_om, stride_on,
     stride_hm, stride_hr,
+    stride_bits_m,
     p, inv_keep, seed,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -163,8 +172,8 @@ def _bottleneck_fwd_kernel(
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            acc = _down_tile(x_ptr, wd_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-                             stride_xm, stride_xk, stride_wdr, stride_wdk, p, inv_keep, seed,
+            acc = _down_tile(x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
+                             stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, p, inv_keep, seed, r0 == 0,
                              HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
             tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                      to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
@@ -190,8 +199,8 @@ def _bottleneck_fwd_kernel(
     else:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
-        acc = _down_tile(x_ptr, wd_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-                         stride_xm, stride_xk, stride_wdr, stride_wdk, p, inv_keep, seed,
+        acc = _down_tile(x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
+                         stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, p, inv_keep, seed, True,
                          HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
         tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                  to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
@@ -237,15 +246,14 @@ def _dh_tile(
 
 @triton.jit
 def _store_dx(
-    acc, dout_ptr, dx_ptr, offs_m64, m_mask, k0, K,
-    stride_dom, stride_don, stride_dxm, stride_dxk,
-    p, inv_keep, seed,
+    acc, dout_ptr, dx_ptr, bits_ptr, offs_m64, m_mask, k0, K,
+    stride_dom, stride_don, stride_dxm, stride_dxk, stride_bits_m, inv_keep,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = m_mask[:, None] & (offs_k < K)[None, :]
     if HAS_DROPOUT:
-        keep = keep_mask(seed, offs_m64, offs_k, K, p)
+        keep = load_keep(bits_ptr, stride_bits_m, offs_m64, m_mask, k0, K, BLOCK_K)
         acc = tl.where(keep, acc * inv_keep, 0.0)
     if not HAS_RESIDUAL:
         # out = x + s·A(x): the identity path's gradient (N == K; this dout row block is in L2)
@@ -255,9 +263,9 @@ def _store_dx(
              to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+@triton.jit
 def _bottleneck_bwd_rows_kernel(
-    dout_ptr, x_ptr, hid_ptr, wd_ptr, wu_ptr, scale_ptr, dx_ptr, dh_ptr, dsp_ptr,
+    dout_ptr, x_ptr, hid_ptr, wd_ptr, wu_ptr, scale_ptr, dx_ptr, dh_ptr, dsp_ptr, bits_ptr,
     M, K, N, R,
     stride_dom, stride_don,
     stride_xm, stride_xk,
@@ -266,7 +274,7 @@ def _bottleneck_bwd_rows_kernel(
     stride_wun, stride_wur,
     stride_dxm, stride_dxk,
     stride_dhm, stride_dhr,
-    p, inv_keep, seed,
+    stride_bits_m, inv_keep,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     NEED_DSCALE: tl.constexpr, R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -302,8 +310,8 @@ def _bottleneck_bwd_rows_kernel(
                 wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + offs_k[None, :] * stride_wdk,
                              mask=r_mask[:, None] & k_mask[None, :], other=0.0)
                 acc = mma(dh, wd, acc, DOT_PRECISION, INTERPRET)
-            _store_dx(acc, dout_ptr, dx_ptr, offs_m64, m_mask, k0, K,
-                      stride_dom, stride_don, stride_dxm, stride_dxk, p, inv_keep, seed,
+            _store_dx(acc, dout_ptr, dx_ptr, bits_ptr, offs_m64, m_mask, k0, K,
+                      stride_dom, stride_don, stride_dxm, stride_dxk, stride_bits_m, inv_keep,
                       HAS_RESIDUAL, HAS_DROPOUT, INTERPRET, BLOCK_K)
     else:
         offs_r = tl.arange(0, BLOCK_R)
@@ -320,8 +328,8 @@ def _bottleneck_bwd_rows_kernel(
             wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + offs_k[None, :] * stride_wdk,
                          mask=r_mask[:, None] & (offs_k < K)[None, :], other=0.0)
             acc = mma(dh_lp, wd, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION, INTERPRET)
-            _store_dx(acc, dout_ptr, dx_ptr, offs_m64, m_mask, k0, K,
-                      stride_dom, stride_don, stride_dxm, stride_dxk, p, inv_keep, seed,
+            _store_dx(acc, dout_ptr, dx_ptr, bits_ptr, offs_m64, m_mask, k0, K,
+                      stride_dom, stride_don, stride_dxm, stride_dxk, stride_bits_m, inv_keep,
                       HAS_RESIDUAL, HAS_DROPOUT, INTERPRET, BLOCK_K)
     if NEED_DSCALE:
         # one partial per row block, summed in a fixed order by the launcher (deterministic)
@@ -403,7 +411,7 @@ def bottleneck_fwd(
     residual: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Fused series-adapter forward: ``out = (x if residual is None else residual) + s·A(x)``.
 
     ``A(z) = up(act(down(dropout(z))))`` (LLM-Adapters), computed in one kernel per row block.
@@ -415,11 +423,13 @@ def bottleneck_fwd(
         scaling: 1-element fp32 tensor on x's device (read in-kernel: no host sync).
         activation: "tanh" | "relu" | "gelu" (exact erf) | "silu".
         residual: (M, d_out), x's dtype, or None (then d_out must equal d_in and x is the residual).
-        dropout_p, seed: dropout on the adapter input only; mask = ``dropout_mask(seed, M, d_in, p)``.
+        dropout_p, seed: dropout on the adapter input only; the mask is drawn here from them
+            (``dropout_mask(seed, M, d_in, p)``).
 
     Returns:
         out (M, d_out) in x.dtype, contiguous;
-        hidden (M, b) = drop(x) @ w_downᵀ (pre-activation, fp32-accumulated, stored in x.dtype):
+        hidden (M, b) = drop(x) @ w_downᵀ (pre-activation, fp32-accumulated, stored in x.dtype);
+        bits: the packed keep-mask (``bits_shape(M, d_in)`` int32) when dropout_p > 0, else None:
         with x, everything backward needs.
     """
     act = check_activation(activation)
@@ -431,17 +441,18 @@ def bottleneck_fwd(
     else:
         _check_2d("residual", residual, (M, N), x, "(M, d_out)")
 
+    has_dropout = dropout_p > 0.0
     out = _common.alloc((M, N), dtype=x.dtype, device=x.device)
     hidden = _common.alloc((M, R), dtype=x.dtype, device=x.device)
+    bits = _common.alloc(bits_shape(M, K), dtype=torch.int32, device=x.device) if has_dropout else None
     if M == 0:
-        return out, hidden
-    has_dropout = dropout_p > 0.0
+        return out, hidden, bits
     inv_keep = keep_scale(dropout_p) if has_dropout else 1.0
     BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, num_warps, chunked = _row_blocks(M, R, x.dtype)
     res = x if residual is None else residual
     with device_ctx(x):
         _bottleneck_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
-            x, w_down, w_up, res, scaling, out, hidden,
+            x, w_down, w_up, res, scaling, out, hidden, bits if bits is not None else out,
             M, K, N, R,
             x.stride(0), x.stride(1),
             w_down.stride(0), w_down.stride(1),
@@ -449,6 +460,7 @@ def bottleneck_fwd(
             res.stride(0), res.stride(1),
             out.stride(0), out.stride(1),
             hidden.stride(0), hidden.stride(1),
+            bits.stride(0) if bits is not None else 0,
             float(dropout_p), inv_keep, seed,
             ACTIVATION=act, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
             R_CHUNKED=chunked, DOT_PRECISION=dot_precision(x.dtype),
@@ -456,7 +468,7 @@ def bottleneck_fwd(
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
             num_warps=num_warps, num_stages=2,
         )
-    return out, hidden
+    return out, hidden, bits
 
 
 def bottleneck_bwd(
@@ -470,14 +482,15 @@ def bottleneck_bwd(
     activation: str,
     has_residual: bool,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    bits: torch.Tensor | None = None,
     need_scaling_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Backward of ``bottleneck_fwd`` (same activation, dropout_p, seed: the mask is regenerated).
+    """Backward of ``bottleneck_fwd`` (same activation and dropout_p; ``bits``: its stored mask).
 
     Args:
         dout: (M, d_out), x's dtype, any 2-D strides. x: (M, d_in) as in forward.
         hidden: (M, b) from ``bottleneck_fwd``. w_down (b, d_in), w_up (d_out, b), scaling as in forward.
+        bits: the packed mask ``bottleneck_fwd`` returned (None when dropout_p == 0).
         has_residual: whether forward got a residual; if not, dout also flows to dx (identity path).
             d_residual is dout itself and is not returned.
         need_scaling_grad: compute ds (a learned scaling).
@@ -495,9 +508,13 @@ def bottleneck_bwd(
     reduced inside the row-block kernel.
     """
     act = check_activation(activation)
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, 0)
+    if (bits is not None) != (dropout_p > 0):
+        raise ValueError(f"bits must be given exactly when dropout_p > 0 (dropout_p={dropout_p})")
     M, K, N, R = _check_common(x, w_down, w_up, scaling)
     _check_2d("dout", dout, (M, N), x, "(M, d_out)")
+    if bits is not None and tuple(bits.shape) != bits_shape(M, K):
+        raise ValueError(f"bits must have shape {bits_shape(M, K)} (the packed mask of x), got {tuple(bits.shape)}")
     _check_2d("hidden", hidden, (M, R), x, "(M, b)")
     if not has_residual and N != K:
         raise ValueError(f"w_up must have d_out == d_in = {K} when has_residual is False, got d_out = {N}")
@@ -517,7 +534,7 @@ def bottleneck_bwd(
     ds_partial = _common.alloc((grid_m,), dtype=torch.float32, device=x.device) if need_scaling_grad else dh
     with device_ctx(x):
         _bottleneck_bwd_rows_kernel[(grid_m,)](
-            dout, x, hidden, w_down, w_up, scaling, dx, dh, ds_partial,
+            dout, x, hidden, w_down, w_up, scaling, dx, dh, ds_partial, bits if bits is not None else dx,
             M, K, N, R,
             dout.stride(0), dout.stride(1),
             x.stride(0), x.stride(1),
@@ -526,14 +543,14 @@ def bottleneck_bwd(
             w_up.stride(0), w_up.stride(1),
             dx.stride(0), dx.stride(1),
             dh.stride(0), dh.stride(1),
-            float(dropout_p), inv_keep, seed,
+            bits.stride(0) if bits is not None else 0, inv_keep,
             ACTIVATION=act, HAS_RESIDUAL=bool(has_residual), HAS_DROPOUT=has_dropout,
             NEED_DSCALE=bool(need_scaling_grad), R_CHUNKED=chunked,
             DOT_PRECISION=precision, INTERPRET=interpreting(),
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
             num_warps=num_warps, num_stages=2,
         )
-        dw_down = weight_grad(dh, x, scale=inv_keep, b_activation=NO_ACTIVATION, dropout_p=dropout_p, seed=seed)
+        dw_down = weight_grad(dh, x, scale=inv_keep, b_activation=NO_ACTIVATION, bits=bits)
         dw_up = weight_grad(dout, hidden, scale_tensor=scaling, b_activation=act)
     ds = ds_partial.sum().reshape(scaling.shape) if need_scaling_grad else None
     return dx, dw_down, dw_up, ds

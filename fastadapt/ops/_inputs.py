@@ -72,8 +72,3 @@ def draw_seed(device: torch.device) -> int:
         gen.set_offset(offset + 4)  # consume like one philox call; restored by checkpoint's RNG stash
         return (gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % (2**62)
     return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def seed_tensor(seed: int) -> torch.Tensor:
-    """The seed as a CPU int64 scalar: an op output that reading back costs no device sync."""
-    return torch.tensor(seed, dtype=torch.int64)

@@ -11,7 +11,7 @@ output side ``h + s·A(h)`` (the frozen linear, then the op on h).
 Backends:
 - ``"triton"``: ``kernels/bottleneck_adapter.py`` (one kernel per row block, the M × b intermediate
   stays on chip), custom ops ``fastadapt::bottleneck_adapter_fwd/_bwd``. Saved for backward: x, the
-  pre-activation ``hidden`` (M × b) and the Philox seed (no mask).
+  pre-activation ``hidden`` (M × b) and, with dropout, the mask packed at 1 bit per element.
 - ``"cuda"``: ``csrc/bottleneck_adapter`` (bf16/fp16, no dropout), ops
   ``fastadapt::bottleneck_adapter_cuda_fwd/_bwd`` (schemas and fakes below, kernels in csrc/).
 Both have fake impls and registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break.
@@ -23,7 +23,7 @@ import torch
 
 from .. import _checks, settings
 from . import _native
-from ._inputs import check_dropout_p, check_tensors, draw_seed, seed_tensor
+from ._inputs import check_dropout_p, check_tensors, draw_seed
 from ._library import custom_op, native_op, register_autograd
 from .dispatch import BACKENDS, resolve_backend, triton_usable
 from .reference import BOTTLENECK_ACTIVATIONS, bottleneck_adapter_ref
@@ -122,8 +122,9 @@ def bottleneck_adapter(
 
 
 def _fwd_fake(x, w_down, w_up, scaling, residual, activation, dropout_p):
-    m, b, n = x.shape[0], w_down.shape[0], w_up.shape[0]
-    return x.new_empty(m, n), x.new_empty(m, b), torch.empty((), dtype=torch.int64)
+    (m, k), b, n = x.shape, w_down.shape[0], w_up.shape[0]
+    bits = x.new_empty((m, (k + 31) // 32) if dropout_p > 0 else (0,), dtype=torch.int32)
+    return x.new_empty(m, n), x.new_empty(m, b), bits
 
 
 @custom_op("bottleneck_adapter_fwd", fake=_fwd_fake)
@@ -136,16 +137,16 @@ def bottleneck_adapter_fwd(
     activation: str,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, d_in) -> (out (M, d_out), hidden (M, b) pre-activation, seed (int64 scalar on CPU))."""
+    """x (M, d_in) -> (out (M, d_out), hidden (M, b) pre-activation, the packed mask or empty)."""
     seed = draw_seed(x.device) if dropout_p > 0 else 0
-    out, hidden = _kernels().bottleneck_fwd(
+    out, hidden, bits = _kernels().bottleneck_fwd(
         x, w_down.to(x.dtype), w_up.to(x.dtype), scaling, activation=activation, residual=residual,
         dropout_p=dropout_p, seed=seed,
     )
-    return out, hidden, seed_tensor(seed)
+    return out, hidden, bits if bits is not None else x.new_empty(0, dtype=torch.int32)
 
 
-def _bwd_fake(dout, x, hidden, w_down, w_up, scaling, seed, activation, dropout_p, has_residual, need_scaling_grad):
+def _bwd_fake(dout, x, hidden, w_down, w_up, scaling, bits, activation, dropout_p, has_residual, need_scaling_grad):
     return (x.new_empty(x.shape), w_down.new_empty(w_down.shape), w_up.new_empty(w_up.shape),
             scaling.new_empty((1,), dtype=torch.float32))
 
@@ -158,7 +159,7 @@ def bottleneck_adapter_bwd(
     w_down: torch.Tensor,
     w_up: torch.Tensor,
     scaling: torch.Tensor,
-    seed: torch.Tensor,
+    bits: torch.Tensor,
     activation: str,
     dropout_p: float,
     has_residual: bool,
@@ -168,7 +169,7 @@ def bottleneck_adapter_bwd(
     dx excludes the residual's own gradient (dout) when ``has_residual``."""
     dx, dwd, dwu, ds = _kernels().bottleneck_bwd(
         dout, x, hidden, w_down.to(x.dtype), w_up.to(x.dtype), scaling, activation=activation,
-        has_residual=has_residual, dropout_p=dropout_p, seed=int(seed.item()),  # a CPU scalar: no device sync
+        has_residual=has_residual, dropout_p=dropout_p, bits=bits if bits.numel() else None,
         need_scaling_grad=need_scaling_grad,
     )
     if ds is None:
@@ -178,16 +179,16 @@ def bottleneck_adapter_bwd(
 
 def _setup_context(ctx, inputs, output):
     x, w_down, w_up, scaling, residual, activation, dropout_p = inputs
-    _, hidden, seed = output
-    ctx.save_for_backward(x, w_down, w_up, scaling, hidden, seed)
+    _, hidden, bits = output
+    ctx.save_for_backward(x, w_down, w_up, scaling, hidden, bits)
     ctx.activation, ctx.dropout_p, ctx.has_residual = activation, dropout_p, residual is not None
 
 
-def _backward(ctx, dout, _dhidden, _dseed):
-    x, w_down, w_up, scaling, hidden, seed = ctx.saved_tensors
+def _backward(ctx, dout, _dhidden, _dbits):
+    x, w_down, w_up, scaling, hidden, bits = ctx.saved_tensors
     need_x, need_wd, need_wu, need_s, need_res = ctx.needs_input_grad[:5]
     dx, dwd, dwu, ds = bottleneck_adapter_bwd(
-        dout, x, hidden, w_down, w_up, scaling, seed, ctx.activation, ctx.dropout_p, ctx.has_residual, bool(need_s)
+        dout, x, hidden, w_down, w_up, scaling, bits, ctx.activation, ctx.dropout_p, ctx.has_residual, bool(need_s)
     )
     dres = dout if ctx.has_residual and need_res else None
     return (dx if need_x else None, dwd if need_wd else None, dwu if need_wu else None,

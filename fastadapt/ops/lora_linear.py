@@ -1,29 +1,50 @@
 """``fa.ops.lora_linear``: a frozen linear plus its LoRA term, with backend dispatch.
 
-The Triton backend is two custom ops (``fastadapt::lora_linear_fwd`` / ``_bwd``, with fake impls
-and registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break):
+The Triton backend is two custom ops (``fastadapt::lora_linear_fwd`` / ``_bwd``, with fake impls and
+registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break)::
 
-forward   S = scaling · drop(X) Aᵀ   (one pass over X)
-          Y = X Wᵀ + S Bᵀ (+ bias)   (cuBLAS base + fused epilogue, or one extra-K Triton GEMM)
-backward  dS = dY B, dB = dYᵀ S      (one pass over dY)
-          dX = dY W + mask ⊙ (scaling · dS A)/(1-p)
-          dA = scaling · dSᵀ (mask ⊙ X)/(1-p)
+    forward   S, mask = shrink(X)                 one pass over X; the dropout mask drawn once, kept
+                                                  packed (1 bit per element)
+              Y = X Wᵀ + S Bᵀ (+ bias)            the base GEMM joined to the rank term, by VARIANT
+    backward  dS = dY B, dB = dYᵀ S              one pass over dY
+              dX = dY W + mask ⊙ (s · dS A)       by VARIANT            (s = scaling / (1-p))
+              dA = s · dSᵀ (mask ⊙ X)             one pass over X
 
-Saved for backward: X (the graph holds it anyway), S (M × r) and the Philox seed: no dropout mask
-and no dropped copy of X. The seed is drawn from torch's generator for X's device, so
-``torch.manual_seed`` makes runs reproducible and ``torch.utils.checkpoint`` (which restores the RNG
-state) regenerates the same mask on recomputation.
+VARIANTS of joining the rank term to a frozen GEMM (forward Y and backward dX alike):
+``"addmm"`` — the rank term written first into the output, then cuBLAS accumulates the base
+product onto it (``addmm_``, beta=1): the extra read rides inside a compute-bound GEMM; the cuBLAS
+GEMM is never slower than the frozen layer's own. ``"epilogue"`` — cuBLAS first, then the rank
+term added by a read-modify-write pass. ``"fused"`` — one Triton GEMM with the rank as extra
+reduction steps: no extra pass at all, but as fast as cuBLAS only if the Triton GEMM is. Which
+wins is measured per shape on a GPU (``bench/``); until then ``addmm``.
+
+Saved for backward: X (the graph holds it anyway), S (M × r) and the packed mask (M·K/8 bytes):
+never a byte mask, never a dropped copy of X. The seed comes from torch's generator for X's
+device, so ``torch.manual_seed`` makes runs reproducible and ``torch.utils.checkpoint`` (which
+restores the RNG state) redraws the same mask on recomputation.
+
+The torch backend is ``reference.lora_linear_ref``; without gradients (inference, decode) it runs
+as three launches — base GEMM, rank projection, ``addmm_`` with the scaling as alpha — on
+low-precision copies of A and B cached until the parameters change.
 """
 
 from __future__ import annotations
 
-import torch
+import weakref
 
-from .. import _checks
-from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed, seed_tensor
+import torch
+import torch.nn.functional as F
+
+from .. import _checks, settings
+from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import resolve_backend, triton_usable
 from .reference import lora_linear_ref
+
+VARIANTS = ("addmm", "epilogue", "fused")
+DEFAULT_VARIANT = "addmm"
+#: (M, N, K) -> the variant a GPU run measured fastest for that shape (none measured yet).
+MEASURED_VARIANTS: dict[tuple[int, int, int], str] = {}
 
 _AVAILABLE = {"triton": triton_usable}
 
@@ -50,15 +71,13 @@ def lora_linear(
     ``dropout_p`` applies to the input of the LoRA path only; pass 0 in eval mode.
     ``backend``: "auto" | "torch" | "triton" (see ``FASTADAPT_BACKEND``).
     """
-    _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
-    chosen = selected_backend(x.device, backend)
-    if chosen == "torch":
-        return lora_linear_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
+    _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
+    if selected_backend(x.device, backend) == "torch":
+        return _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
     x, weight, bias = autocast_inputs(x, weight, bias)
     lead = x.shape[:-1]
-    y, _, _ = torch.ops.fastadapt.lora_linear_fwd(
-        x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, bias, float(scaling), float(dropout_p)
-    )
+    y, _, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, bias, float(scaling),
+                              float(dropout_p))
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -67,15 +86,55 @@ def selected_backend(device: torch.device, backend: str = "auto") -> str:
     return resolve_backend("lora_linear", backend, device, available=_AVAILABLE)
 
 
+def selected_variant(m: int, n: int, k: int) -> str:
+    """How the Triton path joins the rank term to the frozen GEMM for an (M, N, K) problem:
+    ``FASTADAPT_LORA_VARIANT`` if set, else the GPU-measured choice for the shape, else ``addmm``."""
+    forced = settings.lora_variant()
+    if forced is not None:
+        return _checks.one_of("FASTADAPT_LORA_VARIANT", forced, VARIANTS)
+    return MEASURED_VARIANTS.get((m, n, k), DEFAULT_VARIANT)
+
+
+# -- torch backend --------------------------------------------------------------------------------
+
+
+class _CastCache:
+    """Low-precision copies of adapter parameters, valid until the parameter changes (its version
+    counter moves: an optimizer step, a load) or dies. Keyed by identity, holding only weak refs."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if t.dtype == dtype:
+            return t
+        key = (id(t), dtype)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is t and entry[1] == t._version:
+            return entry[2]
+        if len(self._entries) > 4096:  # dead keys of freed parameters: drop them all
+            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+        cast = t.detach().to(dtype)
+        self._entries[key] = (weakref.ref(t), t._version, cast)
+        return cast
+
+
+_cast_cache = _CastCache()
+
+
+def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, lora_a, lora_b, bias)
+                                           if t is not None)
+    if grad or dropout_p > 0 or torch.compiler.is_compiling():
+        return lora_linear_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
+    # No gradient (inference, decode): three launches on cached low-precision A and B.
+    y = F.linear(x, weight, bias)
+    s = F.linear(x.to(y.dtype), _cast_cache.get(lora_a, y.dtype))
+    y.view(-1, y.shape[-1]).addmm_(s.view(-1, s.shape[-1]), _cast_cache.get(lora_b, y.dtype).t(), alpha=scaling)
+    return y
+
+
 # -- Triton backend: custom ops -------------------------------------------------------------------
-
-# When the extra-K Triton GEMM beats cuBLAS + epilogue is a per-shape measurement still owed to a GPU
-# session; until then the base product always runs on cuBLAS (never slower than the baseline).
-FUSED_GEMM_SHAPES: set[tuple[int, int, int]] = set()
-
-
-def _use_fused_gemm(m: int, n: int, k: int) -> bool:
-    return (m, n, k) in FUSED_GEMM_SHAPES
 
 
 def _kernels():
@@ -84,9 +143,37 @@ def _kernels():
     return kernels
 
 
+def _no_bits(x: torch.Tensor) -> torch.Tensor:
+    """The op's mask output when there is no dropout (custom ops return tensors, not None)."""
+    return x.new_empty(0, dtype=torch.int32)
+
+
+def _bits_or_none(bits: torch.Tensor) -> torch.Tensor | None:
+    return bits if bits.numel() else None
+
+
+def _keep_scale(scaling: float, dropout_p: float) -> float:
+    return scaling / (1.0 - dropout_p)
+
+
+def frozen_plus_rank(a, weight, s, b, *, bias=None, scale=1.0, bits=None, variant: str) -> torch.Tensor:
+    """``a @ weightᵀ + scale · [mask ⊙] (s @ bᵀ) (+ bias)`` by ``variant`` (see the module docstring):
+    forward Y (a = X, weight = W) and backward dX (a = dY, weight = Wᵀ, s = dS, b = Aᵀ)."""
+    kernels = _kernels()
+    if variant == "fused":
+        return kernels.lora_gemm(a, weight, s, b, scale=scale, bias=bias, bits=bits,
+                                 tune=settings.flag("FASTADAPT_AUTOTUNE"))
+    if variant == "epilogue":
+        out = a @ weight.t()
+        return kernels.lora_rank(s, b, out=out, scale=scale, bias=bias, bits=bits, accumulate=True)
+    out = kernels.lora_rank(s, b, out_dtype=a.dtype, scale=scale, bias=bias, bits=bits)
+    return out.addmm_(a, weight.t())
+
+
 def _fwd_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
-    m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
-    return x.new_empty(m, n), x.new_empty(m, r), torch.empty((), dtype=torch.int64)
+    m, k = x.shape
+    bits = x.new_empty((m, (k + 31) // 32) if dropout_p > 0 else (0,), dtype=torch.int32)
+    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_a.shape[0]), bits
 
 
 @custom_op("lora_linear_fwd", fake=_fwd_fake)
@@ -99,21 +186,15 @@ def lora_linear_fwd(
     scaling: float,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (y (M, N), s (M, r), seed (int64 scalar on CPU))."""
-    kernels = _kernels()
+    """x (M, K) -> (y (M, N), s (M, r), the packed dropout mask (M, ⌈K/32⌉) int32 or empty)."""
     seed = draw_seed(x.device) if dropout_p > 0 else 0
-    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    s = kernels.lora_shrink(x, a, scaling=scaling, dropout_p=dropout_p, seed=seed)
+    s, bits = _kernels().lora_shrink(x, lora_a, scaling=scaling, dropout_p=dropout_p, seed=seed)
     m, k = x.shape
-    n = weight.shape[0]
-    if _use_fused_gemm(m, n, k):
-        y = kernels.lora_expand(x, weight, s, b, bias)
-    else:
-        y = kernels.lora_add_epilogue(x @ weight.t(), s, b, bias)
-    return y, s, seed_tensor(seed)
+    y = frozen_plus_rank(x, weight, s, lora_b, bias=bias, variant=selected_variant(m, weight.shape[0], k))
+    return y, s, bits if bits is not None else _no_bits(x)
 
 
-def _bwd_fake(dy, x, weight, lora_a, lora_b, s, seed, scaling, dropout_p, need_dx):
+def _bwd_fake(dy, x, weight, lora_a, lora_b, s, bits, scaling, dropout_p, need_dx):
     dx = dy.new_empty(x.shape) if need_dx else dy.new_empty(0)
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
@@ -126,43 +207,38 @@ def lora_linear_bwd(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     s: torch.Tensor,
-    seed: torch.Tensor,
+    bits: torch.Tensor,
     scaling: float,
     dropout_p: float,
     need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx (M, K) or empty, d lora_a (r, K), d lora_b (N, r)) in the parameters' dtypes."""
     kernels = _kernels()
-    seed_value = int(seed.item())  # a CPU scalar: no device sync
-    a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
-    ds, db = kernels.lora_dy_pass(dy, s, b)
+    mask = _bits_or_none(bits)
+    ds, db = kernels.lora_dy_pass(dy, s, lora_b)
+    scale = _keep_scale(scaling, dropout_p)
     if need_dx:
         m, n = dy.shape
-        k = weight.shape[1]
-        if _use_fused_gemm(m, n, k):
-            dx = kernels.lora_dx(dy, weight, ds, a, scaling=scaling, dropout_p=dropout_p, seed=seed_value)
-        else:
-            dx = kernels.lora_dx_epilogue(dy @ weight, ds, a, scaling=scaling, dropout_p=dropout_p, seed=seed_value)
+        dx = frozen_plus_rank(dy, weight.t(), ds, lora_a.t(), scale=scale, bits=mask,
+                              variant=selected_variant(m, n, weight.shape[1]))
     else:
         dx = dy.new_empty(0)
-    da = kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, seed=seed_value)
+    da = kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, bits=mask)
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, lora_a, lora_b, bias, scaling, dropout_p = inputs
-    _, s, seed = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, s, seed)
+    _, s, bits = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s, bits)
     ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
 
 
-def _backward(ctx, dy, _ds, _dseed):
-    x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
+def _backward(ctx, dy, _ds, _dbits):
+    x, weight, lora_a, lora_b, s, bits = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-    dx, da, db = torch.ops.fastadapt.lora_linear_bwd(
-        dy, x, weight, lora_a, lora_b, s, seed, ctx.scaling, ctx.dropout_p, bool(need_x)
-    )
+    dx, da, db = lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, bits, ctx.scaling, ctx.dropout_p, bool(need_x))
     dweight = (dy.t() @ x).to(weight.dtype) if need_w else None  # the base product sees no dropout
     dbias = dy.sum(0).to(weight.dtype) if need_bias and ctx.has_bias else None
     return (dx if need_x else None), dweight, (da if need_a else None), (db if need_b else None), dbias, None, None
@@ -188,9 +264,9 @@ def lora_linear_group(
     """``[lora_linear(x, weights[i], lora_as[i], lora_bs[i], ...)]`` for layers that read the same x.
 
     On the Triton backend S for every member comes from one pass over X (the A's concatenated),
-    the backward reads X once for every dA, and dX is one sum of the members' dY W plus one rank
-    epilogue. The members then share one dropout mask per call (each still drops with
-    probability ``dropout_p``); the torch backend draws one mask per member.
+    the backward reads X once for every dA, and dX is one rank term plus each member's dY W
+    accumulated onto it by cuBLAS. The members then share one dropout mask per call (each still
+    drops with probability ``dropout_p``); the torch backend draws one mask per member.
     """
     biases = list(biases) if biases is not None else [None] * len(weights)
     if not (len(weights) == len(lora_as) == len(lora_bs) == len(biases)) or not weights:
@@ -199,20 +275,16 @@ def lora_linear_group(
             f"{len(weights)}, {len(lora_as)}, {len(lora_bs)}, {len(biases)}"
         )
     for w, a, b, c in zip(weights, lora_as, lora_bs, biases):
-        _validate_lora_linear(x, w, a, b, scaling, c, dropout_p)
-    chosen = selected_backend(x.device, backend)
-    if chosen == "torch":
-        return [
-            lora_linear_ref(x, w, a, b, scaling=scaling, bias=c, dropout_p=dropout_p)
-            for w, a, b, c in zip(weights, lora_as, lora_bs, biases)
-        ]
+        _validate(x, w, a, b, scaling, c, dropout_p)
+    if selected_backend(x.device, backend) == "torch":
+        return [_torch_path(x, w, a, b, scaling, c, dropout_p) for w, a, b, c in zip(weights, lora_as, lora_bs, biases)]
     x_in = x
     cast = []
     for w, c in zip(weights, biases):
         x_in, w, c = autocast_inputs(x, w, c)
         cast.append((w, c))
     lead = x.shape[:-1]
-    ys, _, _ = torch.ops.fastadapt.lora_linear_group_fwd(
+    ys, _, _ = lora_linear_group_fwd(
         x_in.reshape(-1, x.shape[-1]),
         [w for w, _ in cast],
         list(lora_as),
@@ -233,9 +305,10 @@ def _rank_slices(lora_as: list[torch.Tensor]) -> list[slice]:
 
 
 def _group_fwd_fake(x, weights, lora_as, lora_bs, biases, scaling, dropout_p):
-    m = x.shape[0]
+    m, k = x.shape
     r = sum(a.shape[0] for a in lora_as)
-    return [x.new_empty(m, w.shape[0]) for w in weights], x.new_empty(m, r), torch.empty((), dtype=torch.int64)
+    bits = x.new_empty((m, (k + 31) // 32) if dropout_p > 0 else (0,), dtype=torch.int32)
+    return [x.new_empty(m, w.shape[0]) for w in weights], x.new_empty(m, r), bits
 
 
 @custom_op("lora_linear_group_fwd", fake=_group_fwd_fake)
@@ -248,19 +321,20 @@ def lora_linear_group_fwd(
     scaling: float,
     dropout_p: float,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (ys [(M, N_i)], s_cat (M, Σr_i), seed)."""
-    kernels = _kernels()
+    """x (M, K) -> (ys [(M, N_i)], s_cat (M, Σr_i), the shared packed mask or empty)."""
     seed = draw_seed(x.device) if dropout_p > 0 else 0
-    a_cat = torch.cat([a.to(x.dtype) for a in lora_as])
-    s_cat = kernels.lora_shrink(x, a_cat, scaling=scaling, dropout_p=dropout_p, seed=seed)
+    s_cat, bits = _kernels().lora_shrink(x, torch.cat(list(lora_as)), scaling=scaling, dropout_p=dropout_p,
+                                         seed=seed)
+    m, k = x.shape
     ys = [
-        kernels.lora_add_epilogue(x @ w.t(), s_cat[:, sl], b.to(x.dtype), c if c.numel() else None)
+        frozen_plus_rank(x, w, s_cat[:, sl], b, bias=c if c.numel() else None,
+                         variant=selected_variant(m, w.shape[0], k))
         for w, b, c, sl in zip(weights, lora_bs, biases, _rank_slices(lora_as))
     ]
-    return ys, s_cat, seed_tensor(seed)
+    return ys, s_cat, bits if bits is not None else _no_bits(x)
 
 
-def _group_bwd_fake(dys, x, weights, lora_as, lora_bs, s_cat, seed, scaling, dropout_p, need_dx):
+def _group_bwd_fake(dys, x, weights, lora_as, lora_bs, s_cat, bits, scaling, dropout_p, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, [a.new_empty(a.shape) for a in lora_as], [b.new_empty(b.shape) for b in lora_bs]
 
@@ -273,14 +347,14 @@ def lora_linear_group_bwd(
     lora_as: list[torch.Tensor],
     lora_bs: list[torch.Tensor],
     s_cat: torch.Tensor,
-    seed: torch.Tensor,
+    bits: torch.Tensor,
     scaling: float,
     dropout_p: float,
     need_dx: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """-> (dx (M, K) or empty, [d lora_a_i], [d lora_b_i]); ``dys[i]`` may be empty (no gradient)."""
     kernels = _kernels()
-    seed_value = int(seed.item())
+    mask = _bits_or_none(bits)
     m, k = x.shape
     slices = _rank_slices(lora_as)
     ds_parts, dbs = [], []
@@ -289,41 +363,44 @@ def lora_linear_group_bwd(
             ds_parts.append(torch.zeros(m, sl.stop - sl.start, device=x.device, dtype=torch.float32))
             dbs.append(torch.zeros_like(b))
             continue
-        ds, db = kernels.lora_dy_pass(dy, s_cat[:, sl], b.to(dy.dtype))
+        ds, db = kernels.lora_dy_pass(dy, s_cat[:, sl], b)
         ds_parts.append(ds)
         dbs.append(db.to(b.dtype))
     ds_cat = torch.cat(ds_parts, dim=1)
-    a_cat = torch.cat([a.to(x.dtype) for a in lora_as])
-    if need_dx:
-        dx = torch.zeros(m, k, device=x.device, dtype=x.dtype)
-        for dy, w in zip(dys, weights):
-            if dy.numel():
-                dx.addmm_(dy, w)
-        kernels.lora_dx_epilogue(dx, ds_cat, a_cat, scaling=scaling, dropout_p=dropout_p, seed=seed_value)
+    a_cat = torch.cat(list(lora_as))
+    scale = _keep_scale(scaling, dropout_p)
+    live = [(dy, w) for dy, w in zip(dys, weights) if dy.numel()]
+    if need_dx and live:
+        (dy0, w0), rest = live[0], live[1:]
+        dx = frozen_plus_rank(dy0, w0.t(), ds_cat, a_cat.t(), scale=scale, bits=mask,
+                              variant=selected_variant(m, dy0.shape[1], k))
+        for dy, w in rest:
+            dx.addmm_(dy, w)  # cuBLAS, beta=1: the other members' dY W onto the same dX
+    elif need_dx:
+        dx = x.new_zeros(x.shape)
     else:
         dx = x.new_empty(0)
-    da_cat = kernels.lora_grad_a(x, ds_cat, scaling=scaling, dropout_p=dropout_p, seed=seed_value)
+    da_cat = kernels.lora_grad_a(x, ds_cat, scaling=scaling, dropout_p=dropout_p, bits=mask)
     das = [da_cat[sl].to(a.dtype, copy=True) for a, sl in zip(lora_as, slices)]  # outputs must not alias
     return dx, das, dbs
 
 
 def _group_setup_context(ctx, inputs, output):
     x, weights, lora_as, lora_bs, biases, scaling, dropout_p = inputs
-    _, s_cat, seed = output
-    n = len(weights)
-    ctx.n = n
-    ctx.save_for_backward(x, s_cat, seed, *weights, *lora_as, *lora_bs)
+    _, s_cat, bits = output
+    ctx.n = len(weights)
+    ctx.save_for_backward(x, s_cat, bits, *weights, *lora_as, *lora_bs)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _group_backward(ctx, dys, _ds, _dseed):
-    x, s_cat, seed, *rest = ctx.saved_tensors
+def _group_backward(ctx, dys, _ds, _dbits):
+    x, s_cat, bits, *rest = ctx.saved_tensors
     n = ctx.n
     weights, lora_as, lora_bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
     dys = [x.new_empty(0) if dy is None else (dy if dy.stride(-1) == 1 else dy.contiguous()) for dy in dys]
     need_x = ctx.needs_input_grad[0]
-    dx, das, dbs = torch.ops.fastadapt.lora_linear_group_bwd(
-        dys, x, list(weights), list(lora_as), list(lora_bs), s_cat, seed, ctx.scaling, ctx.dropout_p, bool(need_x)
+    dx, das, dbs = lora_linear_group_bwd(
+        dys, x, list(weights), list(lora_as), list(lora_bs), s_cat, bits, ctx.scaling, ctx.dropout_p, bool(need_x)
     )
     # Frozen base weights and biases get no gradient here; LoraLinear never trains them.
     return (dx if need_x else None), [None] * n, das, dbs, [None] * n, None, None
@@ -335,7 +412,24 @@ register_autograd(lora_linear_group_fwd, backward=_group_backward, setup_context
 # -- validation -----------------------------------------------------------------------------------
 
 
-def _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
+#: Metadata of argument sets that passed validation: a repeated call (every decode step) pays a
+#: tuple and a set lookup instead of the checks. Unbounded growth is prevented by a cap.
+_VALID: set[tuple] = set()
+
+
+def _meta(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
+def _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
+    try:
+        key = (type(x), x.dtype, x.device, x.dim(), x.shape[-1], _meta(weight), _meta(lora_a), _meta(lora_b),
+               _meta(bias), type(scaling), scaling, type(dropout_p), dropout_p,
+               torch.is_autocast_enabled(x.device.type))
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        key = None  # not even tensors: the checks below say what is wrong
+    if key is not None and key in _VALID:
+        return
     check_tensors(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     n, k = check_linear(x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != k:
@@ -347,3 +441,5 @@ def _validate_lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -
         raise ValueError(f"lora_b must have shape (out_features, r) = ({n}, {r}), got {tuple(lora_b.shape)}")
     _checks.finite_number("scaling", scaling)
     check_dropout_p(dropout_p)
+    if key is not None and len(_VALID) < 4096:
+        _VALID.add(key)

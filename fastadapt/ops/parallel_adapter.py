@@ -4,13 +4,15 @@
 Triton backend: the LoRA extra-K structure with the activation applied to S (custom ops
 ``fastadapt::parallel_adapter_fwd/_bwd``, LoRA kernels from ``kernels/lora_linear.py``)::
 
-    forward   H = drop(x) W_downᵀ               lora_shrink (one pass over x), saved (M × b)
+    forward   H, mask = drop(x) W_downᵀ         lora_shrink (one pass over x; the mask drawn once,
+                                                kept packed), H saved (M × b)
               S = s · act(H)                    torch, M × b elementwise
-              Y = x Wᵀ + S W_upᵀ (+ bias)        cuBLAS + lora_add_epilogue
-    backward  dS = dY W_up, dW_up = dYᵀ S        lora_dy_pass (one pass over dY)
+              Y = x Wᵀ + S W_upᵀ (+ bias)        the frozen GEMM joined to the rank term (LoRA's
+                                                variants: ops/lora_linear.py)
+    backward  dS = dY W_up, dW_up = dYᵀ S        lora_dy_pass
               dH = s · dS ⊙ act'(H)             torch, M × b elementwise (ds = Σ dS ⊙ act(H))
-              dX = dY W + mask ⊙ (dH W_down)/(1-p)   cuBLAS + lora_dx_epilogue
-              dW_down = dHᵀ (mask ⊙ x)/(1-p)    lora_grad_a (mask regenerated)
+              dX = dY W + mask ⊙ (dH W_down)/(1-p)   as LoRA's dX
+              dW_down = dHᵀ (mask ⊙ x)/(1-p)    lora_grad_a (the stored mask)
 
 S is recomputed from H in backward (M × b elementwise) instead of being saved too. The CUDA
 backend runs the series kernel (``fa.ops.bottleneck_adapter``) with ``residual = x Wᵀ + bias``.
@@ -21,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._inputs import autocast_inputs, check_linear, check_tensors, draw_seed, seed_tensor
+from ._inputs import autocast_inputs, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, scaling_tensor
+from .lora_linear import frozen_plus_rank, selected_variant
 from .reference import BOTTLENECK_ACTIVATIONS, activation_grad, parallel_adapter_ref
 
 __all__ = ["parallel_adapter", "selected_backend"]
@@ -88,8 +91,9 @@ def _s_from_h(h: torch.Tensor, scaling: torch.Tensor, activation: str) -> torch.
 
 
 def _fwd_fake(x, weight, w_down, w_up, bias, scaling, activation, dropout_p):
-    m, n, b = x.shape[0], weight.shape[0], w_down.shape[0]
-    return x.new_empty(m, n), x.new_empty(m, b), torch.empty((), dtype=torch.int64)
+    (m, k), n, b = x.shape, weight.shape[0], w_down.shape[0]
+    bits = x.new_empty((m, (k + 31) // 32) if dropout_p > 0 else (0,), dtype=torch.int32)
+    return x.new_empty(m, n), x.new_empty(m, b), bits
 
 
 @custom_op("parallel_adapter_fwd", fake=_fwd_fake)
@@ -103,17 +107,16 @@ def parallel_adapter_fwd(
     activation: str,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (y (M, N), H (M, b) pre-activation (dropout applied), seed)."""
-    kernels = _kernels()
+    """x (M, K) -> (y (M, N), H (M, b) pre-activation (dropout applied), the packed mask or empty)."""
     seed = draw_seed(x.device) if dropout_p > 0 else 0
-    wd, wu = w_down.to(x.dtype), w_up.to(x.dtype)
-    h = kernels.lora_shrink(x, wd, scaling=1.0, dropout_p=dropout_p, seed=seed)
-    s = _s_from_h(h, scaling, activation)
-    y = kernels.lora_add_epilogue(x @ weight.t(), s, wu, bias)
-    return y, h, seed_tensor(seed)
+    h, bits = _kernels().lora_shrink(x, w_down, scaling=1.0, dropout_p=dropout_p, seed=seed)
+    (m, k), n = x.shape, weight.shape[0]
+    y = frozen_plus_rank(x, weight, _s_from_h(h, scaling, activation), w_up, bias=bias,
+                         variant=selected_variant(m, n, k))
+    return y, h, bits if bits is not None else x.new_empty(0, dtype=torch.int32)
 
 
-def _bwd_fake(dy, x, weight, w_down, w_up, h, scaling, seed, activation, dropout_p, need_dx, need_scaling_grad):
+def _bwd_fake(dy, x, weight, w_down, w_up, h, scaling, bits, activation, dropout_p, need_dx, need_scaling_grad):
     dx = dy.new_empty(x.shape) if need_dx else dy.new_empty(0)
     return (dx, w_down.new_empty(w_down.shape), w_up.new_empty(w_up.shape),
             scaling.new_empty((1,), dtype=torch.float32))
@@ -128,7 +131,7 @@ def parallel_adapter_bwd(
     w_up: torch.Tensor,
     h: torch.Tensor,
     scaling: torch.Tensor,
-    seed: torch.Tensor,
+    bits: torch.Tensor,
     activation: str,
     dropout_p: float,
     need_dx: bool,
@@ -136,10 +139,9 @@ def parallel_adapter_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx (M, K) or empty, d w_down, d w_up (parameters' dtypes), d scaling (1,) fp32)."""
     kernels = _kernels()
-    seed_value = int(seed.item())  # a CPU scalar: no device sync
-    wd, wu = w_down.to(dy.dtype), w_up.to(dy.dtype)
+    mask = bits if bits.numel() else None
     s = _s_from_h(h, scaling, activation)
-    dS, dwu = kernels.lora_dy_pass(dy, s, wu)  # dS = dY W_up (fp32), dW_up = dYᵀ S
+    dS, dwu = kernels.lora_dy_pass(dy, s, w_up)  # dS = dY W_up (fp32), dW_up = dYᵀ S
     hf = h.float()
     if need_scaling_grad:
         ds = (dS * BOTTLENECK_ACTIVATIONS[activation](hf)).sum().reshape(1)
@@ -147,26 +149,28 @@ def parallel_adapter_bwd(
         ds = torch.zeros(1, dtype=torch.float32, device=dy.device)
     dH = dS * activation_grad(hf, activation) * scaling  # fp32 (M, b)
     if need_dx:
-        dx = kernels.lora_dx_epilogue(dy @ weight, dH, wd, scaling=1.0, dropout_p=dropout_p, seed=seed_value)
+        m, n = dy.shape
+        dx = frozen_plus_rank(dy, weight.t(), dH, w_down.t(), scale=1.0 / (1.0 - dropout_p), bits=mask,
+                              variant=selected_variant(m, n, weight.shape[1]))
     else:
         dx = dy.new_empty(0)
-    dwd = kernels.lora_grad_a(x, dH, scaling=1.0, dropout_p=dropout_p, seed=seed_value)
+    dwd = kernels.lora_grad_a(x, dH, scaling=1.0, dropout_p=dropout_p, bits=mask)
     return dx, dwd.to(w_down.dtype), dwu.to(w_up.dtype), ds
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, w_down, w_up, bias, scaling, activation, dropout_p = inputs
-    _, h, seed = output
-    ctx.save_for_backward(x, weight, w_down, w_up, h, scaling, seed)
+    _, h, bits = output
+    ctx.save_for_backward(x, weight, w_down, w_up, h, scaling, bits)
     ctx.activation, ctx.dropout_p, ctx.has_bias = activation, dropout_p, bias is not None
 
 
-def _backward(ctx, dy, _dh, _dseed):
-    x, weight, w_down, w_up, h, scaling, seed = ctx.saved_tensors
+def _backward(ctx, dy, _dh, _dbits):
+    x, weight, w_down, w_up, h, scaling, bits = ctx.saved_tensors
     need_x, need_w, need_wd, need_wu, need_bias, need_s = ctx.needs_input_grad[:6]
     dy = dy.contiguous() if dy.stride(-1) != 1 else dy
     dx, dwd, dwu, ds = parallel_adapter_bwd(
-        dy, x, weight, w_down, w_up, h, scaling, seed, ctx.activation, ctx.dropout_p, bool(need_x), bool(need_s)
+        dy, x, weight, w_down, w_up, h, scaling, bits, ctx.activation, ctx.dropout_p, bool(need_x), bool(need_s)
     )
     dweight = (dy.t() @ x).to(weight.dtype) if need_w else None  # the frozen path sees no dropout
     dbias = dy.sum(0).to(weight.dtype) if need_bias and ctx.has_bias else None

@@ -66,10 +66,11 @@ def _make(M, d_in, d_out, b, dtype, *, seed=0):
 def _run_and_check(x, w_down, w_up, residual, dout, scaling, *, activation, p=0.0, seed=0, learned=True):
     dtype = x.dtype
     M, d_in = x.shape
-    out, hidden = K.bottleneck_fwd(x, w_down, w_up, scaling, activation=activation, residual=residual,
-                                   dropout_p=p, seed=seed)
+    out, hidden, bits = K.bottleneck_fwd(x, w_down, w_up, scaling, activation=activation, residual=residual,
+                                         dropout_p=p, seed=seed)
+    assert (bits is None) == (p == 0)
     dx, dwd, dwu, ds = K.bottleneck_bwd(dout, x, hidden, w_down, w_up, scaling, activation=activation,
-                                        has_residual=residual is not None, dropout_p=p, seed=seed,
+                                        has_residual=residual is not None, dropout_p=p, bits=bits,
                                         need_scaling_grad=learned)
     assert out.dtype == dtype and hidden.dtype == dtype and dx.dtype == dtype
     assert dwd.dtype == torch.float32 and dwu.dtype == torch.float32
@@ -125,7 +126,7 @@ def test_fwd_bwd_match_float64(M, d_in, d_out, b, activation, dtype):
 
 def test_scaling_grad_only_when_asked_and_backward_deterministic():
     x, w_down, w_up, residual, dout, scaling = _make(17, 40, None, 24, torch.float32, seed=1)
-    out, hidden = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="gelu")
+    out, hidden, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="gelu")
     kw = dict(activation="gelu", has_residual=False)
     r1 = K.bottleneck_bwd(dout, x, hidden, w_down, w_up, scaling, **kw)
     assert r1[3] is None
@@ -138,8 +139,8 @@ def test_scaling_grad_only_when_asked_and_backward_deterministic():
 def test_scaling_is_read_on_device():
     """A different scaling tensor (e.g. a learned one after a step) changes out without recompiling."""
     x, w_down, w_up, residual, dout, scaling = _make(3, 40, None, 8, torch.float32)
-    out1, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="tanh")
-    out2, _ = K.bottleneck_fwd(x, w_down, w_up, scaling * 2, activation="tanh")
+    out1, _, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="tanh")
+    out2, _, _ = K.bottleneck_fwd(x, w_down, w_up, scaling * 2, activation="tanh")
     torch.testing.assert_close(out2 - x, 2 * (out1 - x), rtol=1e-5, atol=1e-6)
 
 
@@ -207,11 +208,11 @@ def test_dropout_fwd_bwd_use_the_mask(d_out):
     x, w_down, w_up, residual, dout, scaling = _make(17, 40, d_out, 8, torch.float32, seed=6)
     got = _run_and_check(x, w_down, w_up, residual, dout, scaling, activation="gelu", p=p, seed=seed)
     # a new seed changes the forward (new mask)
-    out2, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="gelu", residual=residual,
+    out2, _, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="gelu", residual=residual,
                                dropout_p=p, seed=seed + 1)
     assert (out2 - got[0]).abs().max() > 1e-3
     # p = 0 equals no dropout at all, whatever the seed
-    out3, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="gelu", residual=residual, seed=99)
+    out3, _, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="gelu", residual=residual, seed=99)
     want = _reference(x, w_down, w_up, scaling, activation="gelu", residual=residual, keep=None, p=0.0,
                       dout=dout, dtype=torch.float64, learned=False)[0]
     torch.testing.assert_close(out3.double(), want, rtol=1e-5, atol=1e-5)
@@ -219,7 +220,7 @@ def test_dropout_fwd_bwd_use_the_mask(d_out):
 
 def test_empty_rows():
     x, w_down, w_up, residual, dout, scaling = _make(0, 40, None, 8, torch.float32)
-    out, hidden = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="tanh")
+    out, hidden, _ = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="tanh")
     assert out.shape == (0, 40) and hidden.shape == (0, 8)
     dx, dwd, dwu, ds = K.bottleneck_bwd(dout, x, hidden, w_down, w_up, scaling, activation="tanh",
                                         has_residual=False, need_scaling_grad=True)
@@ -249,7 +250,7 @@ def test_bad_inputs_name_the_argument():
         fwd(x[None], w_down, w_up, scaling, activation="tanh")
     with pytest.raises(ValueError, match="x must be float16, bfloat16 or float32"):
         fwd(x.double(), w_down.double(), w_up.double(), scaling, activation="tanh")
-    _, hidden = fwd(x, w_down, w_up, scaling, activation="tanh")
+    _, hidden, _ = fwd(x, w_down, w_up, scaling, activation="tanh")
     with pytest.raises(ValueError, match=r"hidden must have shape \(M, b\)"):
         K.bottleneck_bwd(dout, x, hidden[:, :7], w_down, w_up, scaling, activation="tanh", has_residual=False)
     with pytest.raises(ValueError, match=r"dout must have shape \(M, d_out\)"):

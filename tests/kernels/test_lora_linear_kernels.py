@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from fastadapt.kernels import _common  # noqa: E402
 from fastadapt.kernels import lora_linear as L  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -94,13 +95,13 @@ def _lowp(dtype, fn):
 
 
 # ----------------------------------------------------------------------------------------------
-# dropout mask
+# dropout mask: drawn once, stored packed
 # ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_statistics_and_seeds(p):
-    M, K = 64, 130  # 8320 elements
+    M, K = 64, 130  # 8320 elements; K not a multiple of 32
     m = L.dropout_mask(1234, M, K, p, device="cpu")
     assert m.dtype == torch.bool and m.shape == (M, K)
     kept = m.float().mean().item()
@@ -108,8 +109,20 @@ def test_dropout_mask_statistics_and_seeds(p):
     assert torch.equal(m, L.dropout_mask(1234, M, K, p, device="cpu")), "same seed, different mask"
     other = L.dropout_mask(1235, M, K, p, device="cpu")
     assert (other != m).float().mean().item() > 0.05, "a new seed must give a new mask"
-    # a row of the (M, K) mask depends on the logical index m*K + k only
+    # a row depends on its logical index only, not on M
     assert torch.equal(L.dropout_mask(1234, 2 * M, K, p, device="cpu")[:M], m)
+    # neighbouring elements (the four outputs of one Philox call) are not correlated
+    pairs = (m[:, 0:128:2] == m[:, 1:128:2]).float().mean().item()
+    assert abs(pairs - ((1 - p) ** 2 + p**2)) < 0.05
+
+
+def test_packed_mask_layout():
+    bits = L.dropout_bits(99, 5, 70, 0.5, device="cpu")
+    assert bits.dtype == torch.int32 and bits.shape == (5, 3)  # ceil(70 / 32) words per row
+    mask = _common.unpack_bits(bits, 70)
+    for j in (0, 31, 32, 69):  # bit j % 32 of word j // 32
+        assert torch.equal(mask[:, j], ((bits[:, j // 32] >> (j % 32)) & 1).bool())
+    assert not (bits[:, 2] >> 6).any(), "bits past K must be zero"
 
 
 def test_large_seed_same_mask_everywhere():
@@ -118,8 +131,8 @@ def test_large_seed_same_mask_everywhere():
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     assert not torch.equal(mask, L.dropout_mask(seed & 0xFFFFFFFF, M, K, p, device="cpu"))
     x = _x(M, K, F32, True) + 3.0
-    s = L.lora_shrink(x, torch.eye(K), scaling=1.0, dropout_p=p, seed=seed)
-    assert torch.equal(s != 0, mask)
+    s, bits = L.lora_shrink(x, torch.eye(K), scaling=1.0, dropout_p=p, seed=seed)
+    assert torch.equal(s != 0, mask) and torch.equal(_common.unpack_bits(bits, K), mask)
 
 
 def test_dropout_mask_p0_keeps_all():
@@ -127,7 +140,7 @@ def test_dropout_mask_p0_keeps_all():
 
 
 # ----------------------------------------------------------------------------------------------
-# shrink: s = scaling * dropout(x) @ A^T
+# shrink: s = scaling * dropout(x) @ A^T, the mask stored
 # ----------------------------------------------------------------------------------------------
 
 
@@ -146,19 +159,29 @@ def test_dropout_mask_p0_keeps_all():
 def test_shrink(M, K, R, dtype, noncontig):
     x = _x(M, K, dtype, noncontig)
     a = _rand(R, K, dtype=dtype, seed=3)
-    s = L.lora_shrink(x, a, scaling=0.75)
-    assert s.dtype == dtype and s.shape == (M, R) and s.is_contiguous()
+    s, bits = L.lora_shrink(x, a, scaling=0.75)
+    assert bits is None and s.dtype == dtype and s.shape == (M, R) and s.is_contiguous()
     ref = 0.75 * _d(x) @ _d(a).T
     assert_matches(s, ref, _lowp(dtype, lambda: (x @ a.T) * 0.75))
 
 
+def test_shrink_takes_fp32_master_weights():
+    """An fp32 A with bf16 x is rounded on load: the same S as casting A first."""
+    x = _x(17, 72, BF16, True)
+    a = _rand(8, 72, seed=3)
+    torch.testing.assert_close(L.lora_shrink(x, a, scaling=2.0)[0], L.lora_shrink(x, a.to(BF16), scaling=2.0)[0],
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_shrink_dropout(dtype):
-    M, K, R, p, seed = 17, 72, 8, 0.3, 99
+@pytest.mark.parametrize("R", [8, 300])  # 300: several rank tiles, the first alone stores the mask
+def test_shrink_dropout(dtype, R):
+    M, K, p, seed = 17, 72, 0.3, 99
     x = _x(M, K, dtype, True)
     a = _rand(R, K, dtype=dtype, seed=3)
-    s = L.lora_shrink(x, a, scaling=2.0, dropout_p=p, seed=seed)
+    s, bits = L.lora_shrink(x, a, scaling=2.0, dropout_p=p, seed=seed)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    assert torch.equal(_common.unpack_bits(bits, K), mask)
     xd = _d(x) * mask / (1 - p)
     ref = 2.0 * xd @ _d(a).T
     assert_matches(s, ref, _lowp(dtype, lambda: ((x * mask / (1 - p)).to(dtype) @ a.T) * 2.0))
@@ -169,11 +192,12 @@ def test_shrink_group_concat_r24():
     M, K = 17, 100
     x = _x(M, K, F32, True)
     parts = [_rand(8, K, seed=10 + i) for i in range(3)]
-    s = L.lora_shrink(x, torch.cat(parts), scaling=0.5, dropout_p=0.2, seed=5)
+    s, bits = L.lora_shrink(x, torch.cat(parts), scaling=0.5, dropout_p=0.2, seed=5)
     assert s.shape == (M, 24)
     for i, a in enumerate(parts):
-        si = L.lora_shrink(x, a, scaling=0.5, dropout_p=0.2, seed=5)
+        si, bi = L.lora_shrink(x, a, scaling=0.5, dropout_p=0.2, seed=5)
         torch.testing.assert_close(s[:, 8 * i : 8 * (i + 1)], si, rtol=1e-5, atol=1e-5)
+        assert torch.equal(bi, bits)
     mask = L.dropout_mask(5, M, K, 0.2, device="cpu")
     assert_matches(s, 0.5 * (_d(x) * mask / 0.8) @ _d(torch.cat(parts)).T)
 
@@ -183,17 +207,17 @@ def test_shrink_mask_is_dropout_mask(p):
     """With A = I, s = scaling * mask * x / (1-p) elementwise: the kernel's mask is visible."""
     M, K, seed = 33, 40, 2024
     x = _x(M, K, F32, True) + 3.0  # no zeros in x, so zeros in s are drops
-    s = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
+    s, bits = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
-    assert torch.equal(s != 0, mask)
+    assert torch.equal(s != 0, mask) and torch.equal(_common.unpack_bits(bits, K), mask)
     torch.testing.assert_close(s[mask], (1.5 / (1 - p)) * x[mask], rtol=1e-6, atol=0)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.08
-    s2 = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed + 1)
+    s2, _ = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed + 1)
     assert not torch.equal(s2 != 0, mask), "a new seed must give a new mask"
 
 
 # ----------------------------------------------------------------------------------------------
-# forward: expand (one GEMM) and the cuBLAS + epilogue path
+# joining the rank term to the frozen GEMM: fused GEMM, rank pass (+ cuBLAS addmm_), epilogue
 # ----------------------------------------------------------------------------------------------
 
 _FWD_CASES = [
@@ -204,89 +228,97 @@ _FWD_CASES = [
     (129, 40, 72, 16, BF16, True, False, False),
     (17, 72, 100, 40, F32, False, True, False),
     (3, 40, 72, 24, F16, True, False, True),
-    (17, 40, 100, 100, F32, True, True, False),  # R > the 64-wide rank step: two rank K-steps
+    (17, 40, 100, 100, F32, True, True, False),  # R > the 64-wide rank step: two rank steps
 ]
 
 
-@pytest.mark.parametrize("M,K,N,R,dtype,has_bias,noncontig,wt", _FWD_CASES)
-def test_expand(M, K, N, R, dtype, has_bias, noncontig, wt):
+def _fwd_inputs(M, K, N, R, dtype, has_bias, noncontig, wt):
     x = _x(M, K, dtype, noncontig)
     w = _w(N, K, dtype, wt)
     s = _rand(M, R, dtype=dtype, seed=4)
-    b = _rand(N, R, dtype=dtype, seed=5)
+    b = _rand(N, R, seed=5)  # fp32 master copy: rounded to s's dtype on load
     bias = _rand(N, dtype=dtype, seed=6) if has_bias else None
-    y = L.lora_expand(x, w, s, b, bias)
-    assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
-    ref = _d(x) @ _d(w).T + _d(s) @ _d(b).T
-    if has_bias:
-        ref = ref + _d(bias)
+    ref = _d(x) @ _d(w).T + _d(s) @ _d(b.to(dtype)).T + (_d(bias) if has_bias else 0.0)
 
     def torch_lowp():
-        out = x @ w.T + s @ b.T
+        out = x @ w.T + s @ b.to(dtype).T
         return out + bias if has_bias else out
 
-    assert_matches(y, ref, _lowp(dtype, torch_lowp))
+    return x, w, s, b, bias, ref, _lowp(dtype, torch_lowp)
+
+
+@pytest.mark.parametrize("M,K,N,R,dtype,has_bias,noncontig,wt", _FWD_CASES)
+def test_gemm_forward(M, K, N, R, dtype, has_bias, noncontig, wt):
+    x, w, s, b, bias, ref, lowp = _fwd_inputs(M, K, N, R, dtype, has_bias, noncontig, wt)
+    y = L.lora_gemm(x, w, s, b, bias=bias)
+    assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
+    assert_matches(y, ref, lowp)
+
+
+@pytest.mark.parametrize("M,K,N,R,dtype,has_bias,noncontig,wt", _FWD_CASES)
+def test_rank_pass_then_addmm(M, K, N, R, dtype, has_bias, noncontig, wt):
+    x, w, s, b, bias, ref, lowp = _fwd_inputs(M, K, N, R, dtype, has_bias, noncontig, wt)
+    y = L.lora_rank(s, b, bias=bias)
+    assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
+    rank_lowp = _lowp(dtype, lambda: s @ b.to(dtype).T + (bias if has_bias else 0))
+    assert_matches(y, ref - _d(x) @ _d(w).T, rank_lowp)
+    assert_matches(y.addmm_(x, w.T), ref, lowp)  # cuBLAS accumulates the base product onto it
 
 
 @pytest.mark.parametrize("M,K,N,R,dtype,has_bias,noncontig,wt", _FWD_CASES[:4] + _FWD_CASES[-1:])
-def test_add_epilogue(M, K, N, R, dtype, has_bias, noncontig, wt):
-    x = _x(M, K, dtype, noncontig)
-    w = _w(N, K, dtype, wt)
-    s = _rand(M, R, dtype=dtype, seed=4)
-    b = _rand(N, R, dtype=dtype, seed=5)
-    bias = _rand(N, dtype=dtype, seed=6) if has_bias else None
+def test_rank_epilogue(M, K, N, R, dtype, has_bias, noncontig, wt):
+    x, w, s, b, bias, ref, lowp = _fwd_inputs(M, K, N, R, dtype, has_bias, noncontig, wt)
     # y lives inside a wider buffer (strided view): columns outside it must stay untouched
     buf = torch.full((M, N + 7), 123.0, dtype=dtype)
     y = buf[:, 3 : 3 + N]
     y.copy_(x @ w.T)
-    base = y.clone()
-    out = L.lora_add_epilogue(y, s, b, bias)
+    out = L.lora_rank(s, b, out=y, bias=bias, accumulate=True)
     assert out.data_ptr() == y.data_ptr()
     assert (buf[:, :3] == 123).all() and (buf[:, 3 + N :] == 123).all()
-    ref = _d(base) + _d(s) @ _d(b).T
-    if has_bias:
-        ref = ref + _d(bias)
-
-    def torch_lowp():
-        out = base + s @ b.T
-        return out + bias if has_bias else out
-
-    assert_matches(y, ref, _lowp(dtype, torch_lowp))
+    assert_matches(y, ref, lowp)
 
 
 # ----------------------------------------------------------------------------------------------
-# backward: dy pass (ds, db), dx (GEMM + epilogue / epilogue only), grad_a
+# backward: dy pass (ds, db), dX three ways, grad_a
 # ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "M,N,R,dtype,deterministic",
+    "M,N,R,dtype,two_pass",
     [
-        (1, 40, 1, F32, True),
-        (3, 100, 3, BF16, True),
-        (17, 72, 8, F32, False),
-        (129, 40, 16, BF16, True),
-        (129, 100, 40, F32, True),
-        (129, 72, 24, F32, False),
-        (17, 40, 200, F32, True),  # R > 128: rank tiled over the grid
+        (1, 40, 1, F32, False),
+        (3, 100, 3, BF16, False),
+        (17, 72, 8, F32, True),
+        (129, 40, 16, BF16, False),
+        (129, 100, 40, F32, False),
+        (129, 72, 24, F32, True),
+        (17, 40, 200, F32, False),  # R > 64: the two-pass plan by rank
+        (200, 72, 5, BF16, False),  # several row splits
     ],
 )
-def test_dy_pass(M, N, R, dtype, deterministic):
+def test_dy_pass(M, N, R, dtype, two_pass, monkeypatch):
+    if two_pass:
+        monkeypatch.setattr(L, "PARTIAL_BYTES_CAP", 0)  # the plan past the partial-buffer bound
+    assert L.dy_pass_plan(M, N, R)["one_pass"] == (R <= L.ONE_PASS_MAX_RANK and not two_pass)
     dy = _rand(M, N + 9, dtype=dtype, seed=7)[:, 4 : 4 + N]  # strided dY
     s = _rand(M, R, dtype=dtype, seed=8)
-    b = _rand(N, R, dtype=dtype, seed=9)
-    ds, db = L.lora_dy_pass(dy, s, b, deterministic=deterministic)
+    b = _rand(N, R, seed=9)  # fp32 master copy
+    ds, db = L.lora_dy_pass(dy, s, b)
     assert ds.dtype == db.dtype == F32 and ds.shape == (M, R) and db.shape == (N, R)
-    assert_matches(ds, _d(dy) @ _d(b), _lowp(dtype, lambda: dy @ b))
+    bl = b.to(dtype)
+    assert_matches(ds, _d(dy) @ _d(bl), _lowp(dtype, lambda: dy @ bl))
     assert_matches(db, _d(dy).T @ _d(s), _lowp(dtype, lambda: dy.T @ s))
     assert db.abs().sum() > 0 and ds.abs().sum() > 0
 
 
-def test_dy_pass_deterministic_is_bitwise_reproducible():
+def test_dy_pass_is_bitwise_reproducible_and_bounded():
     dy, s, b = _rand(129, 72, seed=1), _rand(129, 8, seed=2), _rand(72, 8, seed=3)
     ds1, db1 = L.lora_dy_pass(dy, s, b)
     ds2, db2 = L.lora_dy_pass(dy, s, b)
     assert torch.equal(ds1, ds2) and torch.equal(db1, db2)
+    # the partial buffers stay within their bound at the sweep's largest shapes
+    for m, n, r in ((8192, 4096, 16), (8192, 11008, 16), (16384, 11008, 48), (8192, 4096, 64)):
+        assert L.dy_pass_plan(m, n, r)["partial_bytes"] <= L.PARTIAL_BYTES_CAP
 
 
 _DX_CASES = [
@@ -300,67 +332,54 @@ _DX_CASES = [
 ]
 
 
-def _dx_lora_ref(ds, a, scaling, p, seed, M, K):
-    lora = scaling * _d(ds) @ _d(a)
-    if p > 0:
-        lora = lora * L.dropout_mask(seed, M, K, p, device="cpu") / (1 - p)
-    return lora
-
-
-@pytest.mark.parametrize("M,N,K,R,dtype,p,wt", _DX_CASES)
-def test_dx(M, N, K, R, dtype, p, wt):
+def _dx_inputs(M, N, K, R, dtype, p, wt):
     seed = 4321
     dy = _rand(M, N + 5, dtype=dtype, seed=7)[:, 2 : 2 + N]
     w = _w(N, K, dtype, wt)
     ds = _rand(M, R, seed=8)  # fp32, as lora_dy_pass returns it
-    a = _rand(R, K, dtype=dtype, seed=9)
-    dx = L.lora_dx(dy, w, ds, a, scaling=0.5, dropout_p=p, seed=seed)
+    a = _rand(R, K, seed=9)  # fp32 master copy
+    bits = L.dropout_bits(seed, M, K, p, device="cpu") if p > 0 else None
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    scale = 0.5 / (1 - p)
+    ref = _d(dy) @ _d(w) + mask * (scale * _d(ds) @ _d(a))
+
+    def torch_lowp():
+        return dy @ w + (mask * (scale * ds @ a)).to(dtype)
+
+    return dy, w, ds, a, bits, scale, ref, _lowp(dtype, torch_lowp)
+
+
+@pytest.mark.parametrize("M,N,K,R,dtype,p,wt", _DX_CASES)
+def test_dx_fused_gemm(M, N, K, R, dtype, p, wt):
+    dy, w, ds, a, bits, scale, ref, lowp = _dx_inputs(M, N, K, R, dtype, p, wt)
+    dx = L.lora_gemm(dy, w.t(), ds, a.t(), scale=scale, bits=bits)
     assert dx.dtype == dtype and dx.shape == (M, K)
-    ref = _d(dy) @ _d(w) + _dx_lora_ref(ds, a, 0.5, p, seed, M, K)
-
-    def torch_lowp():
-        lora = (0.5 * ds.to(dtype)) @ a
-        if p > 0:
-            lora = lora * L.dropout_mask(seed, M, K, p, device="cpu") / (1 - p)
-        return dy @ w + lora
-
-    assert_matches(dx, ref, _lowp(dtype, torch_lowp))
+    assert_matches(dx, ref, lowp)
 
 
-@pytest.mark.parametrize("M,N,K,R,dtype,p,wt", _DX_CASES[1:5])
-def test_dx_epilogue(M, N, K, R, dtype, p, wt):
-    seed = 77
-    dy = _rand(M, N, dtype=dtype, seed=7)
-    w = _w(N, K, dtype, wt)
-    ds = _rand(M, R, seed=8)
-    a = _rand(R, K, dtype=dtype, seed=9)
-    dx = dy @ w
-    base = dx.clone()
-    out = L.lora_dx_epilogue(dx, ds, a, scaling=0.5, dropout_p=p, seed=seed)
-    assert out.data_ptr() == dx.data_ptr()
-    ref = _d(base) + _dx_lora_ref(ds, a, 0.5, p, seed, M, K)
-
-    def torch_lowp():
-        lora = (0.5 * ds.to(dtype)) @ a
-        if p > 0:
-            lora = lora * L.dropout_mask(seed, M, K, p, device="cpu") / (1 - p)
-        return base + lora
-
-    assert_matches(dx, ref, _lowp(dtype, torch_lowp))
+@pytest.mark.parametrize("M,N,K,R,dtype,p,wt", _DX_CASES)
+def test_dx_rank_pass_then_addmm_and_epilogue(M, N, K, R, dtype, p, wt):
+    dy, w, ds, a, bits, scale, ref, lowp = _dx_inputs(M, N, K, R, dtype, p, wt)
+    dx = L.lora_rank(ds, a.t(), out_dtype=dtype, scale=scale, bits=bits)
+    assert dx.dtype == dtype
+    assert_matches(dx.addmm_(dy, w), ref, lowp)
+    epi = L.lora_rank(ds, a.t(), out=dy @ w, scale=scale, bits=bits, accumulate=True)
+    assert_matches(epi, ref, lowp)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dx_uses_the_forward_mask(p):
-    """dy = 0 and A = I: dx = scaling * mask * ds / (1-p) shows the regenerated mask."""
+def test_dx_uses_the_stored_mask(p):
+    """dy = 0 and A = I: dx = scaling * mask * ds / (1-p) shows the mask the forward drew."""
     M, K, seed = 33, 40, 2024
     ds = _rand(M, K, seed=3) + 5.0  # no zeros
     dy, w = torch.zeros(M, 24), torch.ones(24, K)
-    dx = L.lora_dx(dy, w, ds, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
+    bits = L.dropout_bits(seed, M, K, p, device="cpu")
+    dx = L.lora_gemm(dy, w.t(), ds, torch.eye(K), scale=1.5 / (1 - p), bits=bits)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     assert torch.equal(dx != 0, mask)
     torch.testing.assert_close(dx[mask], (1.5 / (1 - p)) * ds[mask], rtol=1e-6, atol=0)
-    dx2 = L.lora_dx_epilogue(torch.zeros(M, K), ds, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
-    assert torch.equal(dx2, dx)
+    rank = L.lora_rank(ds, torch.eye(K), scale=1.5 / (1 - p), bits=bits)
+    assert torch.equal(rank, dx)
 
 
 @pytest.mark.parametrize(
@@ -379,44 +398,43 @@ def test_grad_a(M, K, R, dtype, p, noncontig):
     seed = 555
     x = _x(M, K, dtype, noncontig)
     ds = _rand(M, R, seed=8)
-    da = L.lora_grad_a(x, ds, scaling=0.25, dropout_p=p, seed=seed)
+    bits = L.dropout_bits(seed, M, K, p, device="cpu") if p > 0 else None
+    da = L.lora_grad_a(x, ds, scaling=0.25, dropout_p=p, bits=bits)
     assert da.dtype == F32 and da.shape == (R, K)
-    xd = _d(x)
-    if p > 0:
-        mask = L.dropout_mask(seed, M, K, p, device="cpu")
-        xd = xd * mask / (1 - p)
+    mask = L.dropout_mask(seed, M, K, p, device="cpu")
+    xd = _d(x) * mask / (1 - p)
 
     def torch_lowp():
-        xl = x * mask / (1 - p) if p > 0 else x
-        return (0.25 * ds.to(dtype)).T @ xl.to(dtype)
+        return (0.25 * ds.to(dtype)).T @ (x * mask / (1 - p)).to(dtype)
 
     assert_matches(da, 0.25 * _d(ds).T @ xd, _lowp(dtype, torch_lowp))
     assert da.abs().sum() > 0
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_grad_a_uses_the_forward_mask(p):
-    """ds = I (M = R): da = scaling * mask * x / (1-p) row by row; M=40 spans two row splits."""
-    M, K, seed = 40, 72, 2024
+def test_grad_a_uses_the_stored_mask(p):
+    """ds = I (M = R): da = scaling * mask * x / (1-p) row by row; M=200 spans several row splits."""
+    M, K, seed = 200, 72, 2024
     x = _x(M, K, F32, True) + 4.0
-    da = L.lora_grad_a(x, torch.eye(M), scaling=1.5, dropout_p=p, seed=seed)
+    bits = L.dropout_bits(seed, M, K, p, device="cpu")
+    da = L.lora_grad_a(x, torch.eye(M), scaling=1.5, dropout_p=p, bits=bits)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     assert torch.equal(da != 0, mask)
     torch.testing.assert_close(da[mask], (1.5 / (1 - p)) * x[mask], rtol=1e-6, atol=0)
 
 
 def test_forward_backward_chain_matches_autograd():
-    """The launchers composed as the op layer will: grads of x, A, B vs float64 autograd."""
+    """The launchers composed as the op layer does: grads of x, A, B vs float64 autograd."""
     M, K, N, R, p, seed, scaling = 17, 72, 40, 8, 0.25, 31337, 2.0
     x, w = _x(M, K, F32, True), _w(N, K, F32, True)
     a, b, bias = _rand(R, K, seed=3), _rand(N, R, seed=4), _rand(N, seed=5)
     dy = _rand(M, N, seed=6)
 
-    s = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
-    y = L.lora_expand(x, w, s, b, bias)
+    s, bits = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
+    y = L.lora_gemm(x, w, s, b, bias=bias)
     ds, db = L.lora_dy_pass(dy, s, b)
-    dx = L.lora_dx(dy, w, ds, a, scaling=scaling, dropout_p=p, seed=seed)
-    da = L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, seed=seed)
+    dx = L.lora_gemm(dy, w.t(), ds, a.t(), scale=scaling / (1 - p), bits=bits)
+    da = L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, bits=bits)
 
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     x64, a64, b64 = (_d(t).requires_grad_() for t in (x, a, b))
@@ -471,30 +489,32 @@ def test_gpu_real_shapes(M, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference (and fp32 kernels) in full fp32
     try:
         xf, wf, af, bf, dyf = (t.float() for t in (x, w, a, b, dy))
-        s = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
+        s, bits = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
+        assert torch.equal(_common.unpack_bits(bits, K), mask)
         s32 = scaling * (xf * mask / (1 - p)) @ af.T
         check(s, s32, scaling * ((x * mask / (1 - p)).to(dtype) @ a.T), "shrink")
         y32 = xf @ wf.T + s.float() @ bf.T + bias.float()
         y_lowp = x @ w.T + s @ b.T + bias
-        check(L.lora_expand(x, w, s, b, bias), y32, y_lowp, "expand")
-        check(L.lora_add_epilogue(x @ w.T, s, b, bias), y32, y_lowp, "add_epilogue")
-        for det in (True, False):
-            ds, db = L.lora_dy_pass(dy, s, b, deterministic=det)
-            check(ds, dyf @ bf, dy @ b, "ds")
-            check(db, dyf.T @ s.float(), dy.T @ s, "db")
-        lora32 = mask * (scaling * ds @ af) / (1 - p)
-        dx_lowp = dy @ w + (mask * (scaling * ds.to(dtype) @ a) / (1 - p)).to(dtype)
-        dx = L.lora_dx(dy, w, ds, a, scaling=scaling, dropout_p=p, seed=seed)
-        check(dx, dyf @ wf + lora32, dx_lowp, "dx")
-        dx_epi = L.lora_dx_epilogue(dy @ w, ds, a, scaling=scaling, dropout_p=p, seed=seed)
-        check(dx_epi, dyf @ wf + lora32, dx_lowp, "dx_epilogue")
+        check(L.lora_gemm(x, w, s, b, bias=bias, tune=False), y32, y_lowp, "fused gemm")
+        check(L.lora_rank(s, b, bias=bias).addmm_(x, w.T), y32, y_lowp, "rank + addmm")
+        check(L.lora_rank(s, b, out=x @ w.T, bias=bias, accumulate=True), y32, y_lowp, "epilogue")
+        ds, db = L.lora_dy_pass(dy, s, b)
+        check(ds, dyf @ bf, dy @ b, "ds")
+        check(db, dyf.T @ s.float(), dy.T @ s, "db")
+        scale = scaling / (1 - p)
+        lora32 = mask * (scale * ds @ af)
+        dx_lowp = dy @ w + (mask * (scale * ds @ a.float())).to(dtype)
+        check(L.lora_gemm(dy, w.t(), ds, a.t(), scale=scale, bits=bits, tune=False), dyf @ wf + lora32, dx_lowp,
+              "dx fused")
+        check(L.lora_rank(ds, a.t(), out_dtype=dtype, scale=scale, bits=bits).addmm_(dy, w), dyf @ wf + lora32,
+              dx_lowp, "dx rank + addmm")
         da32 = scaling * ds.T @ (xf * mask / (1 - p))
         da_lowp = (scaling * ds.to(dtype)).T @ (x * mask / (1 - p)).to(dtype)
-        check(L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, seed=seed), da32, da_lowp, "grad_a")
+        check(L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, bits=bits), da32, da_lowp, "grad_a")
         # bf16 extremes: large-magnitude inputs must not overflow the fp32 accumulators
         if dtype == BF16:
             big = (x.float() * 1e4).to(dtype)
-            s_big = L.lora_shrink(big, a, scaling=scaling)
-            assert torch.isfinite(L.lora_expand(big, w, s_big, b, bias)).all()
+            s_big, _ = L.lora_shrink(big, a, scaling=scaling)
+            assert torch.isfinite(L.lora_gemm(big, w, s_big, b, bias=bias, tune=False)).all()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32

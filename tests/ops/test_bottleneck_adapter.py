@@ -10,6 +10,7 @@ import torch
 from helpers import norm_rel_err, rel_err
 
 import fastadapt as fa
+from fastadapt.ops._inputs import draw_seed
 from fastadapt.ops.reference import bottleneck_adapter_ref, parallel_adapter_ref
 
 pytest.importorskip("triton")
@@ -122,14 +123,14 @@ def test_low_precision_error_within_2x_of_torch_same_dtype(dtype):
             assert norm_rel_err(got, want) <= 2 * norm_rel_err(sm, want) + 1e-3
 
 
-def test_series_dropout_mask_regenerated_in_backward():
+def test_series_dropout_mask_drawn_once_and_reused_in_backward():
     kernels = op_module._kernels()
     p, m, d, b = 0.3, 40, 64, 6
     x, wd, wu, s = make(m, d, d, b)
     torch.manual_seed(123)
     y = fa.ops.bottleneck_adapter(x, wd, wu, activation="tanh", scaling=s, dropout_p=p, backend="triton")
     torch.manual_seed(123)
-    seed = op_module.draw_seed(x.device)
+    seed = draw_seed(x.device)
     mask = kernels.dropout_mask(seed, m, d, p, device=x.device)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.05
     xd, wdd, wud, sd = as64(x, wd, wu, s)
@@ -141,7 +142,7 @@ def test_series_dropout_mask_regenerated_in_backward():
     assert not torch.equal(y, y2)
 
 
-def test_parallel_dropout_mask_regenerated_in_backward():
+def test_parallel_dropout_mask_drawn_once_and_reused_in_backward():
     from fastadapt.kernels import lora_linear as lora_kernels
 
     p, m, k, n, b = 0.25, 40, 64, 48, 5
@@ -150,7 +151,7 @@ def test_parallel_dropout_mask_regenerated_in_backward():
     torch.manual_seed(9)
     y = fa.ops.parallel_adapter(x, w, wd, wu, activation="silu", scaling=s, dropout_p=p, backend="triton")
     torch.manual_seed(9)
-    mask = lora_kernels.dropout_mask(op_module.draw_seed(x.device), m, k, p, device=x.device)
+    mask = lora_kernels.dropout_mask(draw_seed(x.device), m, k, p, device=x.device)
     xd, wdd, wud, sd = as64(x, wd, wu, s)
     y_ref = xd @ w.double().t() + sd * torch.nn.functional.silu((xd * mask / (1 - p)) @ wdd.t()) @ wud.t()
     assert rel_err(y, y_ref) < 1e-5
@@ -158,7 +159,7 @@ def test_parallel_dropout_mask_regenerated_in_backward():
         assert norm_rel_err(got, want) < 1e-5
 
 
-def test_saved_tensors_hold_no_mask():
+def test_saved_tensors_are_x_hidden_and_the_mask_at_one_bit_per_element():
     x, wd, wu, s = make(64, 48, 48, 4)
     w = torch.randn(40, 48, device=DEVICE)
     for call in (
@@ -171,7 +172,8 @@ def test_saved_tensors_hold_no_mask():
             call()
         acts = [t for t in saved if t.dim() == 2 and t.shape[0] == 64]
         assert {t.data_ptr() for t in acts if t.shape[1] == 48} == {x.data_ptr()}  # only x itself
-        assert [tuple(t.shape) for t in acts if t.shape[1] != 48] == [(64, 4)]  # and the M × b hidden
+        assert [tuple(t.shape) for t in acts if t.dtype == torch.int32] == [(64, 2)]  # the mask, 1 bit each
+        assert [tuple(t.shape) for t in acts if t.shape[1] != 48 and t.dtype != torch.int32] == [(64, 4)]  # hidden
         assert not any(t.dtype == torch.bool for t in saved)
 
 

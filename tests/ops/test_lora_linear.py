@@ -11,6 +11,8 @@ from helpers import norm_rel_err, randomize_adapters, rel_err
 from tiny_models import tiny_model, tokens
 
 import fastadapt as fa
+from fastadapt.kernels import _common as kernel_common
+from fastadapt.ops._inputs import draw_seed
 from fastadapt.ops.reference import lora_linear_ref
 
 pytest.importorskip("triton")
@@ -37,10 +39,10 @@ def grads(y, inputs, seed=1):
     return torch.autograd.grad(y, inputs, g)
 
 
-@pytest.fixture(params=[False, True], ids=["cublas+epilogue", "extra-k-gemm"])
+@pytest.fixture(params=op_module.VARIANTS)
 def fused_gemm(request, monkeypatch):
-    if request.param:
-        monkeypatch.setattr(op_module, "_use_fused_gemm", lambda m, n, k: True)
+    """Every way of joining the rank term to the frozen GEMM (addmm, epilogue, fused)."""
+    monkeypatch.setenv("FASTADAPT_LORA_VARIANT", request.param)
     return request.param
 
 
@@ -86,14 +88,14 @@ def test_low_precision_error_within_2x_of_torch_same_dtype(dtype):
         assert norm_rel_err(got, want) <= 2 * norm_rel_err(same, want) + 1e-3
 
 
-def test_dropout_mask_regenerated_in_backward():
+def test_dropout_mask_drawn_once_and_reused_in_backward(fused_gemm):
     kernels = op_module._kernels()
     p = 0.3
     x, w, a, b, _ = make(40, 64, 48, 4, bias=False)
     torch.manual_seed(123)
     y = fa.ops.lora_linear(x, w, a, b, scaling=1.5, dropout_p=p, backend="triton")
     torch.manual_seed(123)
-    seed = op_module.draw_seed(x.device)
+    seed = draw_seed(x.device)
     mask = kernels.dropout_mask(seed, 40, 64, p, device=x.device)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.05
     # the reference with exactly that mask: kept values scaled by 1/(1-p)
@@ -108,15 +110,22 @@ def test_dropout_mask_regenerated_in_backward():
     assert not torch.equal(y, y2)
 
 
-def test_saved_tensors_hold_no_mask_and_no_dropped_copy():
+def test_saved_tensors_are_x_s_and_the_mask_at_one_bit_per_element():
     x, w, a, b, _ = make(64, 48, 40, 4, bias=False)
     saved = []
+    torch.manual_seed(3)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fa.ops.lora_linear(x, w, a, b, scaling=1.0, dropout_p=0.2, backend="triton")
     activations = [t for t in saved if t.dim() == 2 and t.shape[0] == 64]
     assert {t.data_ptr() for t in activations if t.shape[1] == 48} == {x.data_ptr()}  # only X itself
-    assert [tuple(t.shape) for t in activations if t.shape[1] != 48] == [(64, 4)]  # and S
+    bits = [t for t in activations if t.dtype == torch.int32]
+    assert [tuple(t.shape) for t in bits] == [(64, 2)]  # 48 columns in two 32-bit words: 1 bit each
+    assert [tuple(t.shape) for t in activations if t.shape[1] != 48 and t.dtype != torch.int32] == [(64, 4)]  # S
     assert not any(t.dtype == torch.bool for t in saved)
+    # the stored mask is the one the forward drew from its seed
+    torch.manual_seed(3)
+    want = kernel_common.dropout_mask(draw_seed(x.device), 64, 48, 0.2, device=x.device)
+    assert torch.equal(kernel_common.unpack_bits(bits[0], 48), want)
 
 
 def test_bad_backend_and_forced_backend(monkeypatch):
@@ -256,7 +265,7 @@ def test_lora_linear_group_with_dropout_biases_and_unused_members():
     torch.manual_seed(5)
     ys = fa.ops.lora_linear_group(x, ws, As, Bs, scaling=1.5, biases=cs, dropout_p=p, backend="triton")
     torch.manual_seed(5)
-    mask = kernels.dropout_mask(op_module.draw_seed(x.device), 9, 40, p, device=x.device)
+    mask = kernels.dropout_mask(draw_seed(x.device), 9, 40, p, device=x.device)
     xd = x.detach().double().requires_grad_()
     Ad = [a.detach().double().requires_grad_() for a in As]
     Bd = [b.detach().double().requires_grad_() for b in Bs]
