@@ -114,6 +114,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 f"{r.get('case', '')[:44]:44s} {r.get('variant', '')[:16]:16s} {r.get('tokens_per_s', 0):10.0f} "
                 f"{(f'{ratio:.3f}' if ratio else '-'):>9s} {benchlib.fmt_bytes(r.get('peak_mem_bytes')):>10s}"
             )
-    other = [r for r in rows if r.get("suite") not in ("lora_linear", "lora_linear_group", "e2e")]
+    for r in (r for r in rows if r.get("suite") == "decode_host"):
+        us = r.get("host_us") or {}
+        tr.write_line(f"decode host time (M=1, no grad): fastadapt {us.get('fastadapt', 0):.1f} µs, hand-written "
+                      f"{us.get('hand', 0):.1f} µs ({r.get('ratio_to_hand', 0):.2f}×), "
+                      f"F.linear {us.get('frozen', 0):.1f} µs")
+    other = [r for r in rows if r.get("suite") not in ("lora_linear", "lora_linear_group", "e2e", "decode_host")]
     if other:
         tr.write_line(f"{len(other)} other records (suites: {sorted({str(r.get('suite')) for r in other})})")

@@ -6,8 +6,14 @@ Variants (the baselines of shared/PERF.md), all bf16 activations and base weight
 - ``peft_bf16``     PEFT with bf16 adapters (``autocast_adapter_dtype=False``);
 - ``addmm``         cuBLAS base + addmm of the LoRA term in bf16 (``fa.ops.lora_linear_ref``);
 - ``fastadapt``     ``fa.ops.lora_linear(..., backend="triton")`` with fp32 adapter weights, as
-                    ``LoraLinear`` holds them (cast to bf16 inside the op);
+                    ``LoraLinear`` holds them, in its default variant (the rank term written first,
+                    cuBLAS ``addmm_`` onto it); ``fastadapt_epilogue`` and ``fastadapt_fused``: the
+                    other two variants (``FASTADAPT_LORA_VARIANT``), so one GPU run measures all three;
 - ``fastadapt_group`` (group cases only) ``fa.ops.lora_linear_group(..., backend="triton")``.
+
+``test_decode_host_time`` (CPU too): host time of one no-grad decode step (M=1) through
+``fa.ops.lora_linear`` against the hand-written composition ``addmm(linear(x), x Aᵀ, Bᵀ)`` and
+``F.linear`` (goal: within 1.5× of the hand-written one).
 
 Modes: ``forward`` (a training forward: graph built), ``backward`` (``autograd.grad`` of a
 retained graph: dX and the adapter gradients, never the frozen weight's), ``fwd_bwd``.
@@ -19,6 +25,8 @@ Without CUDA only the ``smoke`` cases run (tiny shape, every variant, 2 timed ro
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 
 import benchlib
@@ -35,7 +43,7 @@ RANKS = (8, 16, 64)
 DEFAULT_RANK = 16
 DROPOUTS = (0.0, 0.1)
 MODES = ("forward", "backward", "fwd_bwd")
-LORA_VARIANTS = ("peft_default", "peft_bf16", "addmm", "fastadapt")
+LORA_VARIANTS = ("peft_default", "peft_bf16", "addmm", "fastadapt", "fastadapt_epilogue", "fastadapt_fused")
 GROUP_SHAPES = {"qkv": (4096, (4096, 4096, 4096)), "gate_up": (4096, (11008, 11008))}
 GROUP_M_DEFAULT = (16, 8192)
 GROUP_M_FULL = (4096, 16384)
@@ -112,7 +120,7 @@ def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: floa
         fwd = lambda x: [
             fa.ops.lora_linear_ref(x, w, a, b, scaling=s, dropout_p=p) for w, a, b in zip(weights, lora_as, lora_bs)
         ]
-    elif variant == "fastadapt":
+    elif variant.startswith("fastadapt_") and variant != "fastadapt_group" or variant == "fastadapt":
         fwd = lambda x: [
             fa.ops.lora_linear(x, w, a, b, scaling=s, dropout_p=p, backend="triton")
             for w, a, b in zip(weights, lora_as, lora_bs)
@@ -173,6 +181,22 @@ def _ref_ms(suite, ref_key, mode, M, K, Ns, device, cpu_iters) -> tuple[float, b
 
 
 def _run(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters):
+    forced = variant.removeprefix("fastadapt_") if variant in ("fastadapt_epilogue", "fastadapt_fused") else None
+    saved = os.environ.get("FASTADAPT_LORA_VARIANT")
+    if forced is not None:
+        os.environ["FASTADAPT_LORA_VARIANT"] = forced
+    try:
+        _run_case(benchmark, suite=suite, shape_name=shape_name, variant=variant, mode=mode, M=M, K=K, Ns=Ns,
+                  r=r, p=p, device=device, rounds=rounds, cpu_iters=cpu_iters)
+    finally:
+        if forced is not None:
+            if saved is None:
+                os.environ.pop("FASTADAPT_LORA_VARIANT", None)
+            else:
+                os.environ["FASTADAPT_LORA_VARIANT"] = saved
+
+
+def _run_case(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters):
     torch.manual_seed(0)
     ref_key = f"{shape_name}-M{M}"
     lora = variant != "frozen"
@@ -212,8 +236,8 @@ def _run(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device,
         "r": r if lora else None,
         "dropout": p if lora else None,
         "dtype": DTYPE,
-        "adapter_dtype": {"peft_default": "float32", "fastadapt": "float32", "fastadapt_group": "float32"}.get(
-            variant, "bfloat16" if lora else None),
+        "adapter_dtype": "float32" if variant.startswith(("peft_default", "fastadapt")) else (
+            "bfloat16" if lora else None),
         "flops": flops,
         "min_bytes": min_bytes,
         "floor_ms": floor,
@@ -301,3 +325,57 @@ def test_smoke_lora_linear_group(benchmark, variant):
     _run(benchmark, suite="lora_linear_group", shape_name="tiny_qkv", variant=variant, mode="fwd_bwd",
          M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N, SMOKE_N, 16), r=SMOKE_R, p=p, device=benchlib.bench_device(),
          rounds=2, cpu_iters=1)
+
+
+# -- decode: host time of one no-grad step (CPU included) -------------------------------------------
+
+
+def test_decode_host_time(benchmark):  # no smoke/gpu mark: it runs, and means something, on both
+    """Host time of ``fa.ops.lora_linear`` at M=1 without gradients (a decode step), beside the
+    hand-written composition it must stay within 1.5× of, and the frozen ``F.linear``. Small
+    widths on purpose: this measures the Python and dispatch overhead, not the math."""
+    device = benchlib.bench_device()
+    dtype = DTYPE if device.type == "cuda" else torch.float32
+    K = N = 64
+    r = 8
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = (torch.randn(*s, generator=g).to(device, dtype) for s in ((1, K), (N, K), (N,)))
+    a = torch.randn(r, K, generator=g).to(device).requires_grad_()  # fp32 parameters, as LoraLinear's
+    b = torch.randn(N, r, generator=g).to(device).requires_grad_()
+    a_lp, b_lp = a.detach().to(dtype), b.detach().to(dtype)
+
+    def hand():
+        return torch.addmm(torch.nn.functional.linear(x, w, bias), x @ a_lp.t(), b_lp.t(), alpha=2.0)
+
+    def ours():
+        return fa.ops.lora_linear(x, w, a, b, scaling=2.0, bias=bias)
+
+    def frozen():
+        return torch.nn.functional.linear(x, w, bias)
+
+    def host_us(fn, n=2000, reps=7):
+        best = float("inf")
+        for _ in range(reps):  # the best of several runs: the least disturbed by other processes
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        benchlib.sync(device)
+        return best
+
+    with torch.no_grad():
+        for fn in (hand, ours, frozen):
+            fn()
+        times = {name: host_us(fn) for name, fn in (("hand", hand), ("fastadapt", ours), ("frozen", frozen))}
+        torch.testing.assert_close(ours(), hand(), rtol=1e-2, atol=1e-2)
+        benchmark.group = "decode host time"
+        benchmark.pedantic(ours, rounds=3, iterations=100)
+    info = benchlib.record(benchmark, {
+        "suite": "decode_host", "case": f"M1-K{K}xN{N}-r{r}", "variant": "fastadapt", "mode": "forward",
+        "M": 1, "K": K, "N": N, "r": r, "dtype": dtype, "median_ms": times["fastadapt"] / 1e3,
+        "ref_variant": "hand_addmm", "ref_ms": times["hand"] / 1e3,
+        "host_us": times, "ratio_to_hand": times["fastadapt"] / times["hand"],
+        "ratio_to_frozen": times["fastadapt"] / times["frozen"],
+        "timer": "perf_counter, best of 7 × 2000 calls (host time; no device sync inside)",
+    })
+    assert info["ratio_to_hand"] > 0

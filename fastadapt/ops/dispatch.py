@@ -7,8 +7,8 @@ it can run on the input's device; otherwise the torch path (``fastadapt.ops.refe
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 from collections.abc import Callable
 
 import torch
@@ -70,9 +70,10 @@ def triton_usable(device: torch.device) -> bool:
     """Triton runs on CUDA devices, and on CPU tensors under ``TRITON_INTERPRET=1``."""
     if device.type == "cuda":
         return _triton_importable()
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+    return device.type == "cpu" and settings.triton_interpret() and _triton_importable()
 
 
+@functools.cache
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401

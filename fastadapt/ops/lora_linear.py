@@ -71,8 +71,7 @@ def lora_linear(
     ``dropout_p`` applies to the input of the LoRA path only; pass 0 in eval mode.
     ``backend``: "auto" | "torch" | "triton" (see ``FASTADAPT_BACKEND``).
     """
-    _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
-    if selected_backend(x.device, backend) == "torch":
+    if _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend) == "torch":
         return _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
     x, weight, bias = autocast_inputs(x, weight, bias)
     lead = x.shape[:-1]
@@ -123,14 +122,19 @@ _cast_cache = _CastCache()
 
 
 def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, lora_a, lora_b, bias)
-                                           if t is not None)
+    grad = torch.is_grad_enabled() and (
+        lora_a.requires_grad or lora_b.requires_grad or x.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad))
     if grad or dropout_p > 0 or torch.compiler.is_compiling():
         return lora_linear_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
     # No gradient (inference, decode): three launches on cached low-precision A and B.
     y = F.linear(x, weight, bias)
-    s = F.linear(x.to(y.dtype), _cast_cache.get(lora_a, y.dtype))
-    y.view(-1, y.shape[-1]).addmm_(s.view(-1, s.shape[-1]), _cast_cache.get(lora_b, y.dtype).t(), alpha=scaling)
+    dtype = y.dtype
+    s = F.linear(x if x.dtype is dtype else x.to(dtype), _cast_cache.get(lora_a, dtype))
+    b = _cast_cache.get(lora_b, dtype).t()
+    if y.dim() == 2:
+        return y.addmm_(s, b, alpha=scaling)
+    y.view(-1, y.shape[-1]).addmm_(s.view(-1, s.shape[-1]), b, alpha=scaling)
     return y
 
 
@@ -274,9 +278,9 @@ def lora_linear_group(
             f"weights, lora_as, lora_bs and biases must be non-empty lists of one length, got "
             f"{len(weights)}, {len(lora_as)}, {len(lora_bs)}, {len(biases)}"
         )
-    for w, a, b, c in zip(weights, lora_as, lora_bs, biases):
-        _validate(x, w, a, b, scaling, c, dropout_p)
-    if selected_backend(x.device, backend) == "torch":
+    chosen = {_checked_backend(x, w, a, b, scaling, c, dropout_p, backend)
+              for w, a, b, c in zip(weights, lora_as, lora_bs, biases)}
+    if chosen == {"torch"}:
         return [_torch_path(x, w, a, b, scaling, c, dropout_p) for w, a, b, c in zip(weights, lora_as, lora_bs, biases)]
     x_in = x
     cast = []
@@ -412,24 +416,35 @@ register_autograd(lora_linear_group_fwd, backward=_group_backward, setup_context
 # -- validation -----------------------------------------------------------------------------------
 
 
-#: Metadata of argument sets that passed validation: a repeated call (every decode step) pays a
-#: tuple and a set lookup instead of the checks. Unbounded growth is prevented by a cap.
-_VALID: set[tuple] = set()
+#: Argument metadata -> the backend that runs it, for argument sets that passed validation: a
+#: repeated call (every decode step) pays a tuple and a dict lookup instead of the checks and the
+#: dispatch (whose environment switches are part of the key). Capped against unbounded growth.
+_CHECKED: dict[tuple, str] = {}
 
 
 def _meta(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (type(t), t.shape, t.dtype, t.device)
 
 
-def _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
+def _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend: str) -> str:
+    """Validate the arguments (once per argument metadata) and pick the backend."""
     try:
-        key = (type(x), x.dtype, x.device, x.dim(), x.shape[-1], _meta(weight), _meta(lora_a), _meta(lora_b),
-               _meta(bias), type(scaling), scaling, type(dropout_p), dropout_p,
-               torch.is_autocast_enabled(x.device.type))
+        key = (backend, settings.backend_override(), settings.triton_interpret(), type(x), x.dtype, x.device,
+               x.dim(), x.shape[-1], _meta(weight), _meta(lora_a), _meta(lora_b), _meta(bias), type(scaling),
+               scaling, type(dropout_p), dropout_p, torch.is_autocast_enabled(x.device.type))
     except (AttributeError, IndexError, TypeError, RuntimeError):
         key = None  # not even tensors: the checks below say what is wrong
-    if key is not None and key in _VALID:
-        return
+    chosen = _CHECKED.get(key) if key is not None else None
+    if chosen is not None:
+        return chosen
+    _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
+    chosen = selected_backend(x.device, backend)
+    if key is not None and len(_CHECKED) < 4096:
+        _CHECKED[key] = chosen
+    return chosen
+
+
+def _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
     check_tensors(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     n, k = check_linear(x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != k:
@@ -441,5 +456,3 @@ def _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
         raise ValueError(f"lora_b must have shape (out_features, r) = ({n}, {r}), got {tuple(lora_b.shape)}")
     _checks.finite_number("scaling", scaling)
     check_dropout_p(dropout_p)
-    if key is not None and len(_VALID) < 4096:
-        _VALID.add(key)
