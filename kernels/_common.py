@@ -251,6 +251,47 @@ def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.d
     return unpack_bits(dropout_bits(seed, M, K, dropout_p, device=device), K)
 
 
+# ----------------------------------------------------------------------------- partial sums
+
+
+@triton.jit
+def _sum_partials_kernel(a_ptr, a_out_ptr, n_a, parts_a, b_ptr, b_out_ptr, n_b, parts_b, BLOCK: tl.constexpr):
+    # One launch sums one or two (parts, n) fp32 buffers over their first dimension, in a fixed
+    # order (deterministic).
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start < n_a:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for p in range(parts_a):
+            acc += tl.load(a_ptr + p * n_a + offs, mask=offs < n_a, other=0.0)
+        tl.store(a_out_ptr + offs, acc, mask=offs < n_a)
+    if start < n_b:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for p in range(parts_b):
+            acc += tl.load(b_ptr + p * n_b + offs, mask=offs < n_b, other=0.0)
+        tl.store(b_out_ptr + offs, acc, mask=offs < n_b)
+
+
+def sum_partials(*partials: torch.Tensor) -> list[torch.Tensor]:
+    """``[p.sum(0) for p in partials]`` for contiguous fp32 partial buffers, summed in a fixed order,
+    two per launch (a single part is returned as it is, without a launch)."""
+    outs: list[torch.Tensor | None] = [p[0] if p.shape[0] == 1 else None for p in partials]
+    todo = [i for i, p in enumerate(partials) if p.shape[0] > 1]
+    for pair in (todo[i : i + 2] for i in range(0, len(todo), 2)):
+        parts = [partials[i] for i in pair]
+        for i, p in zip(pair, parts):
+            assert p.is_contiguous() and p.dtype == torch.float32, "partials must be contiguous fp32"
+            outs[i] = alloc(tuple(p.shape[1:]), dtype=torch.float32, device=p.device)
+        a, b = parts[0], parts[-1]
+        a_out, b_out = outs[pair[0]], outs[pair[-1]]
+        n_a, n_b = a[0].numel(), (b[0].numel() if len(pair) == 2 else 0)
+        BLOCK = 1024
+        with device_ctx(a):
+            _sum_partials_kernel[(triton.cdiv(max(n_a, n_b), BLOCK),)](
+                a, a_out, n_a, a.shape[0], b, b_out, n_b, b.shape[0] if len(pair) == 2 else 0, BLOCK=BLOCK)
+    return outs
+
+
 # ----------------------------------------------------------------------------- weight gradients
 
 
@@ -362,4 +403,4 @@ def weight_grad(
             BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M,
             num_warps=num_warps, num_stages=num_stages,
         )
-    return c[0] if splits == 1 else c.sum(dim=0)
+    return sum_partials(c)[0]

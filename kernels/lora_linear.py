@@ -24,7 +24,7 @@ Backward
     ``lora_dy_pass``  dS = dY B (M, R) and dB = dYᵀ S (N, R), fp32. R ≤ 64: one pass over dY on a
                       2-D grid (row ranges × column blocks) with bounded fp32 partials
                       (column-block partials of dS, row-range partials of dB, summed in a fixed
-                      order); larger R: dS by a row-block GEMM and dB by ``_common.weight_grad``
+                      order by one more launch); larger R: dS by a row-block GEMM and dB by ``_common.weight_grad``
                       (two reads of dY, no partials).
     ``lora_grad_a``   dA = scale · dSᵀ (mask ⊙ x), fp32, from the stored mask.
 
@@ -567,8 +567,10 @@ def dy_pass_plan(M: int, N: int, R: int) -> dict:
     if interpreting():
         block_m, block_n = 32, 32
     else:
+        # Wide column blocks mean fewer dS partials (one per block); the (BLOCK_N, BLOCK_R) dB
+        # accumulator and the (BLOCK_M, BLOCK_N) dY tile stay in registers (offline compile: no spill).
         block_m = 64
-        block_n = 128 if R <= 32 else 64  # the (BLOCK_N, BLOCK_R) dB accumulator stays in registers
+        block_n = 256 if R <= 16 else (128 if R <= 32 else 64)
     block_r = pow2_block(R, cap=64)
     if R <= ONE_PASS_MAX_RANK:
         n_blocks = triton.cdiv(N, block_n)
@@ -618,8 +620,7 @@ def lora_dy_pass(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor) -> tup
                 db_part.stride(0), db_part.stride(1),
                 BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_R=plan["BLOCK_R"], **common,
             )
-            ds = ds_part[0] if plan["n_blocks"] == 1 else ds_part.sum(0)
-            db = db_part[0] if plan["splits"] == 1 else db_part.sum(0)
+            ds, db = _common.sum_partials(ds_part, db_part)
             return ds, db
         ds = _common.alloc((M, R), dtype=torch.float32, device=dy.device)
         grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(R, plan["BLOCK_R"]),)

@@ -1,0 +1,583 @@
+#!/usr/bin/env python3
+"""The offline kernel report: every Triton launch the fused ops make, compiled for sm_90a on a
+machine without a GPU, and a performance prediction of each op from what it launches.
+
+    python .ci/check_triton.py --json report.json          # CI subset (~minutes on 2 cores)
+    python .ci/check_triton.py --full --json report.json   # the whole sweep, every autotune config
+
+How: each op's forward and backward implementation runs on ``meta`` tensors with Triton's launch
+entry points (``JITFunction.run``, ``Autotuner.run``) swapped for recorders and a
+``TorchDispatchMode`` counting the torch kernels (cuBLAS GEMMs, sums, casts) between them. Each
+recorded Triton launch is bound with Triton's own launch-time binder (arguments equal to 1 become
+constants, pointer alignment is read as at a real launch) and compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (Triton's own ptxas);
+``cuobjdump -res-usage`` of the cubin gives registers and local memory (spills). The launches also feed the model in
+``bench/perf_model.py`` (bytes moved, FLOPs, launches) for ``predicted_over_frozen``.
+
+Records (``--json``), a list of:
+- per compiled launch: ``{"op", "scenario", "kernel", "config", "default", "ok", "registers",
+  "spill_bytes", "shared_bytes"}`` — ``default``: on the path the op takes by default (the
+  ``addmm`` variant; the other variants are measured alternatives);
+- per op, scenario and variant: ``{"op", "scenario", "variant", "default", "temp_bytes",
+  "launches_fwd", "launches_bwd", "bytes_moved", "predicted_over_frozen", ...}``.
+
+Exit status 1 on any compile failure, any spill on the default path, a temporary over 64 MiB, a
+decode forward over 3 launches, or a forward that saves more than 1 bit per element of x besides S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import contextlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, GPU block sizes: before triton is imported
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import perf_model  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TEMP_CAP = 64 << 20
+DECODE_MAX_LAUNCHES = 3
+VARIANTS = ("addmm", "epilogue", "fused")
+DEFAULT_VARIANT = "addmm"
+
+# ------------------------------------------------------------------------------------------------
+# recording launches on meta tensors
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TritonLaunch:
+    fn: JITFunction
+    args: tuple
+    kwargs: dict
+    configs: list | None = None  # an autotuned launch: every config it may take
+
+    @property
+    def name(self) -> str:
+        return self.fn.fn.__name__
+
+
+@dataclass
+class TorchLaunch:
+    name: str
+    inputs: list
+    outputs: list
+    flops: float = 0.0
+
+
+@dataclass
+class Recording:
+    launches: list = field(default_factory=list)  # TritonLaunch | TorchLaunch, in order
+    allocations: list = field(default_factory=list)  # every new (non-view) meta tensor
+
+
+_NO_KERNEL = {
+    "empty", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "alias", "view",
+    "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "as_strided", "unsqueeze",
+    "squeeze", "split", "split_with_sizes", "unbind", "reshape", "_local_scalar_dense", "resize_", "set_",
+}
+_GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear"}
+
+
+def _op_name(func) -> str:
+    return func._schema.name.split("::")[-1]
+
+
+def _tensors(obj) -> list:
+    out = []
+    for x in (obj if isinstance(obj, (list, tuple)) else [obj]):
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            out += _tensors(x)
+    return out
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, rec: Recording) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = _op_name(func)
+        ins = _tensors(list(args) + list((kwargs or {}).values()))
+        outs = _tensors(out)
+        meta = [t for t in ins + outs if t.device.type == "meta"]
+        if not meta:
+            return out  # a CPU op (the Philox seed): no device kernel
+        if not func.is_view and name not in ("detach", "lift_fresh", "alias"):
+            for t in outs:
+                if not any(t is i for i in ins):
+                    self.rec.allocations.append(t)
+        if name in _NO_KERNEL or func.is_view or (name == "_to_copy" and all(i.dtype == outs[0].dtype for i in ins)):
+            return out
+        flops = 0.0
+        if name in _GEMMS:
+            a, b = [t for t in ins if t.dim() >= 2][-2:]
+            flops = 2.0 * outs[0].numel() * a.shape[-1]
+        self.rec.launches.append(TorchLaunch(name, ins, outs, flops))
+        return out
+
+
+@contextlib.contextmanager
+def recording():
+    rec = Recording()
+    real_run, real_tuned = JITFunction.run, Autotuner.run
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        rec.launches.append(TritonLaunch(self, args, dict(kwargs)))
+
+    def tuned_run(self, *args, **kwargs):
+        fn = self.fn
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        rec.launches.append(TritonLaunch(fn, args, kwargs, configs=list(self.configs)))
+
+    JITFunction.run, Autotuner.run = jit_run, tuned_run
+    try:
+        with _Recorder(rec):
+            yield rec
+    finally:
+        JITFunction.run, Autotuner.run = real_run, real_tuned
+
+
+# ------------------------------------------------------------------------------------------------
+# from a recording to the model
+# ------------------------------------------------------------------------------------------------
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bound(launch: TritonLaunch) -> dict:
+    names = launch.fn.arg_names
+    bound = dict(zip(names, launch.args))
+    bound.update({k: v for k, v in launch.kwargs.items() if k in names})
+    return bound
+
+
+def _triton_flops(name: str, b: dict) -> float:
+    M, N, K, R, I, J = (b.get(k, 0) for k in ("M", "N", "K", "R", "I", "J"))  # noqa: E741
+    return {
+        "_lora_shrink_kernel": 2.0 * M * K * R,
+        "_lora_rank_kernel": 2.0 * M * N * R,
+        "_lora_gemm_kernel": 2.0 * M * N * (K + R),
+        "_lora_dy_pass_kernel": 4.0 * M * N * R,
+        "_lora_ds_kernel": 2.0 * M * N * R,
+        "_weight_grad_kernel": 2.0 * M * I * J,
+        "_bottleneck_fwd_kernel": 2.0 * M * R * (K + N),
+        "_bottleneck_bwd_rows_kernel": 2.0 * M * R * (N + K),
+    }.get(name, 0.0)
+
+
+def to_plan(rec: Recording) -> perf_model.Plan:
+    plan = perf_model.Plan()
+    for launch in rec.launches:
+        if isinstance(launch, TritonLaunch):
+            b = _bound(launch)
+            seen, nbytes = set(), 0
+            for arg in launch.args:
+                if isinstance(arg, torch.Tensor) and id(arg) not in seen:
+                    seen.add(id(arg))
+                    nbytes += _nbytes(arg)
+            if b.get("ACCUMULATE"):  # read-modify-write of the output: it is read as well
+                nbytes += _nbytes(b["out_ptr"])
+            plan.launches.append(perf_model.Launch(launch.name, _triton_flops(launch.name, b), nbytes,
+                                                   triton_gemm=launch.name == "_lora_gemm_kernel"))
+        else:
+            nbytes = sum(_nbytes(t) for t in launch.inputs if t.device.type == "meta")
+            if launch.name not in ("zero_", "fill_", "zeros"):
+                nbytes += sum(_nbytes(t) for t in launch.outputs)
+            elif launch.name == "zeros":
+                nbytes = sum(_nbytes(t) for t in launch.outputs)
+            plan.launches.append(perf_model.Launch(f"aten.{launch.name}", launch.flops, nbytes))
+    return plan
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # the StorageImpl: shared by a tensor and its views
+
+
+def temporaries(rec: Recording, results: list[torch.Tensor]) -> int:
+    """The largest tensor the call allocated that it does not return (or return a view of)."""
+    keep = {_storage(t) for t in results}
+    return max((_nbytes(t) for t in rec.allocations if _storage(t) not in keep), default=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the ops at a scenario
+# ------------------------------------------------------------------------------------------------
+
+BF16 = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Scenario:
+    op: str
+    M: int
+    K: int
+    N: int | tuple
+    r: int
+    p: float
+    dtype: torch.dtype = BF16
+
+    @property
+    def name(self) -> str:
+        n = "x".join(map(str, self.N)) if isinstance(self.N, tuple) else self.N
+        rank = "b" if self.op in ("parallel_adapter", "bottleneck_adapter") else "r"
+        suffix = "" if self.dtype == BF16 else f"-{str(self.dtype).removeprefix('torch.')}"
+        return f"K{self.K}xN{n}-M{self.M}-{rank}{self.r}-p{self.p:g}{suffix}"
+
+
+def _meta(*shape, dtype=BF16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@contextlib.contextmanager
+def _variant(v: str):
+    saved = os.environ.get("FASTADAPT_LORA_VARIANT")
+    os.environ["FASTADAPT_LORA_VARIANT"] = v
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FASTADAPT_LORA_VARIANT", None)
+        else:
+            os.environ["FASTADAPT_LORA_VARIANT"] = saved
+
+
+def run_op(sc: Scenario, variant: str) -> dict:
+    """Record the op's forward and backward: {fwd, bwd: (Recording, results), saved_extra_bytes}."""
+    lora = importlib.import_module("fastadapt.ops.lora_linear")
+    par = importlib.import_module("fastadapt.ops.parallel_adapter")
+    bn = importlib.import_module("fastadapt.ops.bottleneck_adapter")
+    M, K, r, p, dt = sc.M, sc.K, sc.r, sc.p, sc.dtype
+    out: dict = {}
+    with _variant(variant):
+        if sc.op == "lora_linear":
+            N = sc.N
+            x, w, a, b = _meta(M, K, dtype=dt), _meta(N, K, dtype=dt), _meta(r, K, dtype=torch.float32), _meta(
+                N, r, dtype=torch.float32)
+            with recording() as fwd:
+                y, s, bits = lora.lora_linear_fwd._init_fn(x, w, a, b, None, 2.0, p)
+            dy = _meta(M, N, dtype=dt)
+            with recording() as bwd:
+                grads = lora.lora_linear_bwd._init_fn(dy, x, w, a, b, s, bits, 2.0, p, True)
+            out.update(fwd=(fwd, [y, s, bits]), bwd=(bwd, list(grads)), saved=[s, bits])
+        elif sc.op == "lora_group":
+            Ns = sc.N
+            x = _meta(M, K, dtype=dt)
+            ws = [_meta(n, K, dtype=dt) for n in Ns]
+            As = [_meta(r, K, dtype=torch.float32) for _ in Ns]
+            Bs = [_meta(n, r, dtype=torch.float32) for n in Ns]
+            biases = [x.new_empty(0) for _ in Ns]
+            with recording() as fwd:
+                ys, s_cat, bits = lora.lora_linear_group_fwd._init_fn(x, ws, As, Bs, biases, 2.0, p)
+            dys = [_meta(M, n, dtype=dt) for n in Ns]
+            with recording() as bwd:
+                dx, das, dbs = lora.lora_linear_group_bwd._init_fn(dys, x, ws, As, Bs, s_cat, bits, 2.0, p, True)
+            out.update(fwd=(fwd, [*ys, s_cat, bits]), bwd=(bwd, [dx, *das, *dbs]), saved=[s_cat, bits])
+        elif sc.op == "parallel_adapter":
+            N = sc.N
+            x, w = _meta(M, K, dtype=dt), _meta(N, K, dtype=dt)
+            wd, wu = _meta(r, K, dtype=torch.float32), _meta(N, r, dtype=torch.float32)
+            s = _meta(1, dtype=torch.float32)
+            with recording() as fwd:
+                y, h, bits = par.parallel_adapter_fwd._init_fn(x, w, wd, wu, None, s, "tanh", p)
+            dy = _meta(M, N, dtype=dt)
+            with recording() as bwd:
+                grads = par.parallel_adapter_bwd._init_fn(dy, x, w, wd, wu, h, s, bits, "tanh", p, True, False)
+            out.update(fwd=(fwd, [y, h, bits]), bwd=(bwd, list(grads)), saved=[h, bits])
+        elif sc.op == "bottleneck_adapter":
+            x = _meta(M, K, dtype=dt)
+            wd, wu = _meta(r, K, dtype=torch.float32), _meta(K, r, dtype=torch.float32)
+            s = _meta(1, dtype=torch.float32)
+            with recording() as fwd:
+                o, h, bits = bn.bottleneck_adapter_fwd._init_fn(x, wd, wu, s, None, "tanh", p)
+            dy = _meta(M, K, dtype=dt)
+            with recording() as bwd:
+                grads = bn.bottleneck_adapter_bwd._init_fn(dy, x, h, wd, wu, s, bits, "tanh", p, False, False)
+            out.update(fwd=(fwd, [o, h, bits]), bwd=(bwd, list(grads)), saved=[h, bits])
+        else:
+            raise ValueError(sc.op)
+    return out
+
+
+def frozen_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
+    """The frozen linear(s) of the scenario: forward y = x Wᵀ and backward dX = dY W (no dW)."""
+    Ns = sc.N if isinstance(sc.N, tuple) else (sc.K if sc.op == "bottleneck_adapter" else sc.N,)
+    x = _meta(sc.M, sc.K, dtype=sc.dtype)
+    with recording() as fwd:
+        for n in Ns:
+            torch.nn.functional.linear(x, _meta(n, sc.K, dtype=sc.dtype))
+    with recording() as bwd:
+        for n in Ns:
+            _meta(sc.M, n, dtype=sc.dtype) @ _meta(n, sc.K, dtype=sc.dtype)
+    return to_plan(fwd), to_plan(bwd)
+
+
+def eager_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
+    """LLM-Adapters' eager series adapter (the torch twin) on the same shapes, forward and backward."""
+    from fastadapt.ops.reference import bottleneck_adapter_ref
+
+    x = _meta(sc.M, sc.K, dtype=sc.dtype).requires_grad_()
+    wd = _meta(sc.r, sc.K, dtype=sc.dtype).requires_grad_()
+    wu = _meta(sc.K, sc.r, dtype=sc.dtype).requires_grad_()
+    with recording() as fwd:
+        y = bottleneck_adapter_ref(x, wd, wu, activation="tanh", scaling=1.0, dropout_p=sc.p)
+    with recording() as bwd:
+        torch.autograd.grad(y, (x, wd, wu), torch.empty_like(y))
+    return to_plan(fwd), to_plan(bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# compiling for sm_90a
+# ------------------------------------------------------------------------------------------------
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_specs(launch: TritonLaunch, all_configs: bool) -> list[dict]:
+    """Picklable compile jobs for one recorded launch (one per autotune config, or the first)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
+    configs = launch.configs if launch.configs is not None else [None]
+    if not all_configs:
+        configs = configs[:1]
+    specs = []
+    for cfg in configs:
+        kwargs = dict(launch.kwargs)
+        if cfg is not None:
+            kwargs.update(cfg.all_kwargs())
+        bound_args, specialization, options = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = launch.fn._pack_args(backend, kwargs, bound_args, specialization,
+                                                                     options)
+        meta = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        scalar = (int, float, str, bool, type(None))
+        scalar_options = {k: v for k, v in options.__dict__.items() if isinstance(v, scalar)}
+        specs.append({
+            "module": launch.fn.fn.__module__, "kernel": launch.name, "signature": signature,
+            "constexprs": [[list(k), v] for k, v in constexprs.items()],
+            "attrs": [[list(k), v] for k, v in attrs.items()],
+            "options": scalar_options,
+            "config": ", ".join(f"{k}={v}" for k, v in sorted(meta.items()) if not isinstance(v, torch.dtype)),
+        })
+    return specs
+
+
+def _spec_key(spec: dict) -> str:
+    return json.dumps([spec["kernel"], spec["signature"], spec["constexprs"], spec["attrs"], spec["options"]],
+                      sort_keys=True, default=str)
+
+
+def compile_one(spec: dict) -> dict:
+    """Compile one spec for sm_90a (in a worker process); registers and local memory (spills) of the
+    cubin from ``cuobjdump -res-usage``, shared memory from the compiled metadata."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    started = time.time()
+    try:
+        fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        constexprs = {tuple(k): v for k, v in spec["constexprs"]}
+        attrs = {tuple(k): v for k, v in spec["attrs"]}
+        src = ASTSource(fn, spec["signature"], constexprs, attrs)
+        kernel = compile(src, target=GPUTarget("cuda", 90, 32), options=spec["options"])
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            usage = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True,
+                                   check=True).stdout
+        fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+        return {"ok": True, "registers": int(fields["REG"]), "spill_bytes": int(fields["LOCAL"]),
+                "stack_bytes": int(fields["STACK"]), "shared_bytes": int(kernel.metadata.shared),
+                "seconds": round(time.time() - started, 1)}
+    except Exception as exc:  # a failed compile is a record (and a red exit), not a crash
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}",
+                "seconds": round(time.time() - started, 1)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the sweep
+# ------------------------------------------------------------------------------------------------
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+TARGET = Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1)
+
+
+def scenarios(full: bool) -> list[Scenario]:
+    out = []
+    ms = (1, 16, 512, 4096, 8192, 16384) if full else (1, 16, 8192)
+    for K, N in SHAPES:
+        for M in ms:
+            for r in ((8, 16, 64) if full else (16,)):
+                for p in (0.0, 0.1):
+                    out.append(Scenario("lora_linear", M, K, N, r, p))
+    for Ns in ((4096, 4096, 4096), (11008, 11008)):
+        for M in (16, 8192) if not full else (16, 4096, 8192, 16384):
+            out.append(Scenario("lora_group", M, 4096, Ns, 16, 0.1))
+    for N in (4096, 11008):
+        for M in (16, 8192):
+            for p in (0.0, 0.1):
+                out.append(Scenario("parallel_adapter", M, 4096, N, 256, p))
+    for M in (16, 2048, 8192):
+        for p in (0.0, 0.1):
+            out.append(Scenario("bottleneck_adapter", M, 4096, 4096, 256, p))
+    if full:
+        out.append(Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1, torch.float32))
+    return out
+
+
+def has_variants(op: str) -> bool:
+    return op in ("lora_linear", "lora_group", "parallel_adapter")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, help="write the records here")
+    ap.add_argument("--full", action="store_true", help="the whole sweep and every autotune config")
+    ap.add_argument("--device", choices=sorted(perf_model.DEVICES), default="h100", help="model ceilings")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    ap.add_argument("--no-compile", action="store_true", help="the model only (no sm_90a compiles)")
+    args = ap.parse_args(argv)
+    device = perf_model.DEVICES[args.device]
+    started = time.time()
+
+    records, problems = [], []
+    jobs: dict[str, dict] = {}  # spec key -> spec
+    uses: list[tuple[dict, str, bool]] = []  # (context record, spec key, default path)
+    for sc in scenarios(args.full):
+        frozen_fwd, frozen_bwd = frozen_plans(sc)
+        plans = {}
+        for variant in VARIANTS if has_variants(sc.op) else (DEFAULT_VARIANT,):
+            default = variant == DEFAULT_VARIANT
+            run = run_op(sc, variant)
+            (fwd_rec, fwd_res), (bwd_rec, bwd_res) = run["fwd"], run["bwd"]
+            fwd, bwd = to_plan(fwd_rec), to_plan(bwd_rec)
+            plans[variant] = (fwd, bwd)
+            temp = max(temporaries(fwd_rec, fwd_res), temporaries(bwd_rec, bwd_res))
+            s_saved, bits = run["saved"]
+            mask_bits_per_elem = bits.numel() * 32 / (sc.M * sc.K) if bits.numel() else 0.0
+            mask_bits_allowed = -(-sc.K // 32) * 32 / sc.K  # 1 bit per element, rows padded to 32
+            rec = {
+                "op": sc.op, "scenario": sc.name, "variant": variant, "default": default, "device_model": device.name,
+                "M": sc.M, "K": sc.K, "N": sc.N, "r": sc.r, "dropout": sc.p, "dtype": str(sc.dtype),
+                "temp_bytes": temp, "launches_fwd": len(fwd), "launches_bwd": len(bwd),
+                "kernels_fwd": [k.name for k in fwd.launches], "kernels_bwd": [k.name for k in bwd.launches],
+                "bytes_moved": fwd.bytes + bwd.bytes, "flops": fwd.flops + bwd.flops,
+                "saved_extra_bytes": _nbytes(s_saved) + _nbytes(bits), "mask_bits_per_element": mask_bits_per_elem,
+                "predicted_us": round((fwd.seconds(device) + bwd.seconds(device)) * 1e6, 1),
+            }
+            if sc.op == "bottleneck_adapter":
+                eager_fwd, eager_bwd = eager_bottleneck_plans(sc)
+                eager = eager_fwd.seconds(device) + eager_bwd.seconds(device)
+                rec["eager_us"] = round(eager * 1e6, 1)
+                rec["eager_bytes_moved"] = eager_fwd.bytes + eager_bwd.bytes
+                rec["predicted_speedup_over_eager"] = round(eager / (fwd.seconds(device) + bwd.seconds(device)), 3)
+                rec["memory_floor_bytes"] = 2 * 2 * sc.M * sc.K  # read h, write out (fwd) at bf16; see NOTES
+            else:
+                rec["frozen_us"] = round((frozen_fwd.seconds(device) + frozen_bwd.seconds(device)) * 1e6, 1)
+                rec["predicted_over_frozen"] = round(
+                    perf_model.over_frozen(fwd, bwd, frozen_fwd, frozen_bwd, device), 4)
+                if variant == "fused":
+                    rec["fused_needs_triton_gemm_efficiency"] = perf_model.break_even_efficiency(
+                        (fwd, bwd), plans[DEFAULT_VARIANT], device)
+            records.append(rec)
+            if default and temp > TEMP_CAP:
+                problems.append(f"{sc.op} {sc.name}: a {temp / 2**20:.0f} MiB temporary (cap 64 MiB)")
+            if default and sc.op == "lora_linear" and sc.M <= 16 and len(fwd) > DECODE_MAX_LAUNCHES:
+                problems.append(f"{sc.op} {sc.name}: decode forward takes {len(fwd)} launches (max 3)")
+            if default and mask_bits_per_elem > mask_bits_allowed + 1e-12:
+                problems.append(f"{sc.op} {sc.name}: the saved mask holds {mask_bits_per_elem:.2f} bits per element")
+            compile_here = args.full or default or (sc == TARGET and variant != DEFAULT_VARIANT)
+            if args.no_compile or not compile_here:
+                continue
+            for part, recd in (("fwd", fwd_rec), ("bwd", bwd_rec)):
+                for launch in (x for x in recd.launches if isinstance(x, TritonLaunch)):
+                    for spec in compile_specs(launch, args.full):
+                        key = _spec_key(spec)
+                        jobs.setdefault(key, spec)
+                        uses.append(({"op": sc.op, "scenario": sc.name, "variant": variant, "pass": part}, key,
+                                     default))
+    print(f"[check_triton] {len(records)} op records from {len(scenarios(args.full))} scenarios; "
+          f"{len(jobs)} distinct compiles", flush=True)
+
+    results: dict[str, dict] = {}
+    if jobs:
+        with futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            pending = {pool.submit(compile_one, spec): key for key, spec in jobs.items()}
+            for n, done in enumerate(futures.as_completed(pending), 1):
+                key = pending[done]
+                results[key] = done.result()
+                spec, res = jobs[key], results[key]
+                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['shared_bytes']} B smem"
+                         if res["ok"] else "FAILED")
+                print(f"[check_triton] {n}/{len(jobs)} {spec['kernel']} [{spec['config']}]: {state} "
+                      f"({res['seconds']} s)", flush=True)
+    for ctx, key, default in uses:
+        spec, res = jobs[key], results[key]
+        records.append({**ctx, "kernel": spec["kernel"], "config": spec["config"], "default": default,
+                        "ok": res["ok"], "registers": res.get("registers"), "spill_bytes": res.get("spill_bytes"),
+                        "stack_bytes": res.get("stack_bytes"), "shared_bytes": res.get("shared_bytes"),
+                        **({"error": res["error"]} if not res["ok"] else {})})
+        if not res["ok"]:
+            problems.append(f"{spec['kernel']} [{spec['config']}] failed to compile: {res['error'][-300:]}")
+        elif default and res["spill_bytes"]:
+            problems.append(f"{spec['kernel']} [{spec['config']}] spills {res['spill_bytes']} B on the default path")
+
+    _summary(records, device)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1, default=str) + "\n")
+        print(f"[check_triton] wrote {len(records)} records to {args.json}")
+    for p in sorted(set(problems)):
+        print(f"[check_triton] PROBLEM: {p}")
+    print(f"[check_triton] {'FAIL' if problems else 'ok'} in {time.time() - started:.0f} s")
+    return 1 if problems else 0
+
+
+def _summary(records: list[dict], device: perf_model.Device) -> None:
+    ops = [r for r in records if "predicted_us" in r and r["M"] in (1, 16, 8192)]
+    print(f"\npredictions ({device.name} model; per op call, forward + backward):")
+    print(f"{'op':18s} {'scenario':28s} {'variant':9s} {'x frozen':>9s} {'vs eager':>9s} {'fwd':>4s} {'bwd':>4s} "
+          f"{'temp MiB':>9s} {'fused≥eff':>9s}")
+    for r in ops:
+        over = r.get("predicted_over_frozen")
+        eager = r.get("predicted_speedup_over_eager")
+        eff = r.get("fused_needs_triton_gemm_efficiency")
+        print(f"{r['op'][:18]:18s} {r['scenario'][:28]:28s} {r['variant']:9s} "
+              f"{(f'{over:.3f}' if over else '-'):>9s} {(f'{eager:.2f}x' if eager else '-'):>9s} "
+              f"{r['launches_fwd']:4d} {r['launches_bwd']:4d} {r['temp_bytes'] / 2**20:9.1f} "
+              f"{(f'{eff:.2f}' if eff else '-'):>9s}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
