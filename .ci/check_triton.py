@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -90,11 +91,13 @@ class Recording:
 
 
 _NO_KERNEL = {
-    "empty", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "alias", "view",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "alias", "view",
     "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "as_strided", "unsqueeze",
     "squeeze", "split", "split_with_sizes", "unbind", "reshape", "_local_scalar_dense", "resize_", "set_",
 }
 _GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear"}
+#: In-place ops that only write their output (a random fill, a memset): one pass, not two.
+_WRITE_ONLY = {"zero_", "fill_", "zeros", "zeros_like", "bernoulli_", "normal_", "uniform_", "random_"}
 
 
 def _op_name(func) -> str:
@@ -206,11 +209,9 @@ def to_plan(rec: Recording) -> perf_model.Plan:
             plan.launches.append(perf_model.Launch(launch.name, _triton_flops(launch.name, b), nbytes,
                                                    triton_gemm=launch.name == "_lora_gemm_kernel"))
         else:
-            nbytes = sum(_nbytes(t) for t in launch.inputs if t.device.type == "meta")
-            if launch.name not in ("zero_", "fill_", "zeros"):
-                nbytes += sum(_nbytes(t) for t in launch.outputs)
-            elif launch.name == "zeros":
-                nbytes = sum(_nbytes(t) for t in launch.outputs)
+            nbytes = sum(_nbytes(t) for t in launch.outputs)
+            if launch.name not in _WRITE_ONLY:
+                nbytes += sum(_nbytes(t) for t in launch.inputs if t.device.type == "meta")
             plan.launches.append(perf_model.Launch(f"aten.{launch.name}", launch.flops, nbytes))
     return plan
 
@@ -337,6 +338,35 @@ def frozen_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
     return to_plan(fwd), to_plan(bwd)
 
 
+def peft_plans(sc: Scenario, *, fp32_adapters: bool) -> tuple[perf_model.Plan, perf_model.Plan] | None:
+    """PEFT's LoRA layer on the same shapes, as users run it (``autocast_adapter_dtype=True``: fp32
+    adapters, x upcast) or with bf16 adapters; None without peft."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    from torch import nn
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = nn.Linear(sc.K, sc.N, bias=False, device="meta", dtype=sc.dtype)
+
+        def forward(self, x):
+            return self.base(x)
+
+    cfg = peft.LoraConfig(r=sc.r, lora_alpha=2 * sc.r, lora_dropout=sc.p, target_modules=["base"])
+    model = peft.get_peft_model(Frozen(), cfg, autocast_adapter_dtype=fp32_adapters).train()
+    x = _meta(sc.M, sc.K, dtype=sc.dtype).requires_grad_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with recording() as fwd:
+        y = model(x)
+    dy = torch.empty_like(y)
+    with recording() as bwd:
+        torch.autograd.grad(y, [x, *params], dy)
+    return to_plan(fwd), to_plan(bwd)
+
+
 def eager_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
     """LLM-Adapters' eager series adapter (the torch twin) on the same shapes, forward and backward."""
     from fastadapt.ops.reference import bottleneck_adapter_ref
@@ -395,7 +425,7 @@ def _spec_key(spec: dict) -> str:
                       sort_keys=True, default=str)
 
 
-def compile_one(spec: dict) -> dict:
+def compile_one(spec: dict, sass_dir: Path | None = None) -> dict:
     """Compile one spec for sm_90a (in a worker process); registers and local memory (spills) of the
     cubin from ``cuobjdump -res-usage``, shared memory from the compiled metadata."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -416,9 +446,17 @@ def compile_one(spec: dict) -> dict:
             cubin.write_bytes(kernel.asm["cubin"])
             usage = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True,
                                    check=True).stdout
+            sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+        if sass_dir is not None:
+            (sass_dir / f"{spec['kernel']}-{hashlib.sha1(_spec_key(spec).encode()).hexdigest()[:10]}.sass").write_text(
+                f"// {spec['config']}\n{sass}")
         fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+        # static SASS size: a proxy for per-tile integer work (e.g. Philox) next to the MMAs
+        n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
         return {"ok": True, "registers": int(fields["REG"]), "spill_bytes": int(fields["LOCAL"]),
                 "stack_bytes": int(fields["STACK"]), "shared_bytes": int(kernel.metadata.shared),
+                "sass_instructions": n_sass,
                 "seconds": round(time.time() - started, 1)}
     except Exception as exc:  # a failed compile is a record (and a red exit), not a crash
         return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}",
@@ -467,6 +505,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=sorted(perf_model.DEVICES), default="h100", help="model ceilings")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     ap.add_argument("--no-compile", action="store_true", help="the model only (no sm_90a compiles)")
+    ap.add_argument("--sass-dir", type=Path, help="also write each compile's SASS here (to read the inner loop)")
     args = ap.parse_args(argv)
     device = perf_model.DEVICES[args.device]
     started = time.time()
@@ -477,6 +516,16 @@ def main(argv=None) -> int:
     for sc in scenarios(args.full):
         frozen_fwd, frozen_bwd = frozen_plans(sc)
         plans = {}
+        if sc.op == "lora_linear" and sc.M >= 512:
+            for name, fp32 in (("peft_default", True), ("peft_bf16", False)):
+                peft = peft_plans(sc, fp32_adapters=fp32)
+                if peft is not None:
+                    records.append({"op": sc.op, "scenario": sc.name, "variant": name, "default": False,
+                                    "device_model": device.name, "M": sc.M, "K": sc.K, "N": sc.N, "r": sc.r,
+                                    "dropout": sc.p, "launches_fwd": len(peft[0]), "launches_bwd": len(peft[1]),
+                                    "bytes_moved": peft[0].bytes + peft[1].bytes,
+                                    "predicted_over_frozen": round(perf_model.over_frozen(
+                                        *peft, frozen_fwd, frozen_bwd, device), 4)})
         for variant in VARIANTS if has_variants(sc.op) else (DEFAULT_VARIANT,):
             default = variant == DEFAULT_VARIANT
             run = run_op(sc, variant)
@@ -507,6 +556,7 @@ def main(argv=None) -> int:
                 rec["frozen_us"] = round((frozen_fwd.seconds(device) + frozen_bwd.seconds(device)) * 1e6, 1)
                 rec["predicted_over_frozen"] = round(
                     perf_model.over_frozen(fwd, bwd, frozen_fwd, frozen_bwd, device), 4)
+                rec["predicted_fwd_over_frozen"] = round(fwd.seconds(device) / frozen_fwd.seconds(device), 4)
                 if variant == "fused":
                     rec["fused_needs_triton_gemm_efficiency"] = perf_model.break_even_efficiency(
                         (fwd, bwd), plans[DEFAULT_VARIANT], device)
@@ -533,12 +583,15 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     if jobs:
         with futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            pending = {pool.submit(compile_one, spec): key for key, spec in jobs.items()}
+            if args.sass_dir:
+                args.sass_dir.mkdir(parents=True, exist_ok=True)
+            pending = {pool.submit(compile_one, spec, args.sass_dir): key for key, spec in jobs.items()}
             for n, done in enumerate(futures.as_completed(pending), 1):
                 key = pending[done]
                 results[key] = done.result()
                 spec, res = jobs[key], results[key]
-                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['shared_bytes']} B smem"
+                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['shared_bytes']} B smem, "
+                         f"{res['sass_instructions']} SASS"
                          if res["ok"] else "FAILED")
                 print(f"[check_triton] {n}/{len(jobs)} {spec['kernel']} [{spec['config']}]: {state} "
                       f"({res['seconds']} s)", flush=True)
@@ -547,6 +600,7 @@ def main(argv=None) -> int:
         records.append({**ctx, "kernel": spec["kernel"], "config": spec["config"], "default": default,
                         "ok": res["ok"], "registers": res.get("registers"), "spill_bytes": res.get("spill_bytes"),
                         "stack_bytes": res.get("stack_bytes"), "shared_bytes": res.get("shared_bytes"),
+                        "sass_instructions": res.get("sass_instructions"),
                         **({"error": res["error"]} if not res["ok"] else {})})
         if not res["ok"]:
             problems.append(f"{spec['kernel']} [{spec['config']}] failed to compile: {res['error'][-300:]}")
@@ -565,17 +619,20 @@ def main(argv=None) -> int:
 
 
 def _summary(records: list[dict], device: perf_model.Device) -> None:
-    ops = [r for r in records if "predicted_us" in r and r["M"] in (1, 16, 8192)]
+    ops = [r for r in records if ("predicted_us" in r or r.get("variant", "").startswith("peft"))
+           and r["M"] in (1, 16, 8192)]
     print(f"\npredictions ({device.name} model; per op call, forward + backward):")
-    print(f"{'op':18s} {'scenario':28s} {'variant':9s} {'x frozen':>9s} {'vs eager':>9s} {'fwd':>4s} {'bwd':>4s} "
-          f"{'temp MiB':>9s} {'fused≥eff':>9s}")
+    print(f"{'op':18s} {'scenario':28s} {'variant':12s} {'x frozen':>9s} {'fwd only':>9s} {'vs eager':>9s} "
+          f"{'fwd':>4s} {'bwd':>4s} {'temp MiB':>9s} {'fused≥eff':>9s}")
     for r in ops:
         over = r.get("predicted_over_frozen")
         eager = r.get("predicted_speedup_over_eager")
         eff = r.get("fused_needs_triton_gemm_efficiency")
-        print(f"{r['op'][:18]:18s} {r['scenario'][:28]:28s} {r['variant']:9s} "
-              f"{(f'{over:.3f}' if over else '-'):>9s} {(f'{eager:.2f}x' if eager else '-'):>9s} "
-              f"{r['launches_fwd']:4d} {r['launches_bwd']:4d} {r['temp_bytes'] / 2**20:9.1f} "
+        fwd_only = r.get("predicted_fwd_over_frozen")
+        print(f"{r['op'][:18]:18s} {r['scenario'][:28]:28s} {r['variant'][:12]:12s} "
+              f"{(f'{over:.3f}' if over else '-'):>9s} {(f'{fwd_only:.3f}' if fwd_only else '-'):>9s} "
+              f"{(f'{eager:.2f}x' if eager else '-'):>9s} "
+              f"{r['launches_fwd']:4d} {r['launches_bwd']:4d} {r.get('temp_bytes', 0) / 2**20:9.1f} "
               f"{(f'{eff:.2f}' if eff else '-'):>9s}")
 
 

@@ -11,12 +11,14 @@ in fp32 — and round-to-nearest-even casts). The GPU code is unchanged by the f
 Dropout mask: drawn once, in the forward, and stored packed — 1 bit per element of x, as int32
 words ``bits (M, ceil(K/32))`` with bit ``j`` of word ``w`` = ``keep[m, 32w + j]`` — so every later
 kernel reads 4 bytes per 32 elements instead of recomputing Philox. :func:`keep_bits` draws it with
-one Philox-4x32-10 call per 4 elements (``tl.randint4x`` at counter ``m * ceil(K/4) + k // 4``,
-int64, from the LOGICAL index: the mask does not depend on x's strides) and
-``keep = uniform(u32) >= p``, the test ``tl.rand`` makes. Why stored and not regenerated: a Philox
-call is ~70 integer instructions; regenerating one output per element (as before) in three kernels
-cost ~4,000 SASS instructions per 64 elements of the shrink loop, while the packed mask costs
-M·K/8 bytes written once and read twice (4 MiB per pass at 8192 × 4096).
+one Philox-4x32-10 call per 8 elements (``tl.randint4x`` at counter ``m * ceil(K/8) + k // 8``,
+int64, from the LOGICAL index: the mask does not depend on x's strides), each element taking 16 of
+the call's 128 bits: ``keep = u16 >= round(p · 2¹⁶)``. So the realised dropout probability is
+``p`` rounded to 1/65536 (:func:`dropout_threshold`), and kept values are scaled by exactly
+``1 / (1 - threshold/65536)`` (:func:`keep_scale`): the expectation is exact. Why stored and 8 per
+call: a Philox call is ~60 integer instructions; one call per element (the first design, regenerated
+in three kernels) made the shrink kernel integer-bound at several times its memory time, while the
+packed mask costs M·K/8 bytes written once and read twice (4 MiB per pass at 8192 × 4096).
 """
 
 from __future__ import annotations
@@ -99,25 +101,42 @@ def check_activation(activation: str) -> int:
     return ACTIVATIONS[activation]
 
 
+def dropout_threshold(dropout_p: float) -> int:
+    """The 16-bit threshold of a dropout probability: an element is kept when its uniform u16 ≥ it."""
+    return min(int(round(float(dropout_p) * 65536)), 65535)
+
+
 def keep_scale(dropout_p: float) -> float:
-    """1/(1-p): the inverted-dropout scale of kept values."""
-    return 1.0 / (1.0 - float(dropout_p))
+    """The inverted-dropout scale of kept values, 1/(1-p) for the realised p (a multiple of 1/65536)."""
+    return 65536.0 / (65536 - dropout_threshold(dropout_p))
 
 
 # ----------------------------------------------------------------------------- jit helpers
 
 
 @triton.jit
-def keep_bits(seed, offs_m, k0, K, p, BLOCK_K: tl.constexpr):
+def _halves(u):
+    """(low, high) 16-bit halves of uint32 random words."""
+    return u & 0xFFFF, u >> 16
+
+
+@triton.jit
+def keep_bits(seed, offs_m, k0, K, threshold, BLOCK_K: tl.constexpr):
     """The dropout keep-mask of rows ``offs_m`` × columns ``k0 .. k0+BLOCK_K`` (``k0`` a multiple of
-    32; columns ≥ K are dropped) and its packed words ``(BLOCK_M, BLOCK_K // 32)`` int32."""
-    offs_q = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-    counter = offs_m.to(tl.int64)[:, None] * ((K + 3) // 4) + offs_q.to(tl.int64)[None, :]
+    32; columns ≥ K are dropped) and its packed words ``(BLOCK_M, BLOCK_K // 32)`` int32;
+    ``threshold`` from :func:`dropout_threshold`."""
+    offs_q = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    counter = offs_m.to(tl.int64)[:, None] * ((K + 7) // 8) + offs_q.to(tl.int64)[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    u = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_K // 4, 2, 2): columns 4q + 2i + j
+    a0, b0 = _halves(r0.to(tl.uint32, bitcast=True))
+    a1, b1 = _halves(r1.to(tl.uint32, bitcast=True))
+    a2, b2 = _halves(r2.to(tl.uint32, bitcast=True))
+    a3, b3 = _halves(r3.to(tl.uint32, bitcast=True))
+    # (BLOCK_M, BLOCK_K // 8, 2, 2, 2): column 8q + 4i + 2j + k takes half k of word 2i + j
+    u = tl.join(tl.join(tl.join(a0, b0), tl.join(a1, b1)), tl.join(tl.join(a2, b2), tl.join(a3, b3)))
     u = tl.reshape(u, (offs_m.shape[0], BLOCK_K))
     cols = k0 + tl.arange(0, BLOCK_K)
-    keep = (tl.random.uint_to_uniform_float(u) >= p) & (cols < K)[None, :]
+    keep = (u >= threshold) & (cols < K)[None, :]
     lanes = tl.reshape(keep.to(tl.int32), (offs_m.shape[0], BLOCK_K // 32, 32))
     words = tl.sum(lanes << tl.arange(0, 32)[None, None, :], axis=2)
     return keep, words
@@ -210,11 +229,11 @@ def bits_shape(M: int, K: int) -> tuple[int, int]:
     return M, triton.cdiv(K, 32)
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
-def _dropout_bits_kernel(bits_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "threshold"])  # one compile for every seed and p
+def _dropout_bits_kernel(bits_ptr, M, K, threshold, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
-    _, words = keep_bits(seed, offs_m, k0, K, p, BLOCK_K)
+    _, words = keep_bits(seed, offs_m, k0, K, threshold, BLOCK_K)
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     n_words = tl.cdiv(K, 32)
     tl.store(bits_ptr + offs_m.to(tl.int64)[:, None] * n_words + offs_w[None, :], words,
@@ -232,7 +251,7 @@ def dropout_bits(seed: int, M: int, K: int, dropout_p: float, *, device: torch.d
         BLOCK_M, BLOCK_K = 32, 64
         with device_ctx(bits):
             _dropout_bits_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
-                bits, M, K, float(dropout_p), seed, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+                bits, M, K, dropout_threshold(dropout_p), seed, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return bits
 
 

@@ -62,6 +62,7 @@ from ._common import (
     check_dropout,
     device_ctx,
     dot_precision,
+    dropout_threshold,
     interpreting,
     keep_bits,
     keep_scale,
@@ -88,7 +89,7 @@ _CHUNK_R = 128
 def _down_tile(
     x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
     stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m,
-    p, inv_keep, seed, store_bits,
+    threshold, inv_keep, seed, store_bits,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -103,7 +104,7 @@ def _down_tile(
             mask=m_mask[:, None] & k_mask[None, :], other=0.0,
         )
         if HAS_DROPOUT:
-            keep, words = keep_bits(seed, offs_m64, k0, K, p, BLOCK_K)
+            keep, words = keep_bits(seed, offs_m64, k0, K, threshold, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
             if store_bits:
                 offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -143,7 +144,7 @@ def _store_out(
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+@triton.jit(do_not_specialize=["seed", "threshold"])  # one compile for every seed and p
 def _bottleneck_fwd_kernel(
     x_ptr, wd_ptr, wu_ptr, res_ptr, scale_ptr, out_ptr, hid_ptr, bits_ptr,
     M, K, N, R,
@@ -154,7 +155,7 @@ def _bottleneck_fwd_kernel(
     stride_om, stride_on,
     stride_hm, stride_hr,
     stride_bits_m,
-    p, inv_keep, seed,
+    threshold, inv_keep, seed,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -173,7 +174,8 @@ def _bottleneck_fwd_kernel(
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
             acc = _down_tile(x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-                             stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, p, inv_keep, seed, r0 == 0,
+                             stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, threshold, inv_keep,
+                             seed, r0 == 0,
                              HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
             tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                      to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
@@ -200,7 +202,7 @@ def _bottleneck_fwd_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         acc = _down_tile(x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-                         stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, p, inv_keep, seed, True,
+                         stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, threshold, inv_keep, seed, True,
                          HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
         tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                  to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
@@ -461,7 +463,7 @@ def bottleneck_fwd(
             out.stride(0), out.stride(1),
             hidden.stride(0), hidden.stride(1),
             bits.stride(0) if bits is not None else 0,
-            float(dropout_p), inv_keep, seed,
+            dropout_threshold(dropout_p), inv_keep, seed,
             ACTIVATION=act, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
             R_CHUNKED=chunked, DOT_PRECISION=dot_precision(x.dtype),
             INTERPRET=interpreting(),

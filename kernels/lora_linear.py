@@ -11,7 +11,8 @@ are never copied), allocate contiguous outputs, and validate nothing beyond inte
 
 Forward
     ``lora_shrink``   S = scaling · (mask ⊙ x) Aᵀ / (1-p), one pass over x; with dropout it draws
-                      the mask there and returns it packed (``_common.keep_bits``: 1 bit/element).
+                      the mask there and returns it packed (``_common.keep_bits``: 1 bit/element;
+                      p realised at 1/65536 resolution, 1/(1-p) exact for it).
     ``lora_rank``     out = scale · [mask ⊙] (S Bᵀ) (+ bias) (+ out): the rank term written as its
                       own pass — into an empty output that cuBLAS then accumulates the base
                       product onto (``addmm_``, beta=1: the extra read rides inside a
@@ -52,8 +53,10 @@ from ._common import (
     bits_shape,
     device_ctx,
     dot_precision,
+    dropout_threshold,
     interpreting,
     keep_bits,
+    keep_scale,
     load_keep,
     mma,
     pow2_block,
@@ -88,7 +91,7 @@ def _check_2d(*named: tuple[str, torch.Tensor]) -> None:
 
 def _keep_scale(scaling: float, dropout_p: float) -> float:
     assert 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}"
-    return float(scaling) / (1.0 - float(dropout_p))
+    return float(scaling) * keep_scale(dropout_p)
 
 
 def _bits_args(bits: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -149,7 +152,7 @@ def _finish_rank(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+@triton.jit(do_not_specialize=["seed", "threshold"])  # one compile for every seed and p
 def _lora_shrink_kernel(
     x_ptr, a_ptr, s_ptr, bits_ptr,
     M, K, R,
@@ -157,7 +160,7 @@ def _lora_shrink_kernel(
     stride_ar, stride_ak,
     stride_sm, stride_sr,
     stride_bits_m,
-    scale, p, seed,
+    scale, threshold, seed,
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -181,7 +184,7 @@ def _lora_shrink_kernel(
         mask_k = kk < K
         x = tl.load(x_rows + kk.to(tl.int64)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep, words = keep_bits(seed, offs_m, k0, K, p, BLOCK_K)
+            keep, words = keep_bits(seed, offs_m, k0, K, threshold, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))  # a select, not a multiply: exact
             if pid_r == 0:
                 offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -243,7 +246,7 @@ def lora_shrink(
             lora_a.stride(0), lora_a.stride(1),
             s.stride(0), s.stride(1),
             stride_bits,
-            _keep_scale(scaling, dropout_p), float(dropout_p), int(seed),
+            _keep_scale(scaling, dropout_p), dropout_threshold(dropout_p), int(seed),
             HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
             num_warps=num_warps, num_stages=num_stages,

@@ -157,7 +157,10 @@ def _bits_or_none(bits: torch.Tensor) -> torch.Tensor | None:
 
 
 def _keep_scale(scaling: float, dropout_p: float) -> float:
-    return scaling / (1.0 - dropout_p)
+    """scaling/(1-p) for the realised dropout probability of the stored mask (a multiple of 1/65536)."""
+    from fastadapt.kernels._common import keep_scale
+
+    return scaling * keep_scale(dropout_p)
 
 
 def frozen_plus_rank(a, weight, s, b, *, bias=None, scale=1.0, bits=None, variant: str) -> torch.Tensor:

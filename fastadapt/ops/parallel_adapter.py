@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ._inputs import autocast_inputs, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, scaling_tensor
-from .lora_linear import frozen_plus_rank, selected_variant
+from .lora_linear import _keep_scale, frozen_plus_rank, selected_variant
 from .reference import BOTTLENECK_ACTIVATIONS, activation_grad, parallel_adapter_ref
 
 __all__ = ["parallel_adapter", "selected_backend"]
@@ -150,7 +150,7 @@ def parallel_adapter_bwd(
     dH = dS * activation_grad(hf, activation) * scaling  # fp32 (M, b)
     if need_dx:
         m, n = dy.shape
-        dx = frozen_plus_rank(dy, weight.t(), dH, w_down.t(), scale=1.0 / (1.0 - dropout_p), bits=mask,
+        dx = frozen_plus_rank(dy, weight.t(), dH, w_down.t(), scale=_keep_scale(1.0, dropout_p), bits=mask,
                               variant=selected_variant(m, n, weight.shape[1]))
     else:
         dx = dy.new_empty(0)

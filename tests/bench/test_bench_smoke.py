@@ -48,7 +48,8 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     assert data["machine_info"]["fastadapt"]["torch"]
     infos = [b["extra_info"] for b in data["benchmarks"]]
     lora = {(i["variant"], i["mode"]) for i in infos if i["suite"] == "lora_linear"}
-    assert {v for v, _ in lora} == {"frozen", "peft_default", "peft_bf16", "addmm", "fastadapt"}
+    assert {v for v, _ in lora} == {"frozen", "peft_default", "peft_bf16", "addmm", "fastadapt", "fastadapt_epilogue",
+                                    "fastadapt_fused"}
     assert {m for _, m in lora} == {"forward", "backward", "fwd_bwd"}
     assert {i["variant"] for i in infos if i["suite"] == "lora_linear_group"} >= {"fastadapt_group", "frozen"}
     e2e = [i for i in infos if i["suite"] == "e2e"]

@@ -42,7 +42,7 @@ def _reference(x, w_down, w_up, scaling, *, activation, residual, keep, p, dout,
     wu = w_up.detach().to(dtype).requires_grad_()
     s = scaling.detach().to(dtype).requires_grad_(learned)
     res = None if residual is None else residual.detach().to(dtype)
-    xd = xs if keep is None else xs * keep.to(dtype) / (1.0 - p)
+    xd = xs if keep is None else xs * keep.to(dtype) * _common.keep_scale(p)
     hidden = xd @ wd.T
     out = (xs if res is None else res) + s * (_ACT[activation](hidden) @ wu.T)
     out.backward(dout.to(dtype))

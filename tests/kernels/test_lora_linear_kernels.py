@@ -182,9 +182,9 @@ def test_shrink_dropout(dtype, R):
     s, bits = L.lora_shrink(x, a, scaling=2.0, dropout_p=p, seed=seed)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     assert torch.equal(_common.unpack_bits(bits, K), mask)
-    xd = _d(x) * mask / (1 - p)
+    xd = _d(x) * mask * _common.keep_scale(p)
     ref = 2.0 * xd @ _d(a).T
-    assert_matches(s, ref, _lowp(dtype, lambda: ((x * mask / (1 - p)).to(dtype) @ a.T) * 2.0))
+    assert_matches(s, ref, _lowp(dtype, lambda: ((x * mask * _common.keep_scale(p)).to(dtype) @ a.T) * 2.0))
 
 
 def test_shrink_group_concat_r24():
@@ -210,7 +210,7 @@ def test_shrink_mask_is_dropout_mask(p):
     s, bits = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     assert torch.equal(s != 0, mask) and torch.equal(_common.unpack_bits(bits, K), mask)
-    torch.testing.assert_close(s[mask], (1.5 / (1 - p)) * x[mask], rtol=1e-6, atol=0)
+    torch.testing.assert_close(s[mask], (1.5 * _common.keep_scale(p)) * x[mask], rtol=1e-6, atol=0)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.08
     s2, _ = L.lora_shrink(x, torch.eye(K), scaling=1.5, dropout_p=p, seed=seed + 1)
     assert not torch.equal(s2 != 0, mask), "a new seed must give a new mask"
@@ -340,7 +340,7 @@ def _dx_inputs(M, N, K, R, dtype, p, wt):
     a = _rand(R, K, seed=9)  # fp32 master copy
     bits = L.dropout_bits(seed, M, K, p, device="cpu") if p > 0 else None
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
-    scale = 0.5 / (1 - p)
+    scale = 0.5 * _common.keep_scale(p)
     ref = _d(dy) @ _d(w) + mask * (scale * _d(ds) @ _d(a))
 
     def torch_lowp():
@@ -374,11 +374,11 @@ def test_dx_uses_the_stored_mask(p):
     ds = _rand(M, K, seed=3) + 5.0  # no zeros
     dy, w = torch.zeros(M, 24), torch.ones(24, K)
     bits = L.dropout_bits(seed, M, K, p, device="cpu")
-    dx = L.lora_gemm(dy, w.t(), ds, torch.eye(K), scale=1.5 / (1 - p), bits=bits)
+    dx = L.lora_gemm(dy, w.t(), ds, torch.eye(K), scale=1.5 * _common.keep_scale(p), bits=bits)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     assert torch.equal(dx != 0, mask)
-    torch.testing.assert_close(dx[mask], (1.5 / (1 - p)) * ds[mask], rtol=1e-6, atol=0)
-    rank = L.lora_rank(ds, torch.eye(K), scale=1.5 / (1 - p), bits=bits)
+    torch.testing.assert_close(dx[mask], (1.5 * _common.keep_scale(p)) * ds[mask], rtol=1e-6, atol=0)
+    rank = L.lora_rank(ds, torch.eye(K), scale=1.5 * _common.keep_scale(p), bits=bits)
     assert torch.equal(rank, dx)
 
 
@@ -402,10 +402,10 @@ def test_grad_a(M, K, R, dtype, p, noncontig):
     da = L.lora_grad_a(x, ds, scaling=0.25, dropout_p=p, bits=bits)
     assert da.dtype == F32 and da.shape == (R, K)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
-    xd = _d(x) * mask / (1 - p)
+    xd = _d(x) * mask * _common.keep_scale(p)
 
     def torch_lowp():
-        return (0.25 * ds.to(dtype)).T @ (x * mask / (1 - p)).to(dtype)
+        return (0.25 * ds.to(dtype)).T @ (x * mask * _common.keep_scale(p)).to(dtype)
 
     assert_matches(da, 0.25 * _d(ds).T @ xd, _lowp(dtype, torch_lowp))
     assert da.abs().sum() > 0
@@ -420,7 +420,7 @@ def test_grad_a_uses_the_stored_mask(p):
     da = L.lora_grad_a(x, torch.eye(M), scaling=1.5, dropout_p=p, bits=bits)
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     assert torch.equal(da != 0, mask)
-    torch.testing.assert_close(da[mask], (1.5 / (1 - p)) * x[mask], rtol=1e-6, atol=0)
+    torch.testing.assert_close(da[mask], (1.5 * _common.keep_scale(p)) * x[mask], rtol=1e-6, atol=0)
 
 
 def test_forward_backward_chain_matches_autograd():
@@ -433,12 +433,12 @@ def test_forward_backward_chain_matches_autograd():
     s, bits = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
     y = L.lora_gemm(x, w, s, b, bias=bias)
     ds, db = L.lora_dy_pass(dy, s, b)
-    dx = L.lora_gemm(dy, w.t(), ds, a.t(), scale=scaling / (1 - p), bits=bits)
+    dx = L.lora_gemm(dy, w.t(), ds, a.t(), scale=scaling * _common.keep_scale(p), bits=bits)
     da = L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, bits=bits)
 
     mask = L.dropout_mask(seed, M, K, p, device="cpu")
     x64, a64, b64 = (_d(t).requires_grad_() for t in (x, a, b))
-    y64 = x64 @ _d(w).T + _d(bias) + scaling * ((x64 * mask / (1 - p)) @ a64.T) @ b64.T
+    y64 = x64 @ _d(w).T + _d(bias) + scaling * ((x64 * mask * _common.keep_scale(p)) @ a64.T) @ b64.T
     y64.backward(_d(dy))
     assert_matches(y, y64.detach())
     assert_matches(dx, x64.grad)
@@ -491,8 +491,8 @@ def test_gpu_real_shapes(M, dtype):
         xf, wf, af, bf, dyf = (t.float() for t in (x, w, a, b, dy))
         s, bits = L.lora_shrink(x, a, scaling=scaling, dropout_p=p, seed=seed)
         assert torch.equal(_common.unpack_bits(bits, K), mask)
-        s32 = scaling * (xf * mask / (1 - p)) @ af.T
-        check(s, s32, scaling * ((x * mask / (1 - p)).to(dtype) @ a.T), "shrink")
+        s32 = scaling * (xf * mask * _common.keep_scale(p)) @ af.T
+        check(s, s32, scaling * ((x * mask * _common.keep_scale(p)).to(dtype) @ a.T), "shrink")
         y32 = xf @ wf.T + s.float() @ bf.T + bias.float()
         y_lowp = x @ w.T + s @ b.T + bias
         check(L.lora_gemm(x, w, s, b, bias=bias, tune=False), y32, y_lowp, "fused gemm")
@@ -501,15 +501,15 @@ def test_gpu_real_shapes(M, dtype):
         ds, db = L.lora_dy_pass(dy, s, b)
         check(ds, dyf @ bf, dy @ b, "ds")
         check(db, dyf.T @ s.float(), dy.T @ s, "db")
-        scale = scaling / (1 - p)
+        scale = scaling * _common.keep_scale(p)
         lora32 = mask * (scale * ds @ af)
         dx_lowp = dy @ w + (mask * (scale * ds @ a.float())).to(dtype)
         check(L.lora_gemm(dy, w.t(), ds, a.t(), scale=scale, bits=bits, tune=False), dyf @ wf + lora32, dx_lowp,
               "dx fused")
         check(L.lora_rank(ds, a.t(), out_dtype=dtype, scale=scale, bits=bits).addmm_(dy, w), dyf @ wf + lora32,
               dx_lowp, "dx rank + addmm")
-        da32 = scaling * ds.T @ (xf * mask / (1 - p))
-        da_lowp = (scaling * ds.to(dtype)).T @ (x * mask / (1 - p)).to(dtype)
+        da32 = scaling * ds.T @ (xf * mask * _common.keep_scale(p))
+        da_lowp = (scaling * ds.to(dtype)).T @ (x * mask * _common.keep_scale(p)).to(dtype)
         check(L.lora_grad_a(x, ds, scaling=scaling, dropout_p=p, bits=bits), da32, da_lowp, "grad_a")
         # bf16 extremes: large-magnitude inputs must not overflow the fp32 accumulators
         if dtype == BF16:

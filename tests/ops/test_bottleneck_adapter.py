@@ -10,6 +10,7 @@ import torch
 from helpers import norm_rel_err, rel_err
 
 import fastadapt as fa
+from fastadapt.kernels import _common as kernel_common
 from fastadapt.ops._inputs import draw_seed
 from fastadapt.ops.reference import bottleneck_adapter_ref, parallel_adapter_ref
 
@@ -134,7 +135,7 @@ def test_series_dropout_mask_drawn_once_and_reused_in_backward():
     mask = kernels.dropout_mask(seed, m, d, p, device=x.device)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.05
     xd, wdd, wud, sd = as64(x, wd, wu, s)
-    y_ref = xd + sd * torch.tanh((xd * mask / (1 - p)) @ wdd.t()) @ wud.t()
+    y_ref = xd + sd * torch.tanh((xd * mask * kernel_common.keep_scale(p)) @ wdd.t()) @ wud.t()
     assert rel_err(y, y_ref) < 1e-5
     for got, want in zip(grads(y, (x, wd, wu, s)), grads(y_ref, (xd, wdd, wud, sd))):
         assert norm_rel_err(got, want) < 1e-5
@@ -153,7 +154,7 @@ def test_parallel_dropout_mask_drawn_once_and_reused_in_backward():
     torch.manual_seed(9)
     mask = lora_kernels.dropout_mask(draw_seed(x.device), m, k, p, device=x.device)
     xd, wdd, wud, sd = as64(x, wd, wu, s)
-    y_ref = xd @ w.double().t() + sd * torch.nn.functional.silu((xd * mask / (1 - p)) @ wdd.t()) @ wud.t()
+    y_ref = xd @ w.double().t() + sd * torch.nn.functional.silu((xd * mask * kernel_common.keep_scale(p)) @ wdd.t()) @ wud.t()
     assert rel_err(y, y_ref) < 1e-5
     for got, want in zip(grads(y, (x, wd, wu, s)), grads(y_ref, (xd, wdd, wud, sd))):
         assert norm_rel_err(got, want) < 1e-5

@@ -100,7 +100,7 @@ def test_dropout_mask_drawn_once_and_reused_in_backward(fused_gemm):
     assert abs(mask.float().mean().item() - (1 - p)) < 0.05
     # the reference with exactly that mask: kept values scaled by 1/(1-p)
     xd, ad, bd = (t.detach().double().requires_grad_() for t in (x, a, b))
-    dropped = xd * mask / (1 - p)
+    dropped = xd * mask * kernel_common.keep_scale(p)
     y_ref = xd @ w.double().t() + 1.5 * (dropped @ ad.t()) @ bd.t()
     assert rel_err(y, y_ref) < 1e-5
     for got, want in zip(grads(y, (x, a, b)), grads(y_ref, (xd, ad, bd))):
@@ -269,7 +269,7 @@ def test_lora_linear_group_with_dropout_biases_and_unused_members():
     xd = x.detach().double().requires_grad_()
     Ad = [a.detach().double().requires_grad_() for a in As]
     Bd = [b.detach().double().requires_grad_() for b in Bs]
-    dropped = xd * mask / (1 - p)  # one mask shared by the group
+    dropped = xd * mask * kernel_common.keep_scale(p)  # one mask shared by the group
     refs = [xd @ w.double().t() + (0 if c is None else c.double()) + 1.5 * (dropped @ a.t()) @ b.t()
             for w, a, b, c in zip(ws, Ad, Bd, cs)]
     for y, r in zip(ys, refs):
