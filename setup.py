@@ -11,22 +11,28 @@ CPU-only, torch), so the native build needs ``--no-build-isolation`` against the
 Without the extension the package still works; ``backend="cuda"`` then says how to build it, and
 an editable install can also build it on first use (JIT, see fastadapt/ops/_native.py).
 
-Target GPUs: sm_80 and sm_90a by default; TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0a") overrides them.
+Compiler flags and target GPUs (sm_80, sm_90a, compute_80 PTX; TORCH_CUDA_ARCH_LIST overrides the
+targets): fastadapt/_cuda_build.py, shared with the build on first use and CI's compile check.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_FLAGS = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-]
+
+
+def _build_flags():
+    """fastadapt/_cuda_build.py, loaded by path (the package is not importable before installing)."""
+    spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(ROOT, "fastadapt", "_cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _flag(name: str) -> bool:
@@ -81,12 +87,13 @@ def _extension_kwargs() -> dict:
             raise RuntimeError("FASTADAPT_BUILD_CUDA=1 but csrc/ has no sources (not a source checkout?)")
         return {}
     # torch derives -gencode flags from TORCH_CUDA_ARCH_LIST when it is set and no flag names an arch.
-    arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else DEFAULT_ARCH_FLAGS
+    flags = _build_flags()
     ext = CUDAExtension(
         name="fastadapt._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *arch]},
+        extra_compile_args={"cxx": list(flags.CXX_FLAGS),
+                            "nvcc": [*flags.NVCC_FLAGS, *flags.arch_flags(os.environ)]},
     )
     _log(f"building fastadapt._C from {len(sources)} sources (CUDA {torch.version.cuda}, {CUDA_HOME})")
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile check of the hand-written CUDA sources, for machines without a GPU or a CUDA torch.
 #
-# Runs this machine's nvcc on every csrc/**/*.cu (sm_90a, C++17, compile only) and the host
-# compiler on every csrc/**/*.cpp, against the installed torch's headers. Fails on any error;
+# Runs this machine's nvcc on every csrc/**/*.cu (C++17, compile only, for every target and with the
+# flags of a real build: fastadapt/_cuda_build.py) and the host compiler on every csrc/**/*.cpp,
+# against the installed torch's headers. Fails on any error;
 # prints the time per file and in total. Nothing is linked or run.
 #
 #   .ci/check_csrc.sh                 # all files, in parallel (JOBS, default: nproc)
@@ -29,11 +30,13 @@ trap 'rm -rf "$OUT_DIR"' EXIT
 
 # torch's headers warn under C++17 (default bit-field initialisers are C++20); the code here
 # stays C++17 so it also builds against torch 2.5-2.9, whose extensions compile as C++17.
-COMMON=(-std=c++17 -O3 -DNDEBUG -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -Icsrc $TORCH_INC "-I$PY_INC")
-NVCC_FLAGS=(-gencode=arch=compute_90a,code=sm_90a "${COMMON[@]}" -lineinfo
-  -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions)
+read -r -a ARCH <<<"$("$PYTHON" fastadapt/_cuda_build.py arch)"
+read -r -a BUILD_NVCC <<<"$("$PYTHON" fastadapt/_cuda_build.py nvcc)"
+read -r -a BUILD_CXX <<<"$("$PYTHON" fastadapt/_cuda_build.py cxx)"
+COMMON=(-std=c++17 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -Icsrc $TORCH_INC "-I$PY_INC")
+NVCC_FLAGS=("${ARCH[@]}" "${BUILD_NVCC[@]}" "${COMMON[@]}" -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions)
 [[ "${PTXAS_VERBOSE:-0}" == "1" ]] && NVCC_FLAGS+=(-Xptxas -v)
-CXX_FLAGS=("${COMMON[@]}" -fPIC -Wall -Wno-c++20-extensions -Wno-unused-parameter)
+CXX_FLAGS=("${BUILD_CXX[@]}" "${COMMON[@]}" -fPIC -Wall -Wno-c++20-extensions -Wno-unused-parameter)
 
 mapfile -t CU < <(find csrc -name '*.cu' | sort)
 mapfile -t CPP < <(find csrc -name '*.cpp' | sort)

@@ -19,6 +19,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "FASTADAPT_LORA_VARIANT": (
         "how the Triton LoRA path joins the rank term to the frozen GEMM: auto | addmm | epilogue | fused", "auto"),
     "FASTADAPT_AUTOTUNE": ("0: Triton GEMM kernels run their first config instead of autotuning", "1"),
+    "FASTADAPT_VERIFIED": (
+        "GPU verification records (a JSON file or folder) to use instead of the committed ones", ""),
+    "FASTADAPT_REQUIRE_CUDA_EXT": ("1: GPU tests fail (not skip) when the CUDA extension cannot load", "0"),
 }
 
 
@@ -61,6 +64,11 @@ def lora_variant() -> str | None:
     """The LoRA variant forced by ``FASTADAPT_LORA_VARIANT``, or None when unset / ``auto``."""
     value = _get("FASTADAPT_LORA_VARIANT").strip().lower()
     return None if value in ("", "auto") else value
+
+
+def verified_records() -> str | None:
+    """The records file/folder named by ``FASTADAPT_VERIFIED``, or None for the committed ones."""
+    return _get("FASTADAPT_VERIFIED").strip() or None
 
 
 def cache_dir() -> Path:

@@ -157,7 +157,7 @@ class SharedInputGroup:
                 return False  # the grouped backward computes adapter gradients only
             if any(is_dtensor(t) for t in (*base, m.lora_A.weight, m.lora_B.weight)):
                 return False  # members sharded one by one: each gathers its own weight in its own forward
-        return selected_backend(x.device) == "triton"
+        return selected_backend(x.device, rows=x.numel() // max(x.shape[-1], 1), op="lora_linear_group") == "triton"
 
     def _adapter_versions(self) -> tuple[int, ...]:
         return tuple(w._version for m in self.members for w in (m.lora_A.weight, m.lora_B.weight))

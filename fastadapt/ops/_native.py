@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import settings
+from .. import _cuda_build, settings
 from ._library import has_cuda_kernel
 
 __all__ = ["NATIVE_OPS", "csrc_sources", "native_available", "native_load_error", "require_native"]
@@ -34,14 +34,7 @@ logger = logging.getLogger(__name__)
 #: The ops whose CUDA kernels the extension registers.
 NATIVE_OPS = ("bottleneck_adapter_cuda_fwd", "bottleneck_adapter_cuda_bwd", "lora_merge_cuda_")
 
-# Default target GPUs: A100-class (sm_80, also runs on sm_86/89) and H100/H200 (sm_90a).
-# TORCH_CUDA_ARCH_LIST, when set, replaces them (torch then derives the -gencode flags).
-DEFAULT_ARCH_FLAGS = (
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-)
-# No -std: torch picks the standard its headers need (C++17 up to 2.9, C++20 after); the code is C++17.
-NVCC_FLAGS = ("-O3", "-lineinfo")
+# compiler flags: fastadapt/_cuda_build.py (shared with setup.py and CI's compile check)
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -102,16 +95,12 @@ def _jit_blockers() -> list[str]:
     return reasons
 
 
-def _arch_flags() -> list[str]:
-    return [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else list(DEFAULT_ARCH_FLAGS)
-
-
 def _jit_build() -> str | None:
     """Builds and loads the extension with torch.utils.cpp_extension.load; None on success."""
     from torch.utils.cpp_extension import load
 
     sources = csrc_sources()
-    flags = list(NVCC_FLAGS) + _arch_flags()
+    flags = list(_cuda_build.NVCC_FLAGS) + _cuda_build.arch_flags(os.environ)
     key = hashlib.sha256()
     for src in sources:
         key.update(src.encode())
@@ -126,7 +115,7 @@ def _jit_build() -> str | None:
         load(
             name="fastadapt_C",
             sources=sources,
-            extra_cflags=["-O3"],
+            extra_cflags=list(_cuda_build.CXX_FLAGS),
             extra_cuda_cflags=flags,
             extra_include_paths=[str(_CSRC)],
             build_directory=str(build_dir),

@@ -25,7 +25,7 @@ from .. import _checks, settings
 from . import _native
 from ._inputs import check_dropout_p, check_tensors, draw_seed
 from ._library import custom_op, native_op, register_autograd
-from .dispatch import BACKENDS, resolve_backend, triton_usable
+from .dispatch import BACKENDS, register_op, resolve_backend, triton_usable
 from .reference import BOTTLENECK_ACTIVATIONS, bottleneck_adapter_ref
 
 __all__ = ["ACTIVATIONS", "bottleneck_adapter", "selected_backend"]
@@ -33,6 +33,14 @@ __all__ = ["ACTIVATIONS", "bottleneck_adapter", "selected_backend"]
 ACTIVATIONS: tuple[str, ...] = tuple(BOTTLENECK_ACTIVATIONS)
 
 _CUDA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def cuda_usable(device: torch.device) -> bool:
+    """The CUDA kernels can run on ``device`` (a call also needs bf16/fp16 and no dropout)."""
+    return device.type == "cuda" and _native.native_available()
+
+
+register_op("bottleneck_adapter", {"cuda": cuda_usable, "triton": triton_usable})
 
 
 def _kernels():
@@ -61,10 +69,10 @@ def choose_backend(op: str, backend: str, x: torch.Tensor, dropout_p: float) -> 
         return "cuda"
     cuda_fits = x.dtype in _CUDA_DTYPES and dropout_p == 0
     available = {
-        "cuda": lambda device: cuda_fits and device.type == "cuda" and _native.native_available(),
+        "cuda": lambda device: cuda_fits and cuda_usable(device),
         "triton": triton_usable,
     }
-    return resolve_backend(op, backend, x.device, available=available)
+    return resolve_backend(op, backend, x.device, available=available, rows=x.numel() // max(x.shape[-1], 1))
 
 
 def selected_backend(x: torch.Tensor, backend: str = "auto", *, dropout_p: float = 0.0) -> str:

@@ -1,8 +1,9 @@
 """Which backend runs a functional op: ``"torch" | "triton" | "cuda"``, or ``"auto"``.
 
 Order of precedence: an explicit ``backend=`` argument, then ``FASTADAPT_BACKEND``, then ``auto``.
-``auto`` takes a fused backend only where a GPU run has verified it (:data:`VERIFIED_ON_GPU`) and
-it can run on the input's device; otherwise the torch path (``fastadapt.ops.reference``).
+``auto`` takes a fused backend only where a GPU verification record vouches for it on this device,
+shape class and kernel source (:mod:`fastadapt.ops.verification`) and it can run on the input's
+device; otherwise the torch path (``fastadapt.ops.reference``), saying why once per op and GPU.
 """
 
 from __future__ import annotations
@@ -10,33 +11,66 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .. import settings
+from . import verification
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
-#: (op, backend) pairs that a GPU run has shown correct and faster than the torch path; ``auto``
-#: uses a fused backend only when its pair is here. No GPU has run the kernels yet: empty.
-VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset()
+_warned: set[tuple] = set()
 
-_warned: set[tuple[str, str]] = set()
+#: op -> its fused backends, each with where it can run, in ``auto``'s order (``fastadapt backends``
+#: lists these; a call may narrow them further, e.g. the CUDA bottleneck kernel takes no dropout).
+OPS: dict[str, dict[str, Callable[[torch.device], bool]]] = {}
+#: the rows that stand for each shape class in :func:`explain`
+EXAMPLE_ROWS = {"decode": 1, "batch": 8192}
 
 
-def resolve_backend(
+def register_op(op: str, available: dict[str, Callable[[torch.device], bool]]) -> None:
+    """Declare an op's fused backends (once, where the op is defined)."""
+    if op in OPS:
+        raise ValueError(f"op {op!r} is registered twice")
+    OPS[op] = dict(available)
+
+
+def explain(device: torch.device) -> list[tuple[str, str, Decision]]:
+    """What ``auto`` picks on ``device`` for every registered op and shape class, and why."""
+    return [(op, cls, decide(op, "auto", device, available=available, rows=rows))
+            for op, available in sorted(OPS.items()) for cls, rows in EXAMPLE_ROWS.items()]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The backend that runs a call and why (``fastadapt backends`` prints these)."""
+
+    backend: str
+    reason: str
+    record: dict | None = None
+
+
+def resolve_backend(op: str, requested: str, device: torch.device, **kw) -> str:
+    """The backend that runs ``op`` on ``device``: :func:`decide` without the reason."""
+    return decide(op, requested, device, **kw).backend
+
+
+def decide(
     op: str,
     requested: str,
     device: torch.device,
     *,
     available: dict[str, Callable[[torch.device], bool]],
-) -> str:
-    """Pick the backend that runs ``op`` on ``device``.
+    rows: int | None = None,
+) -> Decision:
+    """Pick the backend that runs ``op`` on ``device``, with the reason.
 
     ``available`` maps each fused backend the op implements to a predicate telling whether it can
-    run on a device, in ``auto``'s order of preference; the torch backend always exists.
+    run on a device, in ``auto``'s order of preference; the torch backend always exists. ``rows``
+    (the flattened batch M) selects the verification records' shape class.
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
@@ -54,16 +88,47 @@ def resolve_backend(
                 _warned.add((op, forced))
                 logger.warning("FASTADAPT_BACKEND=%s: %s has no %s backend; using auto", forced, op, forced)
     if requested == "auto":
-        for name, usable in available.items():
-            if name != "torch" and (op, name) in VERIFIED_ON_GPU and usable(device):
-                return name
-        return "torch"
+        return _auto(op, device, available, rows)
     if requested not in available:
         raise ValueError(f"{source}: {op} has no {requested} backend; available: {sorted(available)}")
     if not available[requested](device):
         hint = " (Triton on CPU tensors needs TRITON_INTERPRET=1)" if requested == "triton" else ""
         raise RuntimeError(f"{source}: {op} cannot run the {requested} backend on device {device}{hint}")
-    return requested
+    return Decision(requested, f"asked for by {source}")
+
+
+def _auto(op: str, device: torch.device, available: dict, rows: int | None) -> Decision:
+    """The first fused backend that can run here and is verified for it; else torch, with why not."""
+    why = []
+    for name, usable in available.items():
+        if name == "torch":
+            continue
+        if not usable(device):
+            why.append(_not_usable(name, device))
+            continue
+        verdict = verification.find(op, name, device, rows)
+        if verdict.verified:
+            return Decision(name, verdict.reason, verdict.record)
+        why.append(verdict.reason)
+    reason = "; ".join(why) or f"{op} has no fused backend"
+    gpu = verification.device_name(device)
+    if gpu is not None and any(available[n](device) for n in available if n != "torch"):
+        key = (op, gpu, verification.shape_class(rows), verification.generation())
+        if key not in _warned:  # once per op, GPU and shape class: a training run logs it once
+            _warned.add(key)
+            logger.warning("fastadapt: %s runs the torch path on %s: %s. `fastadapt backends` explains; "
+                           "FASTADAPT_BACKEND=triton forces the fused kernels.", op, key[1], reason)
+    return Decision("torch", reason)
+
+
+def _not_usable(backend: str, device: torch.device) -> str:
+    if backend == "triton":
+        return f"triton runs on CUDA devices (or in the TRITON_INTERPRET=1 interpreter), not {device}"
+    if backend == "cuda" and device.type == "cuda":
+        from ._native import native_load_error
+
+        return f"the CUDA extension is unavailable ({native_load_error() or 'not loaded'})"
+    return f"{backend} cannot run on {device}"
 
 
 def triton_usable(device: torch.device) -> bool:

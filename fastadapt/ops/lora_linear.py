@@ -36,17 +36,19 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks, settings
+from . import verification
 from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
-from .dispatch import resolve_backend, triton_usable
+from .dispatch import decide, register_op, triton_usable
 from .reference import lora_linear_ref
 
 VARIANTS = ("addmm", "epilogue", "fused")
+#: Until a GPU run records a faster variant: the one whose base product is cuBLAS's.
 DEFAULT_VARIANT = "addmm"
-#: (M, N, K) -> the variant a GPU run measured fastest for that shape (none measured yet).
-MEASURED_VARIANTS: dict[tuple[int, int, int], str] = {}
 
 _AVAILABLE = {"triton": triton_usable}
+register_op("lora_linear", _AVAILABLE)
+register_op("lora_linear_group", _AVAILABLE)
 
 
 def lora_linear(
@@ -80,18 +82,23 @@ def lora_linear(
     return y.reshape(*lead, weight.shape[0])
 
 
-def selected_backend(device: torch.device, backend: str = "auto") -> str:
-    """The backend ``lora_linear`` would run on ``device``."""
-    return resolve_backend("lora_linear", backend, device, available=_AVAILABLE)
+def selected_backend(device: torch.device, backend: str = "auto", *, rows: int | None = None,
+                     op: str = "lora_linear") -> str:
+    """The backend ``lora_linear`` (or ``op``: ``lora_linear_group``) would run on ``device`` for an
+    input of ``rows`` rows."""
+    return decide(op, backend, device, available=_AVAILABLE, rows=rows).backend
 
 
-def selected_variant(m: int, n: int, k: int) -> str:
-    """How the Triton path joins the rank term to the frozen GEMM for an (M, N, K) problem:
-    ``FASTADAPT_LORA_VARIANT`` if set, else the GPU-measured choice for the shape, else ``addmm``."""
+def selected_variant(m: int, device: torch.device, *, op: str = "lora_linear") -> str:
+    """How the Triton path joins the rank term to the frozen GEMM for an M-row problem:
+    ``FASTADAPT_LORA_VARIANT`` if set, else the variant the GPU verification record of ``op`` for
+    this device and shape class measured fastest, else ``addmm``."""
     forced = settings.lora_variant()
     if forced is not None:
         return _checks.one_of("FASTADAPT_LORA_VARIANT", forced, VARIANTS)
-    return MEASURED_VARIANTS.get((m, n, k), DEFAULT_VARIANT)
+    verdict = verification.find(op, "triton", device, m)
+    variant = verdict.record.get("variant") if verdict.verified and verdict.record else None
+    return variant if variant in VARIANTS else DEFAULT_VARIANT
 
 
 # -- torch backend --------------------------------------------------------------------------------
@@ -196,8 +203,7 @@ def lora_linear_fwd(
     """x (M, K) -> (y (M, N), s (M, r), the packed dropout mask (M, ⌈K/32⌉) int32 or empty)."""
     seed = draw_seed(x.device) if dropout_p > 0 else 0
     s, bits = _kernels().lora_shrink(x, lora_a, scaling=scaling, dropout_p=dropout_p, seed=seed)
-    m, k = x.shape
-    y = frozen_plus_rank(x, weight, s, lora_b, bias=bias, variant=selected_variant(m, weight.shape[0], k))
+    y = frozen_plus_rank(x, weight, s, lora_b, bias=bias, variant=selected_variant(x.shape[0], x.device))
     return y, s, bits if bits is not None else _no_bits(x)
 
 
@@ -225,9 +231,8 @@ def lora_linear_bwd(
     ds, db = kernels.lora_dy_pass(dy, s, lora_b)
     scale = _keep_scale(scaling, dropout_p)
     if need_dx:
-        m, n = dy.shape
         dx = frozen_plus_rank(dy, weight.t(), ds, lora_a.t(), scale=scale, bits=mask,
-                              variant=selected_variant(m, n, weight.shape[1]))
+                              variant=selected_variant(dy.shape[0], dy.device))
     else:
         dx = dy.new_empty(0)
     da = kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, bits=mask)
@@ -281,7 +286,7 @@ def lora_linear_group(
             f"weights, lora_as, lora_bs and biases must be non-empty lists of one length, got "
             f"{len(weights)}, {len(lora_as)}, {len(lora_bs)}, {len(biases)}"
         )
-    chosen = {_checked_backend(x, w, a, b, scaling, c, dropout_p, backend)
+    chosen = {_checked_backend(x, w, a, b, scaling, c, dropout_p, backend, op="lora_linear_group")
               for w, a, b, c in zip(weights, lora_as, lora_bs, biases)}
     if chosen == {"torch"}:
         return [_torch_path(x, w, a, b, scaling, c, dropout_p) for w, a, b, c in zip(weights, lora_as, lora_bs, biases)]
@@ -332,10 +337,9 @@ def lora_linear_group_fwd(
     seed = draw_seed(x.device) if dropout_p > 0 else 0
     s_cat, bits = _kernels().lora_shrink(x, torch.cat(list(lora_as)), scaling=scaling, dropout_p=dropout_p,
                                          seed=seed)
-    m, k = x.shape
+    variant = selected_variant(x.shape[0], x.device, op="lora_linear_group")
     ys = [
-        frozen_plus_rank(x, w, s_cat[:, sl], b, bias=c if c.numel() else None,
-                         variant=selected_variant(m, w.shape[0], k))
+        frozen_plus_rank(x, w, s_cat[:, sl], b, bias=c if c.numel() else None, variant=variant)
         for w, b, c, sl in zip(weights, lora_bs, biases, _rank_slices(lora_as))
     ]
     return ys, s_cat, bits if bits is not None else _no_bits(x)
@@ -380,7 +384,7 @@ def lora_linear_group_bwd(
     if need_dx and live:
         (dy0, w0), rest = live[0], live[1:]
         dx = frozen_plus_rank(dy0, w0.t(), ds_cat, a_cat.t(), scale=scale, bits=mask,
-                              variant=selected_variant(m, dy0.shape[1], k))
+                              variant=selected_variant(m, dy0.device, op="lora_linear_group"))
         for dy, w in rest:
             dx.addmm_(dy, w)  # cuBLAS, beta=1: the other members' dY W onto the same dX
     elif need_dx:
@@ -429,11 +433,13 @@ def _meta(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (type(t), t.shape, t.dtype, t.device)
 
 
-def _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend: str) -> str:
+def _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend: str,
+                     op: str = "lora_linear") -> str:
     """Validate the arguments (once per argument metadata) and pick the backend."""
     try:
-        key = (backend, settings.backend_override(), settings.triton_interpret(), type(x), x.dtype, x.device,
-               x.dim(), x.shape[-1], _meta(weight), _meta(lora_a), _meta(lora_b), _meta(bias), type(scaling),
+        key = (op, backend, settings.backend_override(), settings.triton_interpret(), verification.generation(),
+               type(x), x.dtype, x.device, x.dim(), verification.shape_class(x.numel() // max(x.shape[-1], 1)),
+               x.shape[-1], _meta(weight), _meta(lora_a), _meta(lora_b), _meta(bias), type(scaling),
                scaling, type(dropout_p), dropout_p, torch.is_autocast_enabled(x.device.type))
     except (AttributeError, IndexError, TypeError, RuntimeError):
         key = None  # not even tensors: the checks below say what is wrong
@@ -441,7 +447,7 @@ def _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backen
     if chosen is not None:
         return chosen
     _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
-    chosen = selected_backend(x.device, backend)
+    chosen = selected_backend(x.device, backend, rows=x.numel() // max(x.shape[-1], 1), op=op)
     if key is not None and len(_CHECKED) < 4096:
         _CHECKED[key] = chosen
     return chosen

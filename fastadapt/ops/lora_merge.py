@@ -13,7 +13,7 @@ from .. import _checks
 from . import _native
 from ._inputs import check_tensors
 from ._library import native_op
-from .dispatch import resolve_backend
+from .dispatch import register_op, resolve_backend
 from .reference import lora_delta, lora_merge_ref
 
 __all__ = ["lora_delta", "lora_merge", "selected_backend"]
@@ -36,6 +36,9 @@ lora_merge_cuda_ = native_op(
 
 def _cuda_usable(device: torch.device) -> bool:
     return device.type == "cuda" and _native.native_available()
+
+
+register_op("lora_merge", {"cuda": _cuda_usable})
 
 
 def selected_backend(weight: torch.Tensor, backend: str = "auto") -> str:

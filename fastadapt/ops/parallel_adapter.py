@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ._inputs import autocast_inputs, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
-from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, scaling_tensor
+from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, cuda_usable, scaling_tensor
+from .dispatch import register_op, triton_usable
 from .lora_linear import _keep_scale, frozen_plus_rank, selected_variant
 from .reference import BOTTLENECK_ACTIVATIONS, activation_grad, parallel_adapter_ref
 
@@ -36,6 +37,9 @@ def _kernels():
     from fastadapt.kernels import lora_linear as kernels  # late: TRITON_INTERPRET is read then
 
     return kernels
+
+
+register_op("parallel_adapter", {"cuda": cuda_usable, "triton": triton_usable})
 
 
 def selected_backend(x: torch.Tensor, backend: str = "auto", *, dropout_p: float = 0.0) -> str:
@@ -110,9 +114,8 @@ def parallel_adapter_fwd(
     """x (M, K) -> (y (M, N), H (M, b) pre-activation (dropout applied), the packed mask or empty)."""
     seed = draw_seed(x.device) if dropout_p > 0 else 0
     h, bits = _kernels().lora_shrink(x, w_down, scaling=1.0, dropout_p=dropout_p, seed=seed)
-    (m, k), n = x.shape, weight.shape[0]
     y = frozen_plus_rank(x, weight, _s_from_h(h, scaling, activation), w_up, bias=bias,
-                         variant=selected_variant(m, n, k))
+                         variant=selected_variant(x.shape[0], x.device, op="parallel_adapter"))
     return y, h, bits if bits is not None else x.new_empty(0, dtype=torch.int32)
 
 
@@ -149,9 +152,8 @@ def parallel_adapter_bwd(
         ds = torch.zeros(1, dtype=torch.float32, device=dy.device)
     dH = dS * activation_grad(hf, activation) * scaling  # fp32 (M, b)
     if need_dx:
-        m, n = dy.shape
         dx = frozen_plus_rank(dy, weight.t(), dH, w_down.t(), scale=_keep_scale(1.0, dropout_p), bits=mask,
-                              variant=selected_variant(m, n, weight.shape[1]))
+                              variant=selected_variant(dy.shape[0], dy.device, op="parallel_adapter"))
     else:
         dx = dy.new_empty(0)
     dwd = kernels.lora_grad_a(x, dH, scaling=1.0, dropout_p=dropout_p, bits=mask)

@@ -35,10 +35,14 @@ EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23
 
 @pytest.fixture(scope="module")
 def ops():
+    from fastadapt import settings
     from fastadapt.ops import _native
 
     if not _native.native_available():
-        pytest.skip(f"fastadapt CUDA extension unavailable: {_native.native_load_error()}")
+        why = f"fastadapt CUDA extension unavailable: {_native.native_load_error()}"
+        if settings.flag("FASTADAPT_REQUIRE_CUDA_EXT"):  # scripts/gpu-check.sh: a failed build is a failure
+            pytest.fail(why)
+        pytest.skip(why)
     return _cuda_ops()
 
 

@@ -1,0 +1,182 @@
+"""Op-level GPU correctness, one test per verification-record key (op, backend, shape class, variant).
+
+``scripts/gpu-check.sh`` runs this file and ``scripts/gpu_records.py`` reads its JUnit result: a
+record is written only for a key whose test passed here (and whose backend's kernel-level GPU tests
+passed). Every case compares the op (forward and every gradient) with a float64 reference that uses
+the same dropout mask; the tolerance is twice the error of the same computation in eager PyTorch in
+the op's dtype, plus a little slack (DESIGN.md's rule). The CPU test ``tests/ops/test_gpu_harness.py``
+runs the Triton cases of this harness in the interpreter at small sizes, so the harness itself is
+tested where there is no GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastadapt as fa
+from fastadapt.ops._inputs import draw_seed
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+VARIANTS = ("addmm", "epilogue", "fused")
+#: rows per shape class (verification.shape_class: decode ≤ 64 < batch) and the widths used
+ROWS = {"decode": 16, "batch": 2048}
+WIDTH = (1024, 1536)  # K (d), N; odd enough: N is not a power of two
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    backend: str
+    shape_class: str
+    variant: str  # the LoRA join variant, "default" where the op has none
+    dropout: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.backend}-{self.shape_class}-{self.variant}-p{self.dropout:g}"
+
+
+def cases() -> list[Case]:
+    out = []
+    for cls in ROWS:
+        for p in (0.0, 0.1):
+            for v in VARIANTS:
+                out += [Case("lora_linear", "triton", cls, v, p), Case("lora_linear_group", "triton", cls, v, p),
+                        Case("parallel_adapter", "triton", cls, v, p)]
+            out.append(Case("bottleneck_adapter", "triton", cls, "default", p))
+        out += [Case("bottleneck_adapter", "cuda", cls, "default", 0.0),
+                Case("parallel_adapter", "cuda", cls, "default", 0.0)]
+    out.append(Case("lora_merge", "cuda", "any", "default", 0.0))
+    return out
+
+
+def _mask(seed_state: int, m: int, k: int, p: float, device) -> torch.Tensor | None:
+    """The keep mask the op drew (re-drawn from the same torch RNG state), scaled: mask · 1/(1-p)."""
+    if p == 0:
+        return None
+    from fastadapt.kernels import _common
+
+    torch.manual_seed(seed_state)
+    keep = _common.dropout_mask(draw_seed(device), m, k, p, device=device)
+    return keep.to(torch.float64) * _common.keep_scale(p)
+
+
+def _act(name, h):
+    return {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+            "relu": torch.relu}[name](h)
+
+
+def _compare(name: str, got: torch.Tensor, same: torch.Tensor, exact: torch.Tensor, slack: float) -> None:
+    exact = exact.double()
+    err = (got.double() - exact).abs().max().item()
+    base = (same.double() - exact).abs().max().item()
+    tol = 2.0 * base + slack * max(exact.abs().max().item(), 1.0)
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert err <= tol, f"{name}: error {err:.3e} > tol {tol:.3e} (eager same-dtype error {base:.3e})"
+
+
+def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, int], dtype=torch.bfloat16,
+               monkeypatch=None) -> None:
+    """Run ``case`` on ``device`` and compare it with float64 (forward and every gradient)."""
+    if monkeypatch is not None and case.variant in VARIANTS:
+        monkeypatch.setenv("FASTADAPT_LORA_VARIANT", case.variant)
+    slack = {torch.bfloat16: 2e-3, torch.float16: 5e-4, torch.float32: 1e-5}[dtype]
+    k, n = width
+    m = rows
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    if case.op == "lora_merge":
+        w = rnd(n, k, scale=k**-0.5)
+        a, b = rnd(8, k, scale=k**-0.5, dt=torch.float32), rnd(n, 8, scale=0.1, dt=torch.float32)
+        exact = w.double() + 0.5 * (b.double() @ a.double())
+        same = w + (0.5 * (b @ a)).to(dtype)
+        got = w.clone()
+        fa.ops.lora_merge(got, a, b, scaling=0.5, backend=case.backend)
+        _compare("merged weight", got, same, exact, slack)
+        return
+
+    p, seed_state = case.dropout, 1234
+    x = rnd(m, k)
+    dy = rnd(m, n if case.op != "bottleneck_adapter" else k)
+    if case.op in ("lora_linear", "lora_linear_group"):
+        sizes = (n,) if case.op == "lora_linear" else (n, n // 2, 64)
+        ws = [rnd(size, k, scale=k**-0.5) for size in sizes]
+        As = [rnd(8, k, scale=k**-0.5, dt=torch.float32) for _ in sizes]
+        Bs = [rnd(size, 8, scale=0.1, dt=torch.float32) for size in sizes]
+        dys = [dy[:, :size] if size <= n else rnd(m, size) for size in sizes]
+        params = [*As, *Bs]
+
+        def run(xx, ps, backend):
+            a_s, b_s = ps[:len(sizes)], ps[len(sizes):]
+            if case.op == "lora_linear":
+                return [fa.ops.lora_linear(xx, ws[0], a_s[0], b_s[0], scaling=2.0, dropout_p=p, backend=backend)]
+            return fa.ops.lora_linear_group(xx, ws, list(a_s), list(b_s), scaling=2.0, dropout_p=p, backend=backend)
+
+        def formula(xx, ps, keep, dt):
+            a_s, b_s = ps[:len(sizes)], ps[len(sizes):]
+            xd = xx if keep is None else xx * keep.to(dt)
+            return [xx @ w.to(dt).T + 2.0 * ((xd @ a.to(dt).T) @ b.to(dt).T) for w, a, b in zip(ws, a_s, b_s)]
+    else:
+        b_dim = 64
+        wd, scaling = rnd(b_dim, k, scale=k**-0.5, dt=torch.float32), torch.tensor([0.75], device=device)
+        if case.op == "bottleneck_adapter":
+            wu = rnd(k, b_dim, scale=b_dim**-0.5, dt=torch.float32)
+            w = None
+        else:
+            wu = rnd(n, b_dim, scale=b_dim**-0.5, dt=torch.float32)
+            w = rnd(n, k, scale=k**-0.5)
+        dys = [dy]
+        params = [wd, wu, scaling]
+
+        def run(xx, ps, backend):
+            wd_, wu_, s_ = ps
+            if case.op == "bottleneck_adapter":
+                return [fa.ops.bottleneck_adapter(xx, wd_, wu_, activation="gelu", scaling=s_, dropout_p=p,
+                                                  backend=backend)]
+            return [fa.ops.parallel_adapter(xx, w, wd_, wu_, activation="gelu", scaling=s_, dropout_p=p,
+                                            backend=backend)]
+
+        def formula(xx, ps, keep, dt):
+            wd_, wu_, s_ = ps
+            xd = xx if keep is None else xx * keep.to(dt)
+            term = s_.to(dt) * (_act("gelu", xd @ wd_.to(dt).T) @ wu_.to(dt).T)
+            return [(xx if w is None else xx @ w.to(dt).T) + term]
+
+    inputs = [x.requires_grad_(), *[t.requires_grad_() for t in params]]
+    torch.manual_seed(seed_state)
+    outs = run(inputs[0], inputs[1:], case.backend)
+    got_grads = torch.autograd.grad(outs, inputs, dys)
+    keep = _mask(seed_state, m, k, p, device)
+
+    def reference(dt):
+        ins = [t.detach().to(dt).requires_grad_() for t in inputs]
+        ys = formula(ins[0], ins[1:], keep, dt)
+        return ys, torch.autograd.grad(ys, ins, [d.to(dt) for d in dys])
+
+    exact_y, exact_g = reference(torch.float64)
+    same_y, same_g = reference(dtype)
+    for i, (got, same, exact) in enumerate(zip(outs, same_y, exact_y)):
+        assert got.dtype == dtype and got.shape == exact.shape
+        _compare(f"output {i}", got, same, exact, slack)
+    names = ["dx"] + [f"d param {i}" for i in range(len(params))]
+    for name, got, same, exact in zip(names, got_grads, same_g, exact_g):
+        assert got.abs().sum() > 0, f"{name} is all zeros"
+        _compare(name, got, same, exact, slack)
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+def test_op_matches_float64(case, monkeypatch):
+    if case.backend == "cuda":
+        from fastadapt.ops import _native
+
+        if not _native.native_available():
+            pytest.fail(f"the CUDA extension is unavailable: {_native.native_load_error()}")
+    check_case(case, torch.device("cuda"), 1 if case.shape_class == "any" else ROWS[case.shape_class], WIDTH,
+               monkeypatch=monkeypatch)
