@@ -430,11 +430,16 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
         report_to=[],
         disable_tqdm=not (config.progress and stderr_is_terminal()),  # else LossLog logs progress lines
     )
-    loss_log = _callbacks(log_path, step_lines=config.progress and not stderr_is_terminal())
+    step_lines = config.progress and not stderr_is_terminal()
+    loss_log = _callbacks(log_path, step_lines=step_lines)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=make_collator(tokenizer), callbacks=[loss_log],
     )
+    if step_lines:  # LossLog's lines replace the raw log dicts the Trainer prints without its bar
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
 
     model.eval()
