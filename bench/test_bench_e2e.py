@@ -32,7 +32,6 @@ import gc
 import importlib
 import statistics
 import time
-import warnings
 
 import benchlib
 import pytest
@@ -92,9 +91,10 @@ def _build(widths: dict, layers: int, device: torch.device, seed: int = 0):
 
 def _apply(model, variant: str, ckpt: bool, *, bottleneck: int):
     """Turn the freshly built model into ``variant``; return (model, trainable parameters)."""
-    if ckpt:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # renamed in transformers 5.2x; same behaviour
+    if ckpt:  # renamed in transformers 5.2x (the old name warns); the GPU image's 5.17 has only the old one
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if variant == "frozen":
         model.requires_grad_(False)

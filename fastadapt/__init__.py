@@ -1,6 +1,7 @@
 """fastadapt: parameter-efficient fine-tuning of Hugging Face causal LMs on fused kernels.
 
     import fastadapt as fa
+    model, tokenizer = fa.load_model("smollm2-135m")   # embedded; or any transformers causal LM
     fa.patch(model, "lora", r=8)      # swap adapter modules in, freeze the base
     fa.save_adapter(model, "out/")    # PEFT on-disk format
     fa.merge(model); fa.export(model, "merged/")
@@ -15,6 +16,7 @@ from .export import export
 from .io import save_adapter
 from .merge import merge, summary, unmerge
 from .methods.lora import LoraConfig
+from .models import load_model
 from .modules import LoraLinear
 from .patch import load_adapter, patch, unpatch
 
@@ -28,6 +30,7 @@ __all__ = [
     "distributed",
     "export",
     "load_adapter",
+    "load_model",
     "merge",
     "ops",
     "patch",

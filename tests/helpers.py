@@ -25,3 +25,20 @@ def norm_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ (the usual relative error of a whole tensor)."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def enable_activation_checkpointing(model, *, use_reentrant: bool) -> None:
+    """transformers ≥ 5.2x calls it ``activation_checkpointing_enable`` (the old name warns);
+    older 5.x releases (the GPU image's 5.17) know only ``gradient_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+def cache_kwarg(model) -> str:
+    """The name ``forward`` takes a KV cache under: ``cache`` in newer transformers, where
+    ``past_key_values`` warns, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

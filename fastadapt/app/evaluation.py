@@ -1,4 +1,6 @@
-"""``fastadapt eval``: batched greedy (or beam) generation on an evaluation set, then scoring.
+"""``fastadapt eval``: batched greedy (or beam) generation on an evaluation set, then scoring; and
+``fastadapt loss``: the held-out loss (:func:`heldout_loss`), the teacher-forced loss of reference
+solutions the model was never trained on.
 
 Unlike LLM-Adapters' ``evaluate.py``, batches are LEFT-padded and carry an attention mask (it passed
 none, so padded batches attended to padding and gave different answers than unbatched runs), the
@@ -12,20 +14,22 @@ Outputs (``run_eval``): ``metrics.json`` ``{"accuracy", "n", "correct", "data", 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..models import load_model
 from .answers import score
-from .data import load_eval_set
-from .models import load_model
-from .prompts import build_prompt, resolve_pad_token_id
+from .data import load_eval_set, load_solution_records
+from .progress import progress as progress_bar
+from .prompts import IGNORE_INDEX, build_prompt, make_collator, resolve_pad_token_id, tokenize_example
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,6 @@ def generate(
     ``num_beams == 1``, KV cache on. Returns the decoded new tokens without special tokens."""
     from transformers import GenerationConfig
 
-
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -96,6 +99,29 @@ def generate(
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model.eval()`` inside, its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def longest_first_batches(lengths: Sequence[int], batch_size: int, *, desc: str, progress: bool) -> Iterator[list]:
+    """Indices in batches of ``batch_size``, longest first (similar lengths share a batch: less
+    padding), with progress shown as the batches are consumed."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bar = progress_bar(len(order), desc=desc, unit="examples", enabled=progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx
+        bar.update(len(idx))
+    bar.close()
+
+
 def evaluate(
     model,
     tokenizer,
@@ -111,9 +137,6 @@ def evaluate(
 
     Returns prediction rows in ``records``' order (see the module docstring). The model is put in
     eval mode for the run and its mode restored afterwards."""
-    from tqdm.auto import tqdm
-
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -124,22 +147,13 @@ def evaluate(
         raise ValueError("evaluation needs a tokenizer; the model folder has none")
     prompts = [build_prompt(r["instruction"], r.get("input") or "") for r in records]
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     generations: list[str | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(prompts), desc="eval", unit="ex", disable=not progress or None)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+    with eval_mode(model):
+        for idx in longest_first_batches(lengths, batch_size, desc="eval", progress=progress):
             texts = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                              num_beams=num_beams, stop_strings=stop_strings)
             for i, text in zip(idx, texts):
                 generations[i] = text
-            bar.update(len(idx))
-        bar.close()
-    finally:
-        model.train(was_training)
     rows = []
     for rec, gen in zip(records, generations):
         pred, correct = score(rec, gen)
@@ -148,6 +162,21 @@ def evaluate(
             "answer": rec["answer"], "generation": gen, "prediction": pred, "correct": bool(correct),
         })
     return rows
+
+
+def _model_for_inference(model: str, adapter: str | os.PathLike | None, loaded: tuple[Any, Any] | None):
+    """``loaded`` as is, or ``model`` loaded (bf16 on a GPU that has it, else fp32), then ``adapter``."""
+    import fastadapt as fa
+
+    if loaded is None:
+        cuda = torch.cuda.is_available()
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+        net, tokenizer = load_model(model, dtype=dtype, device="cuda" if cuda else None)
+    else:
+        net, tokenizer = loaded
+    if adapter is not None:
+        fa.load_adapter(net, adapter)
+    return net, tokenizer
 
 
 def run_eval(
@@ -169,17 +198,8 @@ def run_eval(
 
     ``loaded``: an already loaded ``(model, tokenizer)`` to use instead of loading ``model`` (it is
     used as is: pass ``adapter=None`` if it is already patched)."""
-    import fastadapt as fa
-
-
     records = load_eval_set(data, limit=limit)
-    if loaded is None:
-        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
-        net, tokenizer = load_model(model, dtype=dtype, device="cuda" if torch.cuda.is_available() else None)
-    else:
-        net, tokenizer = loaded
-    if adapter is not None:
-        fa.load_adapter(net, adapter)
+    net, tokenizer = _model_for_inference(model, adapter, loaded)
     t0 = time.time()
     rows = evaluate(net, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     num_beams=num_beams, progress=progress)
@@ -212,3 +232,82 @@ def run_eval(
                 fh.write(json.dumps(r) + "\n")
     logger.info("%s: accuracy %.4f (%d/%d) in %.0f s", data, metrics["accuracy"], correct, len(rows), seconds)
     return metrics
+
+
+# -- held-out loss -----------------------------------------------------------------------------
+
+#: Long enough for every GSM8K test problem with its solution (the longest is ~400 tokens).
+HELDOUT_CUTOFF_LEN = 512
+
+
+@torch.no_grad()
+def heldout_loss(
+    model,
+    tokenizer,
+    records: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    cutoff_len: int = HELDOUT_CUTOFF_LEN,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The teacher-forced mean per-token loss of each record's ``output`` given its Alpaca prompt:
+    the same prompt, response-only labels and appended EOS as training
+    (:func:`~fastadapt.app.prompts.tokenize_example`), summed over every response token of every
+    record and divided by their number (token-weighted, like the training loss). On records the
+    model never trained on it is a held-out loss: it falls as fine-tuning teaches the task, long
+    before greedy accuracy on a few problems can move.
+
+    Returns ``{"loss", "n" (records), "tokens"}``. The model runs in eval mode (no dropout); its mode
+    is restored afterwards."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if tokenizer is None:
+        raise ValueError("the held-out loss needs a tokenizer; the model folder has none")
+    if not records:
+        raise ValueError("the held-out loss needs at least one record")
+    features = [tokenize_example(tokenizer, r, cutoff_len=cutoff_len) for r in records]
+    lengths = [len(f["input_ids"]) for f in features]
+    collate = make_collator(tokenizer)
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with eval_mode(model):
+        for idx in longest_first_batches(lengths, batch_size, desc="held-out loss", progress=progress):
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            total += losses.double().cpu()
+            count += int((labels != IGNORE_INDEX).sum())
+    return {"loss": float(total) / count, "n": len(features), "tokens": count}
+
+
+def run_heldout_loss(
+    *,
+    model: str,
+    data: str = "gsm8k",
+    output: str | os.PathLike | None,
+    adapter: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`heldout_loss` of ``model`` (+ ``adapter``) on ``data``'s reference solutions (``gsm8k``:
+    GSM8K test; see :func:`~fastadapt.app.data.load_solution_records`), first ``limit`` records;
+    writes ``loss.json`` into ``output`` (unless ``None``) and returns it. ``loaded``: as in
+    :func:`run_eval`."""
+    records = load_solution_records(data, limit=limit)
+    net, tokenizer = _model_for_inference(model, adapter, loaded)
+    t0 = time.time()
+    result = heldout_loss(net, tokenizer, records, batch_size=batch_size, progress=progress)
+    result.update(data=str(data), limit=limit, model=str(model), adapter=None if adapter is None else str(adapter),
+                  seconds=round(time.time() - t0, 2))
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "loss.json").write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("%s: held-out loss %.4f (%d records, %d tokens) in %.0f s", data, result["loss"], result["n"],
+                result["tokens"], result["seconds"])
+    return result

@@ -7,6 +7,9 @@ top of the paper's settings, ``preset="llm-adapters"``: see ``fa.patch``), read 
 tokenize with response-only labels (:func:`fastadapt.app.prompts.tokenize_example`), drop examples
 left with no label, hold out ``val_size`` examples, and train with AdamW, linear warmup/decay,
 gradient accumulation (``batch_size / micro_batch_size``), bf16 autocast on a GPU, a seeded shuffle.
+Warmup is the paper's 100 steps, or a tenth of the run when that is shorter (a 30-step run with
+100 warmup steps would never reach its peak learning rate). Everything that can be checked without
+the model (options, data, output folder) is checked before it loads.
 The output folder gets:
 
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the adapter (``fa.save_adapter``
@@ -38,14 +41,19 @@ from typing import Any
 import torch
 
 from ..methods import get_method
+from ..models import load_model
 from .data import load_train_records
-from .models import load_model
+from .progress import LineProgress, progress, stderr_is_terminal
+from .progress import logger as progress_logger
 from .prompts import IGNORE_INDEX, make_collator, tokenize_example
 
 logger = logging.getLogger(__name__)
 
 #: The preset a training run starts from unless told otherwise: the LLM-Adapters paper's settings.
 DEFAULT_PRESET = "llm-adapters"
+#: Linear warmup: the paper's 100 steps, capped at this fraction of a shorter run.
+DEFAULT_WARMUP_STEPS = 100
+WARMUP_FRACTION = 0.1
 LOG_NAME = "train_log.jsonl"
 CONFIG_NAME = "training_config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -110,7 +118,7 @@ class TrainConfig:
     batch_size: int = 16
     micro_batch_size: int = 4
     lr: float | None = None
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: DEFAULT_WARMUP_STEPS, at most WARMUP_FRACTION of the run
     cutoff_len: int = 256
     val_size: int = 0
     train_on_inputs: bool = False
@@ -149,8 +157,12 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         for name in ("warmup_steps", "val_size"):
             v = getattr(self, name)
+            if v is None and name == "warmup_steps":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.bf16 and not torch.cuda.is_available():
+            raise ValueError("bf16 needs a CUDA GPU (bf16 autocast on CPU is slower than fp32 here); drop it")
         lim = self.limit
         if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim <= 0):
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
@@ -159,6 +171,20 @@ class TrainConfig:
     def grad_accum(self) -> int:
         # --batch-size is the global batch: under torchrun each process takes its share.
         return self.batch_size // (self.micro_batch_size * launch_world_size())
+
+    def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps of the run over ``n_examples`` (what the Trainer will count)."""
+        if self.max_steps > 0:
+            return self.max_steps
+        micro_batches = math.ceil(n_examples / (self.micro_batch_size * launch_world_size()))
+        return max(1, math.ceil(math.ceil(micro_batches / self.grad_accum) * self.epochs))
+
+    def resolved_warmup_steps(self, total_steps: int) -> int:
+        """``warmup_steps`` when given, else :data:`DEFAULT_WARMUP_STEPS` capped at
+        :data:`WARMUP_FRACTION` of ``total_steps`` (at least 1)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, min(DEFAULT_WARMUP_STEPS, math.ceil(WARMUP_FRACTION * total_steps)))
 
 
 @dataclass
@@ -172,23 +198,38 @@ class TrainResult:
     n_train: int
     n_val: int
 
+    def loss_means(self) -> dict[str, Any]:
+        """See :func:`loss_means`."""
+        return loss_means(self.losses)
+
+
+def loss_means(losses: Sequence[float]) -> dict[str, Any]:
+    """``{"first", "last", "steps_each"}``: the mean training loss over the first and the last tenth
+    of the logged steps (at least one step each). One step's loss is one batch's: it scatters by
+    ±20% from batch to batch on small runs, so a single first/last step says little."""
+    if not losses:
+        return {"first": None, "last": None, "steps_each": 0}
+    k = max(1, len(losses) // 10)
+    return {"first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k, "steps_each": k}
+
 
 # -- data --------------------------------------------------------------------------------------
 
 
 def build_features(tokenizer, records: list[dict[str, Any]], *, cutoff_len: int, train_on_inputs: bool,
-                   progress: bool = False) -> list[dict[str, list[int]]]:
+                   progress_on: bool = False) -> list[dict[str, list[int]]]:
     """Tokenized examples, without those whose labels are all ``-100`` (prompt filled ``cutoff_len``)."""
-    from tqdm.auto import tqdm
-
     features = []
     dropped = 0
-    for rec in tqdm(records, desc="tokenize", unit="ex", disable=not progress or None, leave=False):
+    bar = progress(len(records), desc="tokenize", unit="examples", enabled=progress_on and stderr_is_terminal())
+    for rec in records:
         f = tokenize_example(tokenizer, rec, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
         if any(label != IGNORE_INDEX for label in f["labels"]):
             features.append(f)
         else:
             dropped += 1
+        bar.update(1)
+    bar.close()
     if dropped:
         logger.warning("dropped %d of %d examples whose prompt alone fills cutoff_len=%d (no label left)",
                        dropped, len(records), cutoff_len)
@@ -210,14 +251,19 @@ def split_val(features: list, val_size: int, seed: int) -> tuple[list, list]:
 # -- callbacks ---------------------------------------------------------------------------------
 
 
-def _callbacks(log_path: Path):
+def _callbacks(log_path: Path, *, step_lines: bool):
+    """The Trainer callback that appends ``train_log.jsonl`` rows and keeps the losses in memory;
+    with ``step_lines`` (no terminal: the Trainer's bar is off) it also logs progress lines."""
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
-        """Appends ``train_log.jsonl`` rows; keeps losses in memory for the caller."""
-
         def __init__(self) -> None:
             self.losses: list[float] = []
+            self.lines: LineProgress | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if step_lines and state.is_world_process_zero:
+                self.lines = LineProgress(state.max_steps, "train", "steps", initial=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -227,8 +273,12 @@ def _callbacks(log_path: Path):
                 row.update(loss=float(logs["loss"]), learning_rate=logs.get("learning_rate"),
                            epoch=round(float(state.epoch or 0), 4))
                 self.losses.append(float(logs["loss"]))
+                if self.lines is not None:
+                    self.lines.update(state.global_step - self.lines.done, note=f"loss {row['loss']:.4f}")
             elif "eval_loss" in logs:
                 row.update(eval_loss=float(logs["eval_loss"]))
+                if self.lines is not None:
+                    progress_logger.info("step %d: eval loss %.4f", state.global_step, row["eval_loss"])
             else:
                 return
             with log_path.open("a") as fh:
@@ -274,6 +324,25 @@ def _truncate_log(log_path: Path, step: int) -> None:
 # -- training ----------------------------------------------------------------------------------
 
 
+def check_run_folder(output: str | os.PathLike, *, resume: bool | str = False, overwrite: bool = False) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), or an error when ``output`` already holds
+    a run and neither ``resume`` nor ``overwrite`` is given, or ``resume`` finds no checkpoint."""
+    out = Path(output)
+    if resume:
+        ckpt = Path(resume) if isinstance(resume, (str, os.PathLike)) else last_checkpoint(out)
+        if ckpt is None or not ckpt.is_dir():
+            raise FileNotFoundError(f"--resume: no checkpoint found in {str(out / CHECKPOINT_DIR)!r}")
+        return ckpt
+    # rank 0 alone checks: it writes the config below, which another rank could then see
+    if launch_rank() == 0 and (out / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(
+            f"output {str(out)!r} already holds a training run; pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    return None
+
+
+
 def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = False,
           loaded: tuple[Any, Any] | None = None) -> TrainResult:
     """Run one training job as described in the module docstring and return the trained model.
@@ -292,24 +361,10 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
     t0 = time.time()
     out = Path(config.output)
     log_path = out / LOG_NAME
-    if resume:
-        ckpt = Path(resume) if isinstance(resume, (str, os.PathLike)) else last_checkpoint(out)
-        if ckpt is None or not ckpt.is_dir():
-            raise FileNotFoundError(f"resume: no checkpoint found in {str(out / CHECKPOINT_DIR)!r}")
-    else:
-        ckpt = None
-        # rank 0 alone checks: it writes the config below, which another rank could then see
-        if launch_rank() == 0 and (out / CONFIG_NAME).exists() and not overwrite:
-            raise FileExistsError(
-                f"output {str(out)!r} already holds a training run; pass --resume to continue it or "
-                "--overwrite to start over"
-            )
+    ckpt = check_run_folder(out, resume=resume, overwrite=overwrite)
+    records = load_train_records(config.data, limit=config.limit)  # bad data fails before the model loads
     cuda = torch.cuda.is_available()
-    bf16 = config.bf16
-    if bf16 is None:
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-    elif bf16 and not cuda:
-        raise ValueError("--bf16 needs a CUDA GPU (bf16 autocast on CPU is slower than fp32 here); drop it")
+    bf16 = cuda and torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
 
     set_seed(config.seed)
     if loaded is None:
@@ -326,15 +381,16 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
     logger.info("%s: trainable %s of %s parameters (%.4f%%)", config.method, f"{s.trainable:,}", f"{s.total:,}",
                 s.trainable_percent)
 
-    records = load_train_records(config.data, limit=config.limit)
     features = build_features(tokenizer, records, cutoff_len=config.cutoff_len,
-                              train_on_inputs=config.train_on_inputs, progress=config.progress)
+                              train_on_inputs=config.train_on_inputs, progress_on=config.progress)
     train_set, val_set = split_val(features, config.val_size, config.seed)
+    warmup_steps = config.resolved_warmup_steps(config.total_steps(len(train_set)))
 
     out.mkdir(parents=True, exist_ok=True)
     resolved = asdict(config) | {"adapter": model.fastadapt_state.config.to_dict(), "bf16": bf16,
-                                 "grad_accum": config.grad_accum, "n_train": len(train_set),
-                                 "n_val": len(val_set), "trainable_params": s.trainable, "total_params": s.total}
+                                 "warmup_steps": warmup_steps, "grad_accum": config.grad_accum,
+                                 "n_train": len(train_set), "n_val": len(val_set),
+                                 "trainable_params": s.trainable, "total_params": s.total}
     if launch_rank() == 0:
         (out / CONFIG_NAME).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
     if ckpt is not None:  # the Trainer loads the adapter from the checkpoint's model.safetensors
@@ -353,7 +409,7 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         learning_rate=config.lr,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=warmup_steps,
         lr_scheduler_type="linear",
         optim="adamw_torch",
         weight_decay=0.0,
@@ -372,13 +428,18 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
         ddp_find_unused_parameters=False,  # every adapter parameter takes part in every step
         remove_unused_columns=False,
         report_to=[],
-        disable_tqdm=not config.progress,
+        disable_tqdm=not (config.progress and stderr_is_terminal()),  # else LossLog logs progress lines
     )
-    loss_log = _callbacks(log_path)
+    step_lines = config.progress and not stderr_is_terminal()
+    loss_log = _callbacks(log_path, step_lines=step_lines)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=make_collator(tokenizer), callbacks=[loss_log],
     )
+    if step_lines:  # LossLog's lines replace the raw log dicts the Trainer prints without its bar
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
 
     model.eval()

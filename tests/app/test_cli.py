@@ -50,3 +50,77 @@ def test_export_command_missing_adapter(base_and_adapter):
 def test_console_entry_points():
     out = subprocess.run([sys.executable, "-m", "fastadapt", "export", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--adapter" in out.stdout and "--dtype" in out.stdout
+
+
+def test_export_takes_output_and_out(base_and_adapter):
+    tmp, expected = base_and_adapter
+    assert main(["export", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter"),
+                 "--output", str(tmp / "o1")]) == 0
+    assert (tmp / "o1" / "config.json").is_file()
+
+
+def test_export_checks_the_output_folder_before_loading(base_and_adapter, monkeypatch, capsys):
+    tmp, _ = base_and_adapter
+    (tmp / "full").mkdir()
+    (tmp / "full" / "keep.txt").write_text("x")
+    monkeypatch.setattr("fastadapt.app.cli.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["export", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter"),
+                 "--output", str(tmp / "full")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastadapt: error: --output: folder {str(tmp / 'full')!r} is not empty; pass --overwrite to replace it\n"
+
+
+def test_train_checks_data_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("fastadapt.app.cli.run_train", lambda *a, **k: pytest.fail("started training"))
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    capsys.readouterr()
+    for data, says in [("AQuA", "--data: 'AQuA' is the built-in TEST set"),
+                       (str(tmp_path / "missing.json"), "--data: data file not found"),
+                       ("alpaca", "--data: no built-in training set or file named 'alpaca'")]:
+        assert main(["train", "--model", str(base), "--data", data, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastadapt: error: {says}") and err.count("\n") == 1, err
+
+
+def test_errors_name_flags_and_debug_shows_the_traceback(tmp_path, capsys):
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    capsys.readouterr()
+    argv = ["train", "--model", str(base), "--data", "gsm8k", "--output", str(tmp_path / "o"),
+            "--batch-size", "6", "--micro-batch-size", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastadapt: error: --batch-size (6) must be a multiple of --micro-batch-size (4)")
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert main(argv + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.splitlines()[-1].startswith("fastadapt: error: ")
+
+
+def test_unknown_model_fails_fast_in_one_line(tmp_path):
+    """A mistyped name neither loads nor retries the hub (offline here, as in CI): one line naming
+    the embedded models."""
+    import os
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "fastadapt", "eval", "--model", "smollm2-135M", "--data", "gsm8k",
+                          "--output", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and time.time() - t0 < 60
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("fastadapt: error: --model: unknown model 'smollm2-135M': not an embedded model "
+                                 "(smollm2-135m)")
+    assert "did you mean 'smollm2-135m'?" in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_in_cli_terms():
+    from fastadapt.app.cli import build_parser, in_cli_terms
+
+    parser = build_parser()
+    assert in_cli_terms("lr must be positive, got 0", parser) == "--lr must be positive, got 0"
+    assert in_cli_terms("pass overwrite=True to replace it", parser) == "pass --overwrite to replace it"
+    assert in_cli_terms("option 'r' does not apply", parser) == "option --r does not apply"
+    assert in_cli_terms("the lr of max_steps", parser) == "the lr of --max-steps"

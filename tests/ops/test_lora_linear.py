@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import norm_rel_err, randomize_adapters, rel_err
+from helpers import enable_activation_checkpointing, norm_rel_err, randomize_adapters, rel_err
 from tiny_models import tiny_model, tokens
 
 import fastadapt as fa
@@ -182,7 +182,7 @@ def test_gradient_checkpointing_with_dropout_regenerates_the_same_mask(monkeypat
         fa.patch(model, "lora", r=4, targets=["q_proj", "down_proj"], dropout=0.3)
         randomize_adapters(model, scale=0.1)
         if mode == "checkpointed":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
         torch.manual_seed(7)
         model(ids, labels=ids).loss.backward()
         grads_by_mode[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

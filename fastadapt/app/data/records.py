@@ -34,13 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from ..answers import COMMONSENSE_LABELS, commonsense_family
-from .files import EVAL_FILES, TRAIN_FILES, data_file
+from .files import EVAL_FILES, SOLUTION_FILES, TEST_FILES, TRAIN_FILES, data_file
 
 __all__ = [
     "BUILTIN_EVAL_SETS",
+    "BUILTIN_SOLUTION_SETS",
     "BUILTIN_TRAIN_SETS",
     "gsm8k_solution_to_output",
     "load_eval_set",
+    "load_solution_records",
     "load_train_records",
     "resolve_eval_name",
     "to_hf_dataset",
@@ -50,6 +52,8 @@ __all__ = [
 BUILTIN_EVAL_SETS: tuple[str, ...] = tuple(EVAL_FILES)
 #: Built-in training sets: ``gsm8k`` is GSM8K train (7,473 problems).
 BUILTIN_TRAIN_SETS: tuple[str, ...] = tuple(TRAIN_FILES)
+#: Built-in test sets with reference solutions (for the held-out loss): ``gsm8k`` is GSM8K test.
+BUILTIN_SOLUTION_SETS: tuple[str, ...] = tuple(SOLUTION_FILES)
 
 _COMMONSENSE = {label for labels in COMMONSENSE_LABELS.values() for label in labels}
 _NUMERIC = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
@@ -213,8 +217,8 @@ def load_eval_set(name_or_path: str | os.PathLike[str], *, limit: int | None = N
     else:
         if _is_name(name_or_path) and not Path(name_or_path).exists():
             raise FileNotFoundError(
-                f"name_or_path must be a built-in eval set {list(BUILTIN_EVAL_SETS)} or a file path, "
-                f"got {str(name_or_path)!r} (no such file)"
+                f"no built-in eval set or file named {str(name_or_path)!r}; built-in eval sets: "
+                f"{', '.join(BUILTIN_EVAL_SETS)}"
             )
         path = _as_path(name_or_path)
         label = str(path)
@@ -314,12 +318,49 @@ def gsm8k_solution_to_output(answer: str) -> tuple[str, str]:
 
 def _builtin_test_files() -> set[Path]:
     out = set()
-    for filename in EVAL_FILES.values():
+    for filename in TEST_FILES:
         try:
             out.add(Path(str(data_file(filename))).resolve())
         except (OSError, ValueError):  # pragma: no cover - zipped installs have no real path
             pass
     return out
+
+
+def _training_shaped(rows: list[tuple[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """``{"instruction", "input", "output"[, "answer"]}`` from Alpaca or GSM8K records."""
+    records: list[dict[str, Any]] = []
+    for where, rec in rows[:limit] if limit is not None else rows:
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if "instruction" in rec:
+            records.append(
+                {
+                    "instruction": _text_field(rec, "instruction", where),
+                    "input": _text_field(rec, "input", where, required=False),
+                    "output": _text_field(rec, "output", where),
+                }
+            )
+        elif "question" in rec and "answer" in rec:
+            question = _text_field(rec, "question", where)
+            solution = _text_field(rec, "answer", where)
+            _gsm8k_final(solution, where)  # names the record when '####' is missing
+            output, final = gsm8k_solution_to_output(solution)
+            records.append({"instruction": question, "input": "", "output": output, "answer": final})
+        else:
+            raise ValueError(
+                f"{where}: expected Alpaca fields 'instruction', 'input', 'output' or GSM8K fields "
+                f"'question', 'answer'; got fields {sorted(rec)}"
+            )
+    return records
+
+
+def _read_path(name_or_path: str | os.PathLike[str], what: str, builtin: tuple[str, ...]) -> tuple[Path, str]:
+    if _is_name(name_or_path) and not Path(name_or_path).exists():
+        raise FileNotFoundError(
+            f"no built-in {what} or file named {str(name_or_path)!r}; built-in {what}s: {', '.join(builtin)}"
+        )
+    path = _as_path(name_or_path)
+    return path, str(path)
 
 
 def load_train_records(name_or_path: str | os.PathLike[str], *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -349,20 +390,15 @@ def load_train_records(name_or_path: str | os.PathLike[str], *, limit: int | Non
         test_name = resolve_eval_name(name_or_path) if _is_name(name_or_path) else None
         if test_name is not None:
             raise ValueError(
-                f"name_or_path {str(name_or_path)!r} is the built-in TEST set {test_name!r}; training on it "
-                f"would contaminate every accuracy reported on it. Built-in training sets: "
-                f"{list(BUILTIN_TRAIN_SETS)} ('gsm8k' is GSM8K train), or pass a path to your own file"
+                f"{str(name_or_path)!r} is the built-in TEST set {test_name!r}; training on it would contaminate "
+                f"every accuracy reported on it. Built-in training sets: {', '.join(BUILTIN_TRAIN_SETS)} "
+                "('gsm8k' is GSM8K train), or a path to your own file"
             )
-        if _is_name(name_or_path) and not Path(name_or_path).exists():
-            raise FileNotFoundError(
-                f"name_or_path must be a built-in training set {list(BUILTIN_TRAIN_SETS)} or a file path, "
-                f"got {str(name_or_path)!r} (no such file)"
-            )
-        path = _as_path(name_or_path)
+        path, label = _read_path(name_or_path, "training set", BUILTIN_TRAIN_SETS)
         if path.exists() and path.resolve() in _builtin_test_files():
             raise ValueError(
-                f"name_or_path {str(path)!r} is one of fastadapt's built-in TEST sets; training on it would "
-                "contaminate every accuracy reported on it"
+                f"{str(path)!r} is one of fastadapt's built-in TEST sets; training on it would contaminate "
+                "every accuracy reported on it"
             )
         if "test" in path.name.lower():
             warnings.warn(
@@ -371,35 +407,29 @@ def load_train_records(name_or_path: str | os.PathLike[str], *, limit: int | Non
                 UserWarning,
                 stacklevel=2,
             )
-        label = str(path)
         rows = _read_records(path, label)
     if not rows:
         raise ValueError(f"{label}: no records")
+    return _training_shaped(rows, limit)
 
-    records: list[dict[str, Any]] = []
-    for where, rec in rows[:limit] if limit is not None else rows:
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        if "instruction" in rec:
-            records.append(
-                {
-                    "instruction": _text_field(rec, "instruction", where),
-                    "input": _text_field(rec, "input", where, required=False),
-                    "output": _text_field(rec, "output", where),
-                }
-            )
-        elif "question" in rec and "answer" in rec:
-            question = _text_field(rec, "question", where)
-            solution = _text_field(rec, "answer", where)
-            _gsm8k_final(solution, where)  # names the record when '####' is missing
-            output, final = gsm8k_solution_to_output(solution)
-            records.append({"instruction": question, "input": "", "output": output, "answer": final})
-        else:
-            raise ValueError(
-                f"{where}: expected Alpaca fields 'instruction', 'input', 'output' or GSM8K fields "
-                f"'question', 'answer'; got fields {sorted(rec)}"
-            )
-    return records
+
+def load_solution_records(name_or_path: str | os.PathLike[str], *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Problems with reference solutions, to measure a model's loss on them (the held-out loss):
+    ``"gsm8k"`` (GSM8K *test* with its reference solutions, shipped; in GSM8K's order) or a file in
+    a training format (see :func:`load_train_records`). Same record shape as training records;
+    a GSM8K solution is rewritten the same way (annotations removed, ``The answer is N.``), so the
+    loss measures the format training teaches."""
+    _check_limit(limit)
+    key = str(name_or_path).strip().lower() if _is_name(name_or_path) else None
+    if key in SOLUTION_FILES:
+        label = f"built-in {key!r} test solutions"
+        rows = _read_records(data_file(SOLUTION_FILES[key]), label)
+    else:
+        path, label = _read_path(name_or_path, "set with solutions", BUILTIN_SOLUTION_SETS)
+        rows = _read_records(path, label)
+    if not rows:
+        raise ValueError(f"{label}: no records")
+    return _training_shaped(rows, limit)
 
 
 def to_hf_dataset(records: Iterable[dict[str, Any]]):  # -> datasets.Dataset
