@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loss(sub, common)
     _add_export(sub, common)
     _add_main_job(sub, common)
+    _add_backends(sub, common)
     return parser
 
 
@@ -242,6 +243,22 @@ def _add_export(sub, common) -> None:
                    help="dtype of the written weights (default: the base model's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.set_defaults(func=cmd_export)
+
+
+def _add_backends(sub, common) -> None:
+    p = sub.add_parser(
+        "backends", parents=[common],
+        help="which kernel backend `auto` picks for each op on this machine, and why",
+        description=(
+            "For every fused op and shape class (decode: at most 64 rows, batch: more), the backend "
+            "backend='auto' would run on the device and the reason: a GPU verification record that "
+            "matches this GPU and the current kernel sources, or why none does. FASTADAPT_BACKEND and "
+            "FASTADAPT_VERIFIED are honoured."
+        ),
+    )
+    p.add_argument("--device", default=None,
+                   help="torch device to report for, e.g. cuda:1 (default: the current CUDA device, else cpu)")
+    p.set_defaults(func=cmd_backends)
 
 
 def _add_main_job(sub, common) -> None:
@@ -426,6 +443,21 @@ def cmd_main_job(args, parser) -> int:
     main_job_train_config(cfg, model=args.model, output=args.output, seed=args.seed)  # fails before loading
     check_model(args.model)
     run_main_job(model=args.model, output=args.output, seed=args.seed, **overrides)
+    return 0
+
+
+def cmd_backends(args, parser) -> int:
+    import torch
+
+    from .backends import default_device, report
+
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError as exc:
+        raise CliError(f"--device {args.device}: not a torch device; expected e.g. cpu, cuda, cuda:1") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: no CUDA device is available here")
+    print(report(device))
     return 0
 
 

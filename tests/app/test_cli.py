@@ -124,3 +124,20 @@ def test_in_cli_terms():
     assert in_cli_terms("pass overwrite=True to replace it", parser) == "pass --overwrite to replace it"
     assert in_cli_terms("option 'r' does not apply", parser) == "option --r does not apply"
     assert in_cli_terms("the lr of max_steps", parser) == "the lr of --max-steps"
+
+
+def test_backends_explains_every_op(capsys):
+    from fastadapt.ops import dispatch
+
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "verification records:" in out and "kernel hashes: triton " in out
+    for op in dispatch.OPS:
+        for cls in ("decode", "batch"):
+            line = next(line for line in out.splitlines() if line.split()[:2] == [op, cls])
+            assert line.split()[2] == "torch" and len(line.split()) > 3  # a choice and its reason
+
+
+def test_backends_bad_device(capsys):
+    assert main(["backends", "--device", "gpu0"]) == 2
+    assert "--device gpu0: not a torch device" in capsys.readouterr().err
