@@ -27,7 +27,7 @@ import torch
 from .. import _cuda_build, settings
 from ._library import has_cuda_kernel
 
-__all__ = ["NATIVE_OPS", "csrc_sources", "native_available", "native_load_error", "require_native"]
+__all__ = ["NATIVE_OPS", "csrc_sources", "jit_cache_dir", "native_available", "native_load_error", "require_native"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ NATIVE_OPS = ("bottleneck_adapter_cuda_fwd", "bottleneck_adapter_cuda_bwd", "lor
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"done": False, "ok": False, "error": None}
+_state: dict[str, object] = {"done": False, "ok": False, "error": None, "cache_dir": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +110,7 @@ def _jit_build() -> str | None:
     tag = f"torch{torch.__version__}-cu{torch.version.cuda}-{key.hexdigest()[:12]}".replace("+", "_")
     build_dir = _cache_root() / tag
     build_dir.mkdir(parents=True, exist_ok=True)
+    _state["cache_dir"] = settings.cache_dir()
     logger.info("fastadapt: building the CUDA extension in %s (first use; takes a few minutes)", build_dir)
     try:
         load(
@@ -156,6 +157,12 @@ def native_available() -> bool:
             logger.info("fastadapt: CUDA extension unavailable: %s", error)
         _state.update(done=True, ok=error is None, error=error)
         return error is None
+
+
+def jit_cache_dir() -> Path | None:
+    """The FASTADAPT_CACHE_DIR the extension was JIT-built (or found) under in this process; a child
+    process given the same one loads the build instead of compiling again. None when not JIT-built."""
+    return _state["cache_dir"]  # type: ignore[return-value]
 
 
 def native_load_error() -> str | None:

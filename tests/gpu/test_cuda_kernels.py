@@ -383,8 +383,12 @@ def test_compute_sanitizer_clean(ops, tool):
     exe = _sanitizer()
     if exe is None:
         pytest.skip("compute-sanitizer not found")
+    from fastadapt.ops import _native
+
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if _native.jit_cache_dir() is not None:  # load the parent's JIT build, never compile a second one
+        env["FASTADAPT_CACHE_DIR"] = str(_native.jit_cache_dir())
     cmd = [exe, "--tool", tool, "--error-exitcode", "86"]
     if tool == "memcheck":
         cmd += ["--leak-check", "no"]
