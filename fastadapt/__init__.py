@@ -1,7 +1,7 @@
 """fastadapt: parameter-efficient fine-tuning of Hugging Face causal LMs on fused kernels.
 
     import fastadapt as fa
-    fa.patch(model, "lora", r=8)      # swap adapter modules in, freeze the base
+    fa.patch(model, "lora", r=8)      # swap adapter modules in, freeze the base ("dora" too)
     fa.save_adapter(model, "out/")    # PEFT on-disk format
     fa.merge(model); fa.export(model, "merged/")
 
@@ -14,8 +14,9 @@ from . import distributed, ops
 from .export import export
 from .io import save_adapter
 from .merge import merge, summary, unmerge
+from .methods.dora import DoraConfig
 from .methods.lora import LoraConfig
-from .modules import LoraLinear
+from .modules import DoraLinear, LoraLinear
 from .patch import load_adapter, patch, unpatch
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "DoraConfig",
+    "DoraLinear",
     "LoraConfig",
     "LoraLinear",
     "distributed",
