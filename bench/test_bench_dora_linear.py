@@ -22,7 +22,7 @@ from __future__ import annotations
 import benchlib
 import pytest
 import torch
-from test_bench_lora_linear import DROPOUTS, MODES, SHAPES, SMOKE_K, SMOKE_M, SMOKE_N, SMOKE_R, _run
+from test_bench_lora_linear import DROPOUTS, MODES, SHAPES, _run, run_smoke
 
 DORA_VARIANTS = ("peft_default", "peft_bf16", "addmm", "fastadapt", "fastadapt_fused", "fastadapt_lora")
 M_DEFAULT = (16, 8192)
@@ -61,7 +61,4 @@ def test_dora_linear(benchmark, variant, mode, M, K, N, r, p):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", ("frozen", *DORA_VARIANTS))
 def test_smoke_dora_linear(benchmark, variant, mode):
-    r, p = (0, 0.0) if variant == "frozen" else (SMOKE_R, 0.1)
-    _run(benchmark, suite="dora_linear", shape_name=f"K{SMOKE_K}xN{SMOKE_N}", variant=variant, mode=mode,
-         M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N,), r=r, p=p, device=benchlib.bench_device(), rounds=2, cpu_iters=1,
-         dora=True)
+    run_smoke(benchmark, variant, mode, suite="dora_linear", dora=True)

@@ -325,13 +325,19 @@ def test_lora_linear_group(benchmark, name, variant, mode, M, p):
 SMOKE_M, SMOKE_K, SMOKE_N, SMOKE_R = 5, 40, 24, 4
 
 
+def run_smoke(benchmark, variant: str, mode: str, *, suite: str = "lora_linear", dora: bool = False) -> None:
+    """One tiny case of ``variant`` (dropout 0.1), 2 timed rounds: proves the benchmark code runs."""
+    r, p = (0, 0.0) if variant == "frozen" else (SMOKE_R, 0.1)
+    _run(benchmark, suite=suite, shape_name=f"K{SMOKE_K}xN{SMOKE_N}", variant=variant, mode=mode,
+         M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N,), r=r, p=p, device=benchlib.bench_device(), rounds=2, cpu_iters=1,
+         dora=dora)
+
+
 @pytest.mark.smoke
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", ("frozen", *LORA_VARIANTS))
 def test_smoke_lora_linear(benchmark, variant, mode):
-    r, p = (0, 0.0) if variant == "frozen" else (SMOKE_R, 0.1)
-    _run(benchmark, suite="lora_linear", shape_name=f"K{SMOKE_K}xN{SMOKE_N}", variant=variant, mode=mode,
-         M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N,), r=r, p=p, device=benchlib.bench_device(), rounds=2, cpu_iters=1)
+    run_smoke(benchmark, variant, mode)
 
 
 @pytest.mark.smoke
