@@ -29,6 +29,12 @@ Backward
                       (two reads of dY, no partials).
     ``lora_grad_a``   dA = scale · dSᵀ (mask ⊙ x), fp32, from the stored mask.
 
+DoRA (``kernels/dora_linear.py``) reuses these launches with a ``DoraScale`` (g = magnitude / norm):
+``lora_rank`` / ``lora_gemm`` then end in DoRA's epilogue (``_dora_store``: z kept, y = g ⊙ z + bias),
+``dy_pass`` multiplies dY by g and also yields d magnitude and dX's GEMM input from the same read,
+and ``lora_shrink`` can write dropout(x). On LoRA's launches the ``DORA`` / ``STORE_*`` constexprs
+are off, so the compiled LoRA kernels are what they were.
+
 Numerics: fp32 accumulation everywhere; outputs in the input's dtype rounded once (``lora_dy_pass``
 and ``lora_grad_a`` return fp32: they feed fp32 gradients). Adapter weights may be fp32 master
 copies: they are cast to the compute dtype on load (the same rounding as casting first), except
