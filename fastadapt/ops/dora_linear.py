@@ -13,7 +13,9 @@ second one in dX (fwd + bwd ≈ 2× the frozen layer), matched exactly here; dro
 A or B do, so they are cached per (W, A, B) and their version counters: one pass per optimizer
 step, none for the other micro-batches of an accumulated step, a checkpointed recomputation or a
 decode step. The torch backend keeps ‖W_n‖² as well (W is frozen); the Triton kernel gets it from
-the loads that W Aᵀ makes anyway.
+the loads that W Aᵀ makes anyway. Not cached under ``torch.compile`` nor in multi-process runs:
+FSDP2 refills its gathered parameters without moving their version counters, so there every
+forward recomputes them (one pass over W per layer and forward).
 
 **Triton backend**: custom ops ``fastadapt::dora_norm``, ``dora_linear_fwd``, ``dora_linear_bwd``
 (fakes and registered autograd: no graph break under ``torch.compile(fullgraph=True)``), built on
@@ -52,6 +54,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _checks, settings
+from ..distributed import is_initialized
 from ._inputs import autocast_inputs, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import resolve_backend, triton_usable
@@ -125,7 +128,7 @@ class _VersionedCache:
     """Values computed from tensors, valid while those tensors are unchanged: the same objects (a
     view counts as its base plus its geometry, so a Conv1D's ``weight.t()`` made afresh each call
     still hits) at the same version counters (an optimizer step, a merge or a load moves them).
-    Holds weak references only; skipped under ``torch.compile`` by the caller."""
+    Holds weak references only; the caller skips it where version counters cannot be trusted."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[list, tuple[int, ...], torch.Tensor]] = {}
@@ -133,7 +136,7 @@ class _VersionedCache:
     @staticmethod
     def _ident(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         base = t._base if t._base is not None else t
-        return base, (id(base), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        return base, (id(base), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
     def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, compute: Callable[[], torch.Tensor]):
         try:
@@ -163,15 +166,16 @@ def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     (r, K), lora_b (N, r). ``backend`` as for ``dora_linear`` (the Triton kernel reads W once)."""
     chosen = selected_backend(weight.device, backend)
     compiling = torch.compiler.is_compiling()
+    cached = not compiling and not is_initialized()  # see the module docstring
 
     def compute() -> torch.Tensor:
         w, a, b = weight.detach(), lora_a.detach(), lora_b.detach()
         if chosen == "torch":
-            wsq = dora_weight_sq(w) if compiling else _weight_sq.get((weight,), (), lambda: dora_weight_sq(w))
+            wsq = _weight_sq.get((weight,), (), lambda: dora_weight_sq(w)) if cached else dora_weight_sq(w)
             return dora_norm_ref(w, a, b, scaling=scaling, weight_sq=wsq)
         return dora_norm_triton(w, a, b, float(scaling))
 
-    if compiling:
+    if not cached:
         return compute()
     return _norms.get((weight, lora_a, lora_b), (float(scaling), chosen), compute)
 

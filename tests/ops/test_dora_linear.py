@@ -198,6 +198,14 @@ def test_row_norms_are_cached_until_w_a_or_b_change(monkeypatch):
         base.mul_(2.0)  # the weight itself changed (a merge, a load)
     fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
     assert len(calls) == 3
+    b.data = b.data.clone()  # new storage, same version counter
+    fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
+    assert len(calls) == 4
+    # multi-process runs never cache: FSDP2 refills gathered parameters without a version bump
+    monkeypatch.setattr(op_module, "is_initialized", lambda: True)
+    for _ in range(2):
+        fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
+    assert len(calls) == 6
 
 
 def test_torch_compile_fullgraph_no_graph_break():
