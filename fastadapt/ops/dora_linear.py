@@ -170,10 +170,11 @@ def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
 
     def compute() -> torch.Tensor:
         w, a, b = weight.detach(), lora_a.detach(), lora_b.detach()
-        if chosen == "torch":
-            wsq = _weight_sq.get((weight,), (), lambda: dora_weight_sq(w)) if cached else dora_weight_sq(w)
-            return dora_norm_ref(w, a, b, scaling=scaling, weight_sq=wsq)
-        return dora_norm_triton(w, a, b, float(scaling))
+        with torch.autocast(w.device.type, enabled=False):  # fp32 norms whatever the autocast dtype
+            if chosen == "torch":
+                wsq = _weight_sq.get((weight,), (), lambda: dora_weight_sq(w)) if cached else dora_weight_sq(w)
+                return dora_norm_ref(w, a, b, scaling=scaling, weight_sq=wsq)
+            return dora_norm_triton(w, a, b, float(scaling))
 
     if not cached:
         return compute()

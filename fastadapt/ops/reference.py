@@ -98,9 +98,9 @@ def dora_apply(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnit
         s = F.linear(x.to(dtype), a)
         z = torch.addmm(y.reshape(-1, y.shape[-1]), s.reshape(-1, s.shape[-1]), b.t(), alpha=scaling)
         out = z.reshape(y.shape) * g
-        return out if bias is None else out + bias
+        return out if bias is None else out + bias.to(dtype)
     # PEFT's dropout form: the base product of the dropped input too (a second GEMM)
-    base = y if bias is None else y + bias
+    base = y if bias is None else y + bias.to(dtype)
     xd = F.dropout(x, dropout_p, training=True)
     lora = F.linear(F.linear(xd.to(dtype), a), b)
     return base + ((g - 1) * F.linear(xd, weight) + g * lora * scaling)

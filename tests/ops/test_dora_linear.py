@@ -130,6 +130,24 @@ def test_low_precision_error_within_2x_of_torch_same_dtype(dtype):
         assert norm_rel_err(got, w_) <= 2 * norm_rel_err(ref, w_) + 1e-3
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_autocast_bf16_on_fp32_inputs(p):
+    """Under autocast the frozen product runs in bf16 while the norms stay fp32 (both backends)."""
+    x, w, a, b, mag, c = make(17, 72, 40, 4)
+    outs = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(2)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            outs[backend] = fa.ops.dora_linear(x, w, a, b, mag, scaling=1.5, bias=c, dropout_p=p, backend=backend)
+        assert outs[backend].dtype == torch.bfloat16
+        g = grads(outs[backend], (a, mag))
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() and t.abs().sum() > 0 for t in g)
+    if p == 0:  # (the two backends draw different masks)
+        want, _ = exact(x, w, a, b, mag, c, scaling=1.5)
+        for y in outs.values():
+            assert rel_err(y, want) < 2e-2
+
+
 class _Sizes(TorchDispatchMode):
     """The largest tensor any op allocates (temporaries included; views and in-place results are
     not allocations)."""
