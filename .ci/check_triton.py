@@ -21,8 +21,14 @@ Records (``--json``), a list of:
 - per op, scenario and variant: ``{"op", "scenario", "variant", "default", "temp_bytes",
   "launches_fwd", "launches_bwd", "bytes_moved", "predicted_over_frozen", ...}``.
 
-Exit status 1 on any compile failure, any spill on the default path, a temporary over 64 MiB, a
-decode forward over 3 launches, or a forward that saves more than 1 bit per element of x besides S.
+Exit status 1 on any compile failure, any spill on the default path, a temporary over 64 MiB (DoRA:
+any weight-sized temporary — its activation-sized dZ / x_d are inherent), a decode forward over 3
+launches, or a forward that saves more than 1 bit per element of x besides S (DoRA: and z).
+
+DoRA (``dora_linear``): its row norms (one pass over W) are recorded apart and added to the training
+forward (recomputed once per optimizer step), not to the decode forward (cached); the records add
+PEFT's DoRA on the same shapes (``peft_dora_default`` / ``peft_dora_bf16``) and our LoRA's default
+variant at the scenario (``over_lora``).
 """
 
 from __future__ import annotations
@@ -187,6 +193,7 @@ def _triton_flops(name: str, b: dict) -> float:
         "_lora_rank_kernel": 2.0 * M * N * R,
         "_lora_gemm_kernel": 2.0 * M * N * (K + R),
         "_lora_dy_pass_kernel": 4.0 * M * N * R,
+        "_dora_norm_kernel": 2.0 * N * K * R,
         "_lora_ds_kernel": 2.0 * M * N * R,
         "_weight_grad_kernel": 2.0 * M * I * J,
         "_bottleneck_fwd_kernel": 2.0 * M * R * (K + N),
@@ -206,6 +213,8 @@ def to_plan(rec: Recording) -> perf_model.Plan:
                     nbytes += _nbytes(arg)
             if b.get("ACCUMULATE"):  # read-modify-write of the output: it is read as well
                 nbytes += _nbytes(b["out_ptr"])
+            if launch.name == "_masked_scale_kernel":  # in place: read and written
+                nbytes += _nbytes(b["t_ptr"])
             plan.launches.append(perf_model.Launch(launch.name, _triton_flops(launch.name, b), nbytes,
                                                    triton_gemm=launch.name == "_lora_gemm_kernel"))
         else:
@@ -310,6 +319,21 @@ def run_op(sc: Scenario, variant: str) -> dict:
             with recording() as bwd:
                 grads = par.parallel_adapter_bwd._init_fn(dy, x, w, wd, wu, h, s, bits, "tanh", p, True, False)
             out.update(fwd=(fwd, [y, h, bits]), bwd=(bwd, list(grads)), saved=[h, bits])
+        elif sc.op == "dora_linear":
+            dora = importlib.import_module("fastadapt.ops.dora_linear")
+            N = sc.N
+            x, w = _meta(M, K, dtype=dt), _meta(N, K, dtype=dt)
+            a, b = _meta(r, K, dtype=torch.float32), _meta(N, r, dtype=torch.float32)
+            mag = _meta(N, dtype=torch.float32)
+            with recording() as norm_rec:
+                norm = dora.dora_norm_triton._init_fn(w, a, b, 2.0)
+            with recording() as fwd:
+                y, z, s, bits = dora.dora_linear_fwd._init_fn(x, w, a, b, mag, norm, None, 2.0, p, True)
+            dy = _meta(M, N, dtype=dt)
+            with recording() as bwd:
+                grads = dora.dora_linear_bwd._init_fn(dy, x, w, a, b, mag, norm, s, bits, z, 2.0, p, True, False)
+            out.update(fwd=(fwd, [y, z, s, bits]), bwd=(bwd, list(grads)), saved=[s, bits], saved_more=[z],
+                       norm=(norm_rec, [norm]))
         elif sc.op == "bottleneck_adapter":
             x = _meta(M, K, dtype=dt)
             wd, wu = _meta(r, K, dtype=torch.float32), _meta(K, r, dtype=torch.float32)
@@ -338,9 +362,10 @@ def frozen_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
     return to_plan(fwd), to_plan(bwd)
 
 
-def peft_plans(sc: Scenario, *, fp32_adapters: bool) -> tuple[perf_model.Plan, perf_model.Plan] | None:
-    """PEFT's LoRA layer on the same shapes, as users run it (``autocast_adapter_dtype=True``: fp32
-    adapters, x upcast) or with bf16 adapters; None without peft."""
+def peft_plans(sc: Scenario, *, fp32_adapters: bool, dora: bool = False) -> tuple | None:
+    """PEFT's LoRA layer (``dora``: with ``use_dora=True``) on the same shapes, as users run it
+    (``autocast_adapter_dtype=True``: fp32 adapters, x upcast) or with bf16 adapters: (forward plan,
+    backward plan, largest temporary, largest weight-sized temporary) in bytes; None without peft."""
     try:
         import peft
     except ImportError:
@@ -355,7 +380,7 @@ def peft_plans(sc: Scenario, *, fp32_adapters: bool) -> tuple[perf_model.Plan, p
         def forward(self, x):
             return self.base(x)
 
-    cfg = peft.LoraConfig(r=sc.r, lora_alpha=2 * sc.r, lora_dropout=sc.p, target_modules=["base"])
+    cfg = peft.LoraConfig(r=sc.r, lora_alpha=2 * sc.r, lora_dropout=sc.p, target_modules=["base"], use_dora=dora)
     model = peft.get_peft_model(Frozen(), cfg, autocast_adapter_dtype=fp32_adapters).train()
     x = _meta(sc.M, sc.K, dtype=sc.dtype).requires_grad_()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -363,8 +388,10 @@ def peft_plans(sc: Scenario, *, fp32_adapters: bool) -> tuple[perf_model.Plan, p
         y = model(x)
     dy = torch.empty_like(y)
     with recording() as bwd:
-        torch.autograd.grad(y, [x, *params], dy)
-    return to_plan(fwd), to_plan(bwd)
+        grads = torch.autograd.grad(y, [x, *params], dy)
+    temp = max(temporaries(fwd, [y]), temporaries(bwd, list(grads)))
+    weight_temp = max(weight_sized_temporaries(fwd, [y], sc), weight_sized_temporaries(bwd, list(grads), sc))
+    return to_plan(fwd), to_plan(bwd), temp, weight_temp
 
 
 def eager_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
@@ -468,6 +495,10 @@ def compile_one(spec: dict, sass_dir: Path | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+#: DoRA's dropout form in the CI subset: only the kernels it adds. Its epilogue and dY pass are the
+#: p = 0 ones with one more FMA per element (DORA=2: spill-free, 220 and 255 registers); --full
+#: compiles them too. Keeps the CI report within ~10 s of its time without DoRA.
+DORA_DROPOUT_CI = {"_lora_shrink_kernel", "_masked_scale_kernel"}
 TARGET = Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1)
 
 
@@ -489,13 +520,26 @@ def scenarios(full: bool) -> list[Scenario]:
     for M in (16, 2048, 8192):
         for p in (0.0, 0.1):
             out.append(Scenario("bottleneck_adapter", M, 4096, 4096, 256, p))
+    for K, N in (SHAPES if full else SHAPES[:1]):
+        for M in (16, 4096, 8192) if full else (16, 8192):
+            for r in ((8, 16, 64) if full else (16,)):
+                for p in (0.0, 0.1):
+                    out.append(Scenario("dora_linear", M, K, N, r, p))
     if full:
         out.append(Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1, torch.float32))
     return out
 
 
 def has_variants(op: str) -> bool:
-    return op in ("lora_linear", "lora_group", "parallel_adapter")
+    return op in ("lora_linear", "lora_group", "parallel_adapter", "dora_linear")
+
+
+def weight_sized_temporaries(rec: Recording, results: list[torch.Tensor], sc: Scenario) -> int:
+    """Bytes of the largest temporary at least as large as the weight whose shape has no token
+    dimension (M): what scales with the weight, as PEFT's W + s·B A and its K×K identity do."""
+    keep = {_storage(t) for t in results}
+    return max((_nbytes(t) for t in rec.allocations if _storage(t) not in keep and t.numel() >= sc.N * sc.K
+                and sc.M not in t.shape), default=0)
 
 
 def main(argv=None) -> int:
@@ -511,26 +555,35 @@ def main(argv=None) -> int:
     started = time.time()
 
     records, problems = [], []
+    lora_plans: dict[tuple, tuple[perf_model.Plan, perf_model.Plan]] = {}  # LoRA's default, for DoRA's over_lora
     jobs: dict[str, dict] = {}  # spec key -> spec
     uses: list[tuple[dict, str, bool]] = []  # (context record, spec key, default path)
     for sc in scenarios(args.full):
         frozen_fwd, frozen_bwd = frozen_plans(sc)
         plans = {}
-        if sc.op == "lora_linear" and sc.M >= 512:
+        if sc.op in ("lora_linear", "dora_linear") and sc.M >= 512:
+            dora_peft = sc.op == "dora_linear"
             for name, fp32 in (("peft_default", True), ("peft_bf16", False)):
-                peft = peft_plans(sc, fp32_adapters=fp32)
+                peft = peft_plans(sc, fp32_adapters=fp32, dora=dora_peft)
+                name = name.replace("peft", "peft_dora") if dora_peft else name
                 if peft is not None:
                     records.append({"op": sc.op, "scenario": sc.name, "variant": name, "default": False,
                                     "device_model": device.name, "M": sc.M, "K": sc.K, "N": sc.N, "r": sc.r,
                                     "dropout": sc.p, "launches_fwd": len(peft[0]), "launches_bwd": len(peft[1]),
-                                    "bytes_moved": peft[0].bytes + peft[1].bytes,
+                                    "bytes_moved": peft[0].bytes + peft[1].bytes, "temp_bytes": peft[2],
+                                    "weight_sized_temp_bytes": peft[3],
                                     "predicted_over_frozen": round(perf_model.over_frozen(
-                                        *peft, frozen_fwd, frozen_bwd, device), 4)})
+                                        *peft[:2], frozen_fwd, frozen_bwd, device), 4)})
         for variant in VARIANTS if has_variants(sc.op) else (DEFAULT_VARIANT,):
             default = variant == DEFAULT_VARIANT
             run = run_op(sc, variant)
             (fwd_rec, fwd_res), (bwd_rec, bwd_res) = run["fwd"], run["bwd"]
             fwd, bwd = to_plan(fwd_rec), to_plan(bwd_rec)
+            norm_plan = None
+            if "norm" in run:  # DoRA's row norms: once per training step; cached when decoding
+                norm_plan = to_plan(run["norm"][0])
+                if sc.M > 16:
+                    fwd = perf_model.Plan(norm_plan.launches + fwd.launches)
             plans[variant] = (fwd, bwd)
             temp = max(temporaries(fwd_rec, fwd_res), temporaries(bwd_rec, bwd_res))
             s_saved, bits = run["saved"]
@@ -542,7 +595,8 @@ def main(argv=None) -> int:
                 "temp_bytes": temp, "launches_fwd": len(fwd), "launches_bwd": len(bwd),
                 "kernels_fwd": [k.name for k in fwd.launches], "kernels_bwd": [k.name for k in bwd.launches],
                 "bytes_moved": fwd.bytes + bwd.bytes, "flops": fwd.flops + bwd.flops,
-                "saved_extra_bytes": _nbytes(s_saved) + _nbytes(bits), "mask_bits_per_element": mask_bits_per_elem,
+                "saved_extra_bytes": sum(_nbytes(t) for t in (s_saved, bits, *run.get("saved_more", []))),
+                "mask_bits_per_element": mask_bits_per_elem,
                 "predicted_us": round((fwd.seconds(device) + bwd.seconds(device)) * 1e6, 1),
             }
             if sc.op == "bottleneck_adapter":
@@ -560,18 +614,42 @@ def main(argv=None) -> int:
                 if variant == "fused":
                     rec["fused_needs_triton_gemm_efficiency"] = perf_model.break_even_efficiency(
                         (fwd, bwd), plans[DEFAULT_VARIANT], device)
+            if norm_plan is not None:
+                rec["norm_us"] = round(norm_plan.seconds(device) * 1e6, 1)
+                rec["norm_bytes"] = norm_plan.bytes
+                rec["weight_sized_temp_bytes"] = max(
+                    weight_sized_temporaries(fwd_rec, fwd_res, sc), weight_sized_temporaries(bwd_rec, bwd_res, sc),
+                    weight_sized_temporaries(run["norm"][0], run["norm"][1], sc))
+                lora_ref = lora_plans.get((sc.M, sc.K, sc.N, sc.r, sc.p))
+                if lora_ref is not None:
+                    rec["over_lora"] = round((fwd.seconds(device) + bwd.seconds(device))
+                                             / (lora_ref[0].seconds(device) + lora_ref[1].seconds(device)), 4)
+                for peft_rec in (x for x in records if x["scenario"] == sc.name and x["op"] == sc.op
+                                 and x["variant"].startswith("peft_dora")):
+                    rec[f"speedup_vs_{peft_rec['variant']}"] = round(
+                        peft_rec["predicted_over_frozen"] / rec["predicted_over_frozen"], 3)
+            elif sc.op == "lora_linear" and default:
+                lora_plans[(sc.M, sc.K, sc.N, sc.r, sc.p)] = (fwd, bwd)
             records.append(rec)
-            if default and temp > TEMP_CAP:
+            if norm_plan is not None:
+                if default and rec["weight_sized_temp_bytes"]:
+                    problems.append(f"{sc.op} {sc.name}: a weight-sized temporary of "
+                                    f"{rec['weight_sized_temp_bytes'] / 2**20:.0f} MiB")
+            elif default and temp > TEMP_CAP:
                 problems.append(f"{sc.op} {sc.name}: a {temp / 2**20:.0f} MiB temporary (cap 64 MiB)")
-            if default and sc.op == "lora_linear" and sc.M <= 16 and len(fwd) > DECODE_MAX_LAUNCHES:
+            decode = sc.op == "lora_linear" or (sc.op == "dora_linear" and sc.p == 0)  # decoding runs no dropout
+            if default and decode and sc.M <= 16 and len(fwd) > DECODE_MAX_LAUNCHES:
                 problems.append(f"{sc.op} {sc.name}: decode forward takes {len(fwd)} launches (max 3)")
             if default and mask_bits_per_elem > mask_bits_allowed + 1e-12:
                 problems.append(f"{sc.op} {sc.name}: the saved mask holds {mask_bits_per_elem:.2f} bits per element")
             compile_here = args.full or default or (sc == TARGET and variant != DEFAULT_VARIANT)
             if args.no_compile or not compile_here:
                 continue
-            for part, recd in (("fwd", fwd_rec), ("bwd", bwd_rec)):
+            parts = [("fwd", fwd_rec), ("bwd", bwd_rec)] + ([("norm", run["norm"][0])] if "norm" in run else [])
+            for part, recd in parts:
                 for launch in (x for x in recd.launches if isinstance(x, TritonLaunch)):
+                    if not args.full and sc.op == "dora_linear" and sc.p > 0 and launch.name not in DORA_DROPOUT_CI:
+                        continue
                     for spec in compile_specs(launch, args.full):
                         key = _spec_key(spec)
                         jobs.setdefault(key, spec)

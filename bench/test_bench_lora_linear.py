@@ -84,7 +84,10 @@ class _Set:
     keep: list = field(default_factory=list)  # modules kept alive
 
 
-def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: float, device, seed: int) -> _Set:
+def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: float, device, seed: int,
+              dora: bool = False) -> _Set:
+    """One input set of ``variant``; ``dora``: the DoRA twin of each adapter variant (PEFT with
+    ``use_dora``, ``fa.ops.dora_linear``, its torch twin for ``addmm``), magnitudes off their init."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rand(*shape, scale=1.0, dtype=DTYPE):
@@ -101,7 +104,8 @@ def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: floa
     if variant in ("peft_default", "peft_bf16"):
         import peft
 
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=[f"p{i}" for i in range(len(Ns))])
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=[f"p{i}" for i in range(len(Ns))],
+                              use_dora=dora)
         model = peft.get_peft_model(_Lins(weights), cfg, autocast_adapter_dtype=(variant == "peft_default"))
         model.train()
         params = []
@@ -109,6 +113,8 @@ def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: floa
             for name, prm in model.named_parameters():
                 if "lora_B" in name:
                     prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+                if "lora_magnitude_vector" in name:
+                    prm.mul_(1 + 0.1 * torch.randn(prm.shape, generator=g).to(prm.device))
                 if prm.requires_grad:
                     params.append(prm)
         return _Set(model, x, dys, [x, *params], [model])
@@ -116,6 +122,14 @@ def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: floa
     lora_as = [rand(r, K, scale=K**-0.5, dtype=adapter_dtype).requires_grad_(True) for _ in Ns]
     lora_bs = [rand(n, r, scale=0.1, dtype=adapter_dtype).requires_grad_(True) for n in Ns]
     params = [*lora_as, *lora_bs]
+    if dora:
+        mags = [(w.float().norm(dim=1) * (1 + 0.1 * rand(w.shape[0], dtype=torch.float32))).requires_grad_(True)
+                for w in weights]
+        op = fa.ops.dora_linear_ref if variant == "addmm" else fa.ops.dora_linear
+        backend = {} if variant == "addmm" else {"backend": "triton"}
+        fwd = lambda x: [op(x, w, a, b, m_, scaling=s, dropout_p=p, **backend)
+                         for w, a, b, m_ in zip(weights, lora_as, lora_bs, mags)]
+        return _Set(fwd, x, dys, [x, *params, *mags], [weights])
     if variant == "addmm":
         fwd = lambda x: [
             fa.ops.lora_linear_ref(x, w, a, b, scaling=s, dropout_p=p) for w, a, b in zip(weights, lora_as, lora_bs)
@@ -158,11 +172,11 @@ def _flops_bytes(mode: str, M: int, K: int, Ns, r: int, lora: bool) -> tuple[flo
     }[mode]
 
 
-def _measure(variant, mode, M, K, Ns, r, p, device, *, cpu_iters):
+def _measure(variant, mode, M, K, Ns, r, p, device, *, cpu_iters, dora=False):
     """Build the input sets, return (timed callable, median ms, peak bytes, held bytes, n sets)."""
     set_bytes = 2 * (M * K + K * sum(Ns) + M * sum(Ns))
     n_sets = benchlib.rotations(set_bytes, device)
-    sets = [_make_set(variant, M, K, Ns, r, p, device, seed=1000 + i) for i in range(n_sets)]
+    sets = [_make_set(variant, M, K, Ns, r, p, device, seed=1000 + i, dora=dora) for i in range(n_sets)]
     fns = [_mode_fn(st, mode) for st in sets]
     rot = benchlib.Rotator(fns)
     med = benchlib.median_ms(rot, device, cpu_iters=cpu_iters)
@@ -180,14 +194,14 @@ def _ref_ms(suite, ref_key, mode, M, K, Ns, device, cpu_iters) -> tuple[float, b
     return med, True
 
 
-def _run(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters):
+def _run(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters, dora=False):
     forced = variant.removeprefix("fastadapt_") if variant in ("fastadapt_epilogue", "fastadapt_fused") else None
     saved = os.environ.get("FASTADAPT_LORA_VARIANT")
     if forced is not None:
         os.environ["FASTADAPT_LORA_VARIANT"] = forced
     try:
         _run_case(benchmark, suite=suite, shape_name=shape_name, variant=variant, mode=mode, M=M, K=K, Ns=Ns,
-                  r=r, p=p, device=device, rounds=rounds, cpu_iters=cpu_iters)
+                  r=r, p=p, device=device, rounds=rounds, cpu_iters=cpu_iters, dora=dora)
     finally:
         if forced is not None:
             if saved is None:
@@ -196,13 +210,15 @@ def _run(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device,
                 os.environ["FASTADAPT_LORA_VARIANT"] = saved
 
 
-def _run_case(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters):
+def _run_case(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters, dora=False):
     torch.manual_seed(0)
     ref_key = f"{shape_name}-M{M}"
     lora = variant != "frozen"
     case = f"{ref_key}-r{r}-p{p:g}" if lora else ref_key
+    # the DoRA suite's LoRA reference: our LoRA at the same point
+    set_variant, set_dora = ("fastadapt", False) if variant == "fastadapt_lora" else (variant, dora)
     rot, med, peak, held, n_sets, sets = _measure(
-        variant, mode, M, K, Ns, r, p, device, cpu_iters=cpu_iters
+        set_variant, mode, M, K, Ns, r, p, device, cpu_iters=cpu_iters, dora=set_dora
     )
     benchmark.group = f"{suite} {mode} {case if lora else ref_key}"
     warm = 1 if device.type == "cuda" else 0
@@ -309,13 +325,19 @@ def test_lora_linear_group(benchmark, name, variant, mode, M, p):
 SMOKE_M, SMOKE_K, SMOKE_N, SMOKE_R = 5, 40, 24, 4
 
 
+def run_smoke(benchmark, variant: str, mode: str, *, suite: str = "lora_linear", dora: bool = False) -> None:
+    """One tiny case of ``variant`` (dropout 0.1), 2 timed rounds: proves the benchmark code runs."""
+    r, p = (0, 0.0) if variant == "frozen" else (SMOKE_R, 0.1)
+    _run(benchmark, suite=suite, shape_name=f"K{SMOKE_K}xN{SMOKE_N}", variant=variant, mode=mode,
+         M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N,), r=r, p=p, device=benchlib.bench_device(), rounds=2, cpu_iters=1,
+         dora=dora)
+
+
 @pytest.mark.smoke
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", ("frozen", *LORA_VARIANTS))
 def test_smoke_lora_linear(benchmark, variant, mode):
-    r, p = (0, 0.0) if variant == "frozen" else (SMOKE_R, 0.1)
-    _run(benchmark, suite="lora_linear", shape_name=f"K{SMOKE_K}xN{SMOKE_N}", variant=variant, mode=mode,
-         M=SMOKE_M, K=SMOKE_K, Ns=(SMOKE_N,), r=r, p=p, device=benchlib.bench_device(), rounds=2, cpu_iters=1)
+    run_smoke(benchmark, variant, mode)
 
 
 @pytest.mark.smoke

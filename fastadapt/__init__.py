@@ -2,7 +2,7 @@
 
     import fastadapt as fa
     model, tokenizer = fa.load_model("smollm2-135m")   # embedded; or any transformers causal LM
-    fa.patch(model, "lora", r=8)      # swap adapter modules in, freeze the base
+    fa.patch(model, "lora", r=8)      # swap adapter modules in, freeze the base ("dora" too)
     fa.save_adapter(model, "out/")    # PEFT on-disk format
     fa.merge(model); fa.export(model, "merged/")
 
@@ -15,9 +15,10 @@ from . import distributed, ops
 from .export import export
 from .io import save_adapter
 from .merge import merge, summary, unmerge
+from .methods.dora import DoraConfig
 from .methods.lora import LoraConfig
 from .models import load_model
-from .modules import LoraLinear
+from .modules import DoraLinear, LoraLinear
 from .patch import load_adapter, patch, unpatch
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "DoraConfig",
+    "DoraLinear",
     "LoraConfig",
     "LoraLinear",
     "distributed",

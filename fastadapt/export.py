@@ -15,7 +15,6 @@ from torch import nn
 
 from . import distributed
 from .methods import adapter_modules, get_method, get_state
-from .ops import lora_delta
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +32,15 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def merged_state_dict(
     model: nn.Module, dtype: torch.dtype | None = None, *, full_state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The model's state dict under its original (unpatched) names with every LoRA delta folded in
-    (fp32 sum, one rounding). Merged modules are used as they are; unmerged ones get a merged copy
-    (costs the memory of those weights: call ``fa.merge`` first to avoid it). ``full_state_dict``:
+    """The model's state dict under its original (unpatched) names with every adapter folded into
+    its weight (fp32 math, one rounding) and the adapter's own tensors dropped. Merged modules are
+    used as they are; unmerged ones get a merged copy (costs the memory of those weights: call
+    ``fa.merge`` first to avoid it). ``full_state_dict``:
     the model's tensors gathered from a sharded model (see ``_gather_full_state_dict``)."""
     state = get_state(model)
     if state is None:
         raise ValueError(
-            "model has no adapter to export: fa.export writes a model with its LoRA adapter merged; "
+            "model has no adapter to export: fa.export writes a model with its adapter merged; "
             "a plain model is saved with model.save_pretrained"
         )
     reason = get_method(state.method).merge_error
@@ -56,7 +56,7 @@ def merged_state_dict(
         if not torch.isfinite(weight).all():
             raise FloatingPointError(f"merged weight of {name!r} holds NaN/Inf; nothing was exported")
         replaced[f"{name}.base_layer.weight"] = weight
-        dropped.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
+        dropped.update(f"{name}.{key}" for key in _adapter_tensor_names(module))
     out = {}
     source = model.state_dict() if full_state_dict is None else full_state_dict
     for key, tensor in source.items():
@@ -78,7 +78,7 @@ def export(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Write ``model`` with its LoRA adapters merged as a plain transformers checkpoint (safetensors,
+    """Write ``model`` with its LoRA/DoRA adapters merged as a plain transformers checkpoint (safetensors,
     config, generation config, and the tokenizer when given) that
     ``AutoModelForCausalLM.from_pretrained(path)`` loads without fastadapt. The model itself is not
     changed. Writes into a temporary folder beside ``path`` and renames it at the end; refuses a
@@ -99,7 +99,7 @@ def export(
         raise FileExistsError(f"export path {str(path)!r} is not empty; pass overwrite=True to replace it")
     torch_dtype = parse_dtype(dtype)
     state = get_state(model)
-    if state is None or state.method != "lora":  # checked on every rank, before any collective
+    if state is None or get_method(state.method).merge_error is not None:  # every rank, before any collective
         merged_state_dict(model, torch_dtype)  # raises the guidance error
     if distributed.is_sharded(model):
         full = _gather_full_state_dict(model)  # collective; empty off rank 0
@@ -151,17 +151,21 @@ def _gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _adapter_tensor_names(module: nn.Module) -> list[str]:
+    """The adapter's own tensors under the module (``lora_A.weight``, ``lora_magnitude_vector``, ...):
+    everything but the wrapped layer's."""
+    return [key for key in module.state_dict() if not key.startswith("base_layer.")]
+
+
 @torch.no_grad()
 def _merged_from(
     module: nn.Module, full: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """``W + scaling · B A`` from gathered tensors (one rounding, to ``dtype`` or W's dtype)."""
-    w = full[f"{name}.base_layer.weight"]
+    """The module's merged weight from gathered tensors (one rounding, to ``dtype`` or W's dtype)."""
     if module.merged:
-        return w
-    delta = lora_delta(full[f"{name}.lora_A.weight"], full[f"{name}.lora_B.weight"], module.scaling,
-                       fan_in_fan_out=module.fan_in_fan_out)
-    return (w.float() + delta).to(dtype or w.dtype)
+        return full[f"{name}.base_layer.weight"]
+    prefix = f"{name}."
+    return module.merged_weight(dtype, tensors={k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
 
 
 def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:

@@ -13,9 +13,10 @@ from .methods import adapter_modules, get_method, require_state
 
 
 def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
-    """Fold every LoRA delta into its base weight: ``W += scaling · B A`` computed in fp32 and rounded
-    once. All modules are checked before any is written: a NaN/Inf result raises
-    ``FloatingPointError`` naming the module and leaves the model unchanged. Merging an already
+    """Fold every adapter into its base weight — LoRA: ``W += scaling · B A``; DoRA:
+    ``W ← g ⊙ (W + scaling · B A)`` — computed in fp32 and rounded once. All modules are checked
+    before any is written: a NaN/Inf result raises ``FloatingPointError`` naming the module and
+    leaves the model unchanged. Merging an already
     merged model is a no-op with a warning. ``keep_original=True`` keeps a copy of each unmerged
     weight so that ``unmerge`` is exact (costs the memory of the adapted weights).
     A sharded (FSDP2) model is refused with guidance; merge in one process after loading the adapter."""
@@ -30,7 +31,7 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
     for name, module in todo:
         if not module.merge_is_finite():
             raise FloatingPointError(
-                f"merging the LoRA delta into {name!r} gives NaN/Inf weights (adapter or base weight "
+                f"merging the adapter into {name!r} gives NaN/Inf weights (adapter or base weight "
                 "holds non-finite values, or the sum overflows the weight dtype); nothing was merged"
             )
     for _, module in tqdm(todo, desc="merge", unit="module", disable=None, leave=False):
@@ -39,8 +40,9 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take the LoRA deltas back out of the base weights. Exact after ``merge(keep_original=True)``;
-    otherwise ``W - scaling · B A`` in fp32, within one rounding of the weight dtype."""
+    """Take the adapters back out of the base weights. Exact after ``merge(keep_original=True)``;
+    otherwise computed in fp32 (LoRA: ``W - scaling · B A``, within one rounding of the weight dtype;
+    DoRA: ``W / g - scaling · B A`` with the merge's norms, within about two)."""
     model = distributed.unwrap(model)
     state = require_state(model)
     distributed.check_not_sharded(model, "fa.unmerge")

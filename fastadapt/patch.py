@@ -27,10 +27,11 @@ def patch(model: nn.Module, method: str, *, preset: str | None = None, **options
 
     Freezes every base parameter, makes only adapter parameters trainable and keeps the model's
     train/eval mode. ``method``: ``"lora"`` (``r=8, alpha=16, dropout=0.05, targets="auto",
-    rslora=False``), ``"series"``, ``"parallel"`` or ``"prefix"`` (see each method's config class in
-    ``fastadapt.methods``). ``targets``: ``"auto"`` (per-architecture defaults), ``"all-linear"``
-    (every linear layer inside the repeated decoder blocks, never the output head), a list of
-    module-name suffixes, or a regex matched against full module names.
+    rslora=False``), ``"dora"`` (LoRA's options, ``dropout=0.0``), ``"series"``, ``"parallel"`` or
+    ``"prefix"`` (see each method's config class in ``fastadapt.methods``). ``targets``: ``"auto"``
+    (per-architecture defaults), ``"all-linear"`` (every linear layer inside the repeated decoder
+    blocks, never the output head), a list of module-name suffixes, or a regex matched against full
+    module names.
 
     ``preset``: named settings applied before ``options`` (which override them):
     ``"llm-adapters"`` gives the LLM-Adapters paper's settings — LoRA r=32, alpha=64, dropout 0.05

@@ -29,6 +29,12 @@ Backward
                       (two reads of dY, no partials).
     ``lora_grad_a``   dA = scale · dSᵀ (mask ⊙ x), fp32, from the stored mask.
 
+DoRA (``kernels/dora_linear.py``) reuses these launches with a ``DoraScale`` (g = magnitude / norm):
+``lora_rank`` / ``lora_gemm`` then end in DoRA's epilogue (``_dora_store``: z kept, y = g ⊙ z + bias),
+``dy_pass`` multiplies dY by g and also yields d magnitude and dX's GEMM input from the same read,
+and ``lora_shrink`` can write dropout(x). On LoRA's launches the ``DORA`` / ``STORE_*`` constexprs
+are off, so the compiled LoRA kernels are what they were.
+
 Numerics: fp32 accumulation everywhere; outputs in the input's dtype rounded once (``lora_dy_pass``
 and ``lora_grad_a`` return fp32: they feed fp32 gradients). Adapter weights may be fp32 master
 copies: they are cast to the compute dtype on load (the same rounding as casting first), except
@@ -43,6 +49,8 @@ the offline sm_90a compile (``.ci/check_triton.py``: registers, spills). None wa
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -99,6 +107,29 @@ def _bits_args(bits: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Ten
     return (bits, bits.stride(0)) if bits is not None else (like, 0)
 
 
+class DoraScale(NamedTuple):
+    """What turns a LoRA launch into its DoRA twin (``kernels/dora_linear.py``): the column scale
+    g = magnitude / norm, and whether the output takes PEFT's dropout form (``_dora_store``)."""
+
+    magnitude: torch.Tensor  # (N,), any float dtype
+    norm: torch.Tensor  # (N,) fp32, detached
+    dropout_form: bool = False
+
+
+def _dora_args(dora: DoraScale | None, out: torch.Tensor, y: torch.Tensor | None) -> tuple[tuple, dict]:
+    """(pointer args, constexprs) of the DoRA epilogue: y goes to ``y`` and z stays in ``out``, or
+    y overwrites ``out`` in place when ``y`` is None (z not kept). Dummies for a LoRA launch."""
+    if dora is None:
+        return (out, out, out, 0, 0), {"DORA": 0, "STORE_Z": False}
+    N = out.shape[1]
+    assert dora.magnitude.shape == (N,) and dora.norm.shape == (N,) and dora.norm.dtype == torch.float32
+    assert dora.magnitude.stride(0) == 1 and dora.norm.stride(0) == 1, "magnitude and norm must be contiguous"
+    target = out if y is None else y
+    assert target.shape == out.shape, f"y must be {tuple(out.shape)}, got {tuple(target.shape)}"
+    return ((dora.magnitude, dora.norm, target, target.stride(0), target.stride(1)),
+            {"DORA": 2 if dora.dropout_form else 1, "STORE_Z": y is not None})
+
+
 # ----------------------------------------------------------------------------------------------
 # shared tile loops
 # ----------------------------------------------------------------------------------------------
@@ -128,23 +159,53 @@ def _rank_loop(
 
 
 @triton.jit
-def _finish_rank(
-    acc, out_ptr, bias_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, n0, N,
-    stride_om, stride_on, stride_bits_m, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _dora_store(
+    z, rank, z_ptrs, y_ptr, mag_ptr, norm_ptr, bias_ptr, offs_m64, offs_n, mask_n, mask,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, DORA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """out = scale · [mask ⊙] acc (+ bias) (+ out), formed in fp32 and rounded once."""
+    """DoRA's output from z = base + rank (fp32), with g = magnitude / norm per column:
+    DORA=1: y = g ⊙ z (+ bias); DORA=2 (PEFT's dropout form, the base product x Wᵀ added later by
+    cuBLAS): y = (g - 1) ⊙ z + rank (+ bias). STORE_Z also writes z (saved for d magnitude)."""
+    if STORE_Z:
+        tl.store(z_ptrs, to_dtype(z, z_ptrs.dtype.element_ty, INTERPRET), mask=mask)
+    g = (tl.load(mag_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+         / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0))
+    if DORA == 1:
+        y = z * g[None, :]
+    else:
+        y = z * (g - 1.0)[None, :] + rank
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, to_dtype(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _finish_rank(
+    acc, out_ptr, bias_ptr, bits_ptr, mag_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, n0, N,
+    stride_om, stride_on, stride_bits_m, stride_ym, stride_yn, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, DORA: tl.constexpr,
+    STORE_Z: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """LoRA (DORA=0): out = scale · [mask ⊙] acc (+ bias) (+ out), formed in fp32 and rounded once.
+    DoRA: z = scale · acc + out (out holds the base product), then ``_dora_store``."""
     acc = acc * scale
     if HAS_MASK:
         acc = tl.where(load_keep(bits_ptr, stride_bits_m, offs_m, mask_m, n0, N, BLOCK_N), acc, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    offs_m64 = offs_m.to(tl.int64)
+    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    if DORA:
+        z = acc + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        _dora_store(z, acc, out_ptrs, y_ptr, mag_ptr, norm_ptr, bias_ptr, offs_m64, offs_n, mask_n, mask,
+                    stride_ym, stride_yn, HAS_BIAS, STORE_Z, DORA, INTERPRET)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +222,8 @@ def _lora_shrink_kernel(
     stride_sm, stride_sr,
     stride_bits_m,
     scale, threshold, seed,
-    HAS_DROPOUT: tl.constexpr,
+    xd_ptr, stride_xdm, keep_scale,
+    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -190,6 +252,10 @@ def _lora_shrink_kernel(
                 offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
                 tl.store(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits_m + offs_w[None, :], words,
                          mask=mask_m[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
+                if STORE_DROPPED:  # DoRA's dropout form multiplies dropout(x) by W as well
+                    tl.store(xd_ptr + offs_m.to(tl.int64)[:, None] * stride_xdm + kk[None, :],
+                             to_dtype(x.to(tl.float32) * keep_scale, x.dtype, INTERPRET),
+                             mask=mask_m[:, None] & mask_k[None, :])
         a = tl.load(a_cols + kk.to(tl.int64)[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = mma(x, to_dtype(a, x.dtype, INTERPRET), acc, DOT_PRECISION, INTERPRET)
     acc = acc * scale  # 1/(1-p) folded in: kept values are scaled by exactly scaling/(1-p)
@@ -204,8 +270,10 @@ def lora_shrink(
     scaling: float,
     dropout_p: float = 0.0,
     seed: int = 0,
+    dropped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S = scaling · (mask ⊙ x) @ lora_aᵀ / (1-p) in one pass over x.
+    """S = scaling · (mask ⊙ x) @ lora_aᵀ / (1-p) in one pass over x; with ``dropped`` (an (M, K)
+    buffer of x's dtype, contiguous rows, dropout_p > 0) that pass also writes dropout(x) into it.
 
     Args:
         x: (M, K), bf16/fp16/fp32, any strides.
@@ -221,11 +289,15 @@ def lora_shrink(
     R = lora_a.shape[0]
     assert lora_a.shape[1] == K, f"lora_a must be (R, {K}), got {tuple(lora_a.shape)}"
     has_dropout = dropout_p > 0.0
+    assert dropped is None or (has_dropout and dropped.shape == x.shape and dropped.dtype == x.dtype
+                               and dropped.stride(1) == 1), "dropped: an (M, K) buffer like x, with dropout"
     s = _common.alloc((M, R), dtype=x.dtype, device=x.device)
     bits = _common.alloc(bits_shape(M, K), dtype=torch.int32, device=x.device) if has_dropout else None
     if M == 0 or R == 0 or K == 0:
         if bits is not None:
             bits.zero_()
+        if dropped is not None:
+            dropped.zero_()
         return s.zero_(), bits
     BLOCK_R = pow2_block(R, cap=256)
     if interpreting():
@@ -247,7 +319,10 @@ def lora_shrink(
             s.stride(0), s.stride(1),
             stride_bits,
             _keep_scale(scaling, dropout_p), dropout_threshold(dropout_p), int(seed),
-            HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
+            dropped if dropped is not None else s, dropped.stride(0) if dropped is not None else 0,
+            keep_scale(dropout_p),
+            HAS_DROPOUT=has_dropout, STORE_DROPPED=dropped is not None, DOT_PRECISION=dot_precision(x.dtype),
+            INTERPRET=interpreting(),
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -268,7 +343,9 @@ def _lora_rank_kernel(
     stride_om, stride_on,
     stride_bits_m,
     scale,
+    mag_ptr, norm_ptr, y_ptr, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DORA: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -280,8 +357,9 @@ def _lora_rank_kernel(
     acc = _rank_loop(s_ptr, b_ptr, offs_m.to(tl.int64), offs_n.to(tl.int64), mask_m, mask_n, R,
                      stride_sm, stride_sr, stride_bn, stride_br, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                      1.0, False, DOT_PRECISION, INTERPRET, BLOCK_R)
-    _finish_rank(acc, out_ptr, bias_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, pid_n * BLOCK_N, N,
-                 stride_om, stride_on, stride_bits_m, scale, HAS_BIAS, HAS_MASK, ACCUMULATE, INTERPRET, BLOCK_N)
+    _finish_rank(acc, out_ptr, bias_ptr, bits_ptr, mag_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n,
+                 pid_n * BLOCK_N, N, stride_om, stride_on, stride_bits_m, stride_ym, stride_yn, scale,
+                 HAS_BIAS, HAS_MASK, ACCUMULATE, DORA, STORE_Z, INTERPRET, BLOCK_N)
 
 
 def lora_rank(
@@ -294,8 +372,14 @@ def lora_rank(
     bias: torch.Tensor | None = None,
     bits: torch.Tensor | None = None,
     accumulate: bool = False,
+    dora: DoraScale | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = scale · [mask ⊙] (s @ lora_bᵀ) (+ bias) (+ out when ``accumulate``), one pass over out.
+
+    With ``dora`` (needs ``accumulate``: ``out`` holds the base product): z = out + scale · s @ lora_bᵀ
+    and DoRA's y from it (``_dora_store``); y is written to ``y`` with z kept in ``out``, or over
+    ``out`` when ``y`` is None. Returns what holds y.
 
     Args:
         s: (M, R), low precision (S; then lora_b is rounded to its dtype on load) or fp32 (dS).
@@ -317,8 +401,10 @@ def lora_rank(
     assert tuple(out.shape) == (M, N), f"out must be ({M}, {N}), got {tuple(out.shape)}"
     if bias is not None:
         assert bias.dim() == 1 and bias.shape[0] == N and bias.stride(0) == 1, "bias must be contiguous (N,)"
+    assert dora is None or (accumulate and bits is None), "the DoRA epilogue accumulates onto the base product"
+    dora_ptrs, dora_meta = _dora_args(dora, out, y)
     if M == 0 or N == 0:
-        return out
+        return dora_ptrs[2]
     if interpreting():
         BLOCK_M, BLOCK_N, num_warps = 32, 64, 4
     else:
@@ -334,12 +420,13 @@ def lora_rank(
             out.stride(0), out.stride(1),
             stride_bits,
             float(scale),
-            HAS_BIAS=bias is not None, HAS_MASK=bits is not None, ACCUMULATE=accumulate,
+            *dora_ptrs,
+            HAS_BIAS=bias is not None, HAS_MASK=bits is not None, ACCUMULATE=accumulate, **dora_meta,
             DOT_PRECISION=dot_precision(out.dtype), INTERPRET=interpreting(),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=pow2_block(R, cap=64),
             num_warps=num_warps,
         )
-    return out
+    return dora_ptrs[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +445,8 @@ def _lora_gemm_kernel(
     stride_om, stride_on,
     stride_bits_m,
     scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SCALED: tl.constexpr,
+    mag_ptr, norm_ptr, y_ptr, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SCALED: tl.constexpr, DORA: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -381,21 +469,30 @@ def _lora_gemm_kernel(
         acc = mma(a, w, acc, DOT_PRECISION, INTERPRET)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    if HAS_MASK:
-        # the mask is elementwise on the rank term alone: it needs its own accumulator
+    if HAS_MASK or DORA == 2:
+        # the mask is elementwise on the rank term alone, and DoRA's dropout form needs the rank
+        # term by itself: its own accumulator
         rank = _rank_loop(s_ptr, b_ptr, offs_m64, offs_n64, mask_m, mask_n, R, stride_sm, stride_sr,
                           stride_bn, stride_br, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), scale,
                           SCALED, DOT_PRECISION, INTERPRET, BLOCK_R)
-        keep = load_keep(bits_ptr, stride_bits_m, offs_m, mask_m, pid_n * BLOCK_N, N, BLOCK_N)
-        acc += tl.where(keep, rank, 0.0)
+        if HAS_MASK:
+            rank = tl.where(load_keep(bits_ptr, stride_bits_m, offs_m, mask_m, pid_n * BLOCK_N, N, BLOCK_N),
+                            rank, 0.0)
+        acc += rank
     else:
         # no mask: the rank is R more reduction steps into the same accumulator
         acc = _rank_loop(s_ptr, b_ptr, offs_m64, offs_n64, mask_m, mask_n, R, stride_sm, stride_sr,
                          stride_bn, stride_br, acc, scale, SCALED, DOT_PRECISION, INTERPRET, BLOCK_R)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        rank = acc  # unused: only DORA == 2 reads the rank term alone
+    mask = mask_m[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n64[None, :] * stride_on
-    tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask_m[:, None] & mask_n[None, :])
+    if DORA:
+        _dora_store(acc, rank, out_ptrs, y_ptr, mag_ptr, norm_ptr, bias_ptr, offs_m64, offs_n, mask_n, mask,
+                    stride_ym, stride_yn, HAS_BIAS, STORE_Z, DORA, INTERPRET)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def _gemm_configs() -> list:
@@ -428,9 +525,13 @@ def lora_gemm(
     bias: torch.Tensor | None = None,
     bits: torch.Tensor | None = None,
     tune: bool = True,
+    dora: DoraScale | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = a @ weightᵀ + scale · [mask ⊙] (s @ lora_bᵀ) (+ bias): one GEMM, the rank as its last
     reduction steps (forward: a = x, weight = W; backward: a = dY, weight = Wᵀ, s = dS, lora_b = Aᵀ).
+    With ``dora``: that sum (without bias) is DoRA's z, and the epilogue writes y (``_dora_store``)
+    to ``y`` with z in the returned ``out``, or into ``out`` itself when ``y`` is None.
 
     Args:
         a: (M, K) bf16/fp16/fp32, any strides. weight: (N, K), a's dtype, any strides.
@@ -451,6 +552,7 @@ def lora_gemm(
     if bias is not None:
         assert bias.dim() == 1 and bias.shape[0] == N and bias.stride(0) == 1, "bias must be contiguous (N,)"
     out = _common.alloc((M, N), dtype=a.dtype, device=a.device)
+    dora_ptrs, dora_meta = _dora_args(dora, out, y)
     if M == 0 or N == 0:
         return out
     bits_ptr, stride_bits = _bits_args(bits, out)
@@ -464,8 +566,9 @@ def lora_gemm(
         out.stride(0), out.stride(1),
         stride_bits,
         float(scale),
+        *dora_ptrs,
     )
-    meta = dict(HAS_BIAS=bias is not None, HAS_MASK=bits is not None, SCALED=scale != 1.0,
+    meta = dict(HAS_BIAS=bias is not None, HAS_MASK=bits is not None, SCALED=scale != 1.0, **dora_meta,
                 BLOCK_R=pow2_block(R, cap=64), DOT_PRECISION=dot_precision(a.dtype), INTERPRET=interpreting())
     with device_ctx(a):
         if interpreting() or not tune:
@@ -496,12 +599,19 @@ def _lora_dy_pass_kernel(
     stride_bn, stride_br,
     stride_dsp, stride_dsm,
     stride_dbp, stride_dbn,
+    z_ptr, mag_ptr, norm_ptr, side_ptr, dm_part_ptr,
+    stride_zm, stride_zn, stride_sdm, stride_sdn, stride_dmp,
+    DORA: tl.constexpr, STORE_SIDE: tl.constexpr, RANK_WORK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Program (row range, column block): each dY tile is read once and feeds both products; dS
     # gets this column block's share of its rows (a partial per column block), dB this row
     # range's share of its columns (a partial per row range, accumulated in registers).
+    # DoRA (DORA=1|2, g = magnitude / norm): the products take dZ = g ⊙ dY; the same tile read gives
+    # d magnitude's share, Σ_rows dY ⊙ Z / norm (a partial per row range), and STORE_SIDE writes
+    # what dX's base GEMM reads: dZ (DORA=1) or (g - 1) ⊙ dY (DORA=2, PEFT's dropout form).
+    # RANK_WORK=False: the DoRA part only (the two-pass plan then runs on dZ).
     split = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -509,26 +619,48 @@ def _lora_dy_pass_kernel(
     mask_n = offs_n < N
     mask_r = offs_r < R
     offs_n64 = offs_n.to(tl.int64)
-    b = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    if RANK_WORK:
+        b = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    if DORA:
+        g = (tl.load(mag_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+             / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0))
+        dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
         offs_m64 = offs_m.to(tl.int64)
-        dy = tl.load(dy_ptr + offs_m64[:, None] * stride_dym + offs_n64[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        ds = mma(dy, to_dtype(b, dy.dtype, INTERPRET), tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), DOT_PRECISION,
-                 INTERPRET)
-        tl.store(ds_part_ptr + pid_n.to(tl.int64) * stride_dsp + offs_m64[:, None] * stride_dsm + offs_r[None, :],
-                 ds, mask=mask_m[:, None] & mask_r[None, :])
-        db = mma(tl.trans(dy), s, db, DOT_PRECISION, INTERPRET)
-    tl.store(db_part_ptr + split.to(tl.int64) * stride_dbp + offs_n64[:, None] * stride_dbn + offs_r[None, :],
-             db, mask=mask_n[:, None] & mask_r[None, :])
+        tile = mask_m[:, None] & mask_n[None, :]
+        dy = tl.load(dy_ptr + offs_m64[:, None] * stride_dym + offs_n64[None, :] * stride_dyn, mask=tile, other=0.0)
+        if DORA:
+            dyf = dy.to(tl.float32)
+            z = tl.load(z_ptr + offs_m64[:, None] * stride_zm + offs_n64[None, :] * stride_zn, mask=tile, other=0.0)
+            dm += tl.sum(dyf * z.to(tl.float32), axis=0)
+            dz = to_dtype(dyf * g[None, :], dy.dtype, INTERPRET)
+            if STORE_SIDE:
+                if DORA == 1:
+                    side = dz
+                else:
+                    side = to_dtype(dyf * (g - 1.0)[None, :], dy.dtype, INTERPRET)
+                tl.store(side_ptr + offs_m64[:, None] * stride_sdm + offs_n64[None, :] * stride_sdn, side, mask=tile)
+            dy = dz
+        if RANK_WORK:
+            s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            ds = mma(dy, to_dtype(b, dy.dtype, INTERPRET), tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                     DOT_PRECISION, INTERPRET)
+            tl.store(ds_part_ptr + pid_n.to(tl.int64) * stride_dsp + offs_m64[:, None] * stride_dsm
+                     + offs_r[None, :], ds, mask=mask_m[:, None] & mask_r[None, :])
+            db = mma(tl.trans(dy), s, db, DOT_PRECISION, INTERPRET)
+    if RANK_WORK:
+        tl.store(db_part_ptr + split.to(tl.int64) * stride_dbp + offs_n64[:, None] * stride_dbn + offs_r[None, :],
+                 db, mask=mask_n[:, None] & mask_r[None, :])
+    if DORA:
+        tl.store(dm_part_ptr + split.to(tl.int64) * stride_dmp + offs_n,
+                 dm / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0), mask=mask_n)
 
 
 @triton.jit
@@ -596,6 +728,23 @@ def lora_dy_pass(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor) -> tup
         (ds, db): ds (M, R) fp32 — scale it (and mask it) downstream; db (N, R) fp32 = grad of lora_b.
         Deterministic: partials are summed in a fixed order.
     """
+    ds, db, _ = dy_pass(dy, s, lora_b)
+    return ds, db
+
+
+def dy_pass(
+    dy: torch.Tensor,
+    s: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    dora: DoraScale | None = None,
+    z: torch.Tensor | None = None,
+    side: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``lora_dy_pass``, and its DoRA twin when ``dora`` is given: the products then take
+    dZ = g ⊙ dy (g = magnitude / norm), the third result is d magnitude = Σ_rows dy ⊙ z / norm
+    (fp32, (N,); ``z`` (M, N) is the forward's saved z), and ``side`` (M, N), when given, receives
+    dZ — or (g - 1) ⊙ dy in PEFT's dropout form — for dX's base GEMM. One read of dy and z."""
     _check_2d(("dy", dy), ("s", s), ("lora_b", lora_b))
     M, N = dy.shape
     R = s.shape[1]
@@ -603,9 +752,14 @@ def lora_dy_pass(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor) -> tup
         f"shape mismatch: dy {tuple(dy.shape)}, s {tuple(s.shape)}, lora_b {tuple(lora_b.shape)}"
     )
     assert s.dtype == dy.dtype, f"s dtype {s.dtype} != dy dtype {dy.dtype}"
+    assert dora is None or (z is not None and z.shape == dy.shape), "DoRA needs the forward's z, shaped like dy"
+    assert side is None or (dora is not None and side.shape == dy.shape), "side is a DoRA output shaped like dy"
+    dm = None if dora is None else torch.zeros((N,), device=dy.device, dtype=torch.float32)
     if M == 0 or N == 0 or R == 0:
+        if side is not None:
+            side.zero_()
         return (torch.zeros((M, R), device=dy.device, dtype=torch.float32),
-                torch.zeros((N, R), device=dy.device, dtype=torch.float32))
+                torch.zeros((N, R), device=dy.device, dtype=torch.float32), dm)
     plan = dy_pass_plan(M, N, R)
     common = dict(DOT_PRECISION=dot_precision(dy.dtype), INTERPRET=interpreting(),
                   num_warps=4 if interpreting() else 8, num_stages=1 if interpreting() else 3)
@@ -613,18 +767,20 @@ def lora_dy_pass(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor) -> tup
         if plan["one_pass"]:
             ds_part = _common.alloc((plan["n_blocks"], M, R), dtype=torch.float32, device=dy.device)
             db_part = _common.alloc((plan["splits"], N, R), dtype=torch.float32, device=dy.device)
-            _lora_dy_pass_kernel[(plan["splits"], plan["n_blocks"])](
-                dy, s, lora_b, ds_part, db_part,
-                M, N, R, plan["rows_per_split"],
-                dy.stride(0), dy.stride(1),
-                s.stride(0), s.stride(1),
-                lora_b.stride(0), lora_b.stride(1),
-                ds_part.stride(0), ds_part.stride(1),
-                db_part.stride(0), db_part.stride(1),
-                BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_R=plan["BLOCK_R"], **common,
-            )
+            dm_part = _dy_pass_launch(dy, s, lora_b, ds_part, db_part, plan, common, dora, z, side, rank_work=True)
             ds, db = _common.sum_partials(ds_part, db_part)
-            return ds, db
+            return ds, db, None if dm_part is None else _common.sum_partials(dm_part)[0]
+        if dora is not None:
+            # The two-pass plan reads its dY twice: give it dZ, written by the DoRA part alone.
+            prep = dict(plan, BLOCK_N=128, n_blocks=triton.cdiv(N, 128))
+            prep["splits"], prep["rows_per_split"] = split_rows(M, plan["BLOCK_M"], prep["n_blocks"])
+            keep_dz = side is not None and not dora.dropout_form
+            dz = side if keep_dz else _common.alloc((M, N), dtype=dy.dtype, device=dy.device)
+            dm = _common.sum_partials(_dy_pass_launch(dy, s, lora_b, dz, dz, prep, common,
+                                                      dora._replace(dropout_form=False), z, dz, rank_work=False))[0]
+            if side is not None and dora.dropout_form:
+                _dy_pass_launch(dy, s, lora_b, dz, dz, prep, common, dora, z, side, rank_work=False)
+            dy = dz
         ds = _common.alloc((M, R), dtype=torch.float32, device=dy.device)
         grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(R, plan["BLOCK_R"]),)
         _lora_ds_kernel[grid](
@@ -635,7 +791,33 @@ def lora_dy_pass(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor) -> tup
             ds.stride(0), ds.stride(1),
             BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_R=plan["BLOCK_R"], **common,
         )
-    return ds, weight_grad(dy, s)
+    return ds, weight_grad(dy, s), dm
+
+
+def _dy_pass_launch(dy, s, lora_b, ds_part, db_part, plan, common, dora, z, side, *, rank_work):
+    """One ``_lora_dy_pass_kernel`` launch; returns DoRA's d-magnitude partials (None for LoRA)."""
+    M, N = dy.shape
+    dm_part = None
+    dora_args: tuple = (dy, dy, dy, dy, dy, 0, 0, 0, 0, 0)  # LoRA: dummies, never read
+    if dora is not None:
+        dm_part = _common.alloc((plan["splits"], N), dtype=torch.float32, device=dy.device)
+        out = side if side is not None else dy
+        dora_args = (z, dora.magnitude, dora.norm, out, dm_part, z.stride(0), z.stride(1), out.stride(0),
+                     out.stride(1), dm_part.stride(0))
+    _lora_dy_pass_kernel[(plan["splits"], plan["n_blocks"])](
+        dy, s, lora_b, ds_part, db_part,
+        M, N, s.shape[1], plan["rows_per_split"],
+        dy.stride(0), dy.stride(1),
+        s.stride(0), s.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        ds_part.stride(0), ds_part.stride(1),
+        db_part.stride(0), db_part.stride(1),
+        *dora_args,
+        DORA=0 if dora is None else (2 if dora.dropout_form else 1), STORE_SIDE=side is not None,
+        RANK_WORK=rank_work,
+        BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_R=plan["BLOCK_R"], **common,
+    )
+    return dm_part
 
 
 # ----------------------------------------------------------------------------------------------

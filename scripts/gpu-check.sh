@@ -20,7 +20,7 @@ STEPS=(
   "install|20|90|pip install --no-deps -e . (no CUDA build: that is the next step)"
   "build|90|240|build the CUDA extension once, for this GPU's arch, into a fixed cache dir"
   "correctness|120|210|GPU tests: every fused op vs float64 (tests/gpu/test_fused_ops_gpu.py), the CUDA kernels, the Triton kernels' and ops' GPU tests; autotune off"
-  "bench-lora|150|240|LoRA linear fwd+bwd at M=8192 r=16 p=0/0.1 on 3 shapes, every variant, PEFT, addmm; decode M=1/16 forward"
+  "bench-lora|170|260|LoRA linear fwd+bwd at M=8192 r=16 p=0/0.1 on 3 shapes, every variant, PEFT, addmm; decode M=1/16 forward; DoRA at 4096²"
   "bench-adapters|25|90|series/parallel adapters at d=4096 b=256 M=8192 (fused vs eager); merge bandwidth"
   "bench-e2e|45|120|one LLaMA-7B-width training step (2 layers): fastadapt vs frozen vs PEFT, tokens/s, peak memory"
   "records|5|30|verification records from this run (scripts/gpu_records.py) and report.md"
@@ -129,8 +129,9 @@ run_step build build
 export TORCH_CUDA_ARCH_LIST=$ARCH
 run_step correctness $PY -m pytest -q -p no:cacheprovider -m gpu -k "not compute_sanitizer" \
   tests/gpu tests/kernels tests/ops --junitxml="$OUT/junit.xml"
-LORA_SEL="(fwd_bwd and M8192 and (r16 or frozen)) or (forward and (M1- or M16-) and (p0- or frozen))"
-run_step bench-lora $PY -m pytest -q -p no:cacheprovider bench/test_bench_lora_linear.py -k "$LORA_SEL" \
+# LoRA: 3 shapes; DoRA: the 4096² shape only (what it costs over LoRA and PEFT's DoRA)
+LORA_SEL="((fwd_bwd and M8192 and (r16 or frozen)) or (forward and (M1- or M16-) and (p0- or frozen))) and (not test_dora_linear or K4096xN4096-)"
+run_step bench-lora $PY -m pytest -q -p no:cacheprovider bench/test_bench_lora_linear.py bench/test_bench_dora_linear.py -k "$LORA_SEL" \
   --benchmark-json="$OUT/bench-lora.json"
 run_step bench-adapters $PY -m pytest -q -p no:cacheprovider bench/test_bench_bottleneck_adapter.py \
   bench/test_bench_lora_merge.py -k "fwd+bwd or lora_merge and 16-" --benchmark-json="$OUT/bench-adapters.json"

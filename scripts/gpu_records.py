@@ -36,6 +36,7 @@ BENCH = {
     "lora_linear": ("addmm", {"fastadapt": ("triton", "addmm"), "fastadapt_epilogue": ("triton", "epilogue"),
                               "fastadapt_fused": ("triton", "fused")}),
     "lora_linear_group": ("addmm", {"fastadapt_group": ("triton", "addmm")}),
+    "dora_linear": ("addmm", {"fastadapt": ("triton", "addmm"), "fastadapt_fused": ("triton", "fused")}),
     "bottleneck_adapter": ("eager_bf16", {"triton": ("triton", "default"), "cuda": ("cuda", "default")}),
     "parallel_adapter": ("eager_bf16", {"triton": ("triton", "default"), "cuda": ("cuda", "default")}),
     "lora_merge": ("torch", {"cuda": ("cuda", "default")}),

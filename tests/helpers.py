@@ -8,12 +8,23 @@ from fastadapt.methods import adapter_modules
 
 
 def randomize_adapters(model, *, seed: int = 0, scale: float = 0.2) -> None:
-    """Non-zero A and B so that merge/save/load tests are not trivially right."""
+    """Non-zero A and B so that merge/save/load tests are not trivially right; a DoRA magnitude is
+    moved off its initial value (the weight's row norms) by a factor 1 ± ~scale."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in adapter_modules(model):
             for w in (m.lora_A.weight, m.lora_B.weight):
                 w.copy_(torch.randn(w.shape, generator=g) * scale)
+            magnitude = getattr(m, "lora_magnitude_vector", None)
+            if magnitude is not None:
+                magnitude.mul_(1 + scale * torch.randn(magnitude.shape, generator=g))
+
+
+def logits_and_grads(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's forward and backward: the logits and the trainable parameters' gradients."""
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

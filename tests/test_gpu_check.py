@@ -55,14 +55,18 @@ def _collect(*args: str) -> list[str]:
 
 
 def test_lora_bench_selection_covers_every_record_key():
-    ids = _collect("bench/test_bench_lora_linear.py", "-k", _selection("LORA_SEL"))
+    ids = _collect("bench/test_bench_lora_linear.py", "bench/test_bench_dora_linear.py", "-k", _selection("LORA_SEL"))
     for shape in ("K4096xN4096", "K4096xN11008", "K11008xN4096"):
         for variant in ("frozen", "addmm", "fastadapt", "fastadapt_epilogue", "fastadapt_fused", "peft_default"):
             assert any(f"fwd_bwd-{shape}-M8192" in i and i.endswith(f"-{variant}]") for i in ids), (shape, variant)
             assert any(f"forward-{shape}-M1-" in i and i.endswith(f"-{variant}]") for i in ids), (shape, variant)
     assert any("fwd_bwd-qkv-M8192" in i and "fastadapt_group" in i for i in ids)
+    dora = [i for i in ids if "test_dora_linear" in i]
+    assert any("fwd_bwd-K4096xN4096-M8192-r16-p0.1-fastadapt_fused" in i for i in dora)
+    assert any("forward-K4096xN4096-M16-r16-p0-peft_default" in i for i in dora)
+    assert not any("K4096xN11008" in i for i in dora)
     assert not any("M4096-" in i or "M16384" in i or "-r8-" in i or "-r64-" in i for i in ids)
-    assert len(ids) < 150  # the step's estimate assumes about this many cases
+    assert len(ids) < 160  # the step's estimate assumes about this many cases
 
 
 # -- records from a fabricated run --------------------------------------------------------------------

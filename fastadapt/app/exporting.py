@@ -58,7 +58,7 @@ def merge_export_and_check(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
 ) -> ExportCheck:
-    """``fa.merge`` then ``fa.export`` a patched (LoRA) model, checking each step on a probe batch:
+    """``fa.merge`` then ``fa.export`` a patched (LoRA or DoRA) model, checking each step on a probe batch:
     merged vs adapted logits within :data:`MERGE_TOLERANCE`, and the export reloaded with plain
     transformers vs the merged model within :data:`RELOAD_TOLERANCE`. Raises
     ``FloatingPointError`` on a mismatch (the export is left in place for inspection). The model

@@ -1,12 +1,12 @@
 """Adapter methods (layer 5): one package per method, registered once in :mod:`.registry`.
 
-Built in: ``lora`` (:mod:`.lora`), ``series`` and ``parallel`` (:mod:`.bottleneck`), ``prefix``
-(:mod:`.prefix`). Adding a method: docs/architecture.md.
+Built in: ``lora`` (:mod:`.lora`), ``dora`` (:mod:`.dora`), ``series`` and ``parallel``
+(:mod:`.bottleneck`), ``prefix`` (:mod:`.prefix`). Adding a method: docs/architecture.md.
 """
 
 # isort: off
 # Each package registers its methods on import, in this order (the order the CLI lists them).
-from . import lora, bottleneck, prefix  # noqa: F401
+from . import lora, dora, bottleneck, prefix  # noqa: F401
 # isort: on
 from .registry import Method, Preset, get_method, method_for_peft_type, method_names, register_method
 from .state import PatchState, adapter_modules, get_state, require_state

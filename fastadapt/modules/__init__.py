@@ -2,6 +2,7 @@
 
 from .base import AdapterWeight, is_supported_linear, linear_dims
 from .bottleneck import BottleneckLinear
+from .dora import DoraLinear
 from .lora import LoraLinear
 
-__all__ = ["AdapterWeight", "BottleneckLinear", "LoraLinear", "is_supported_linear", "linear_dims"]
+__all__ = ["AdapterWeight", "BottleneckLinear", "DoraLinear", "LoraLinear", "is_supported_linear", "linear_dims"]

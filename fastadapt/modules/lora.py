@@ -81,11 +81,15 @@ class LoraLinear(AdapterModule):
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, fan_in_fan_out=self.fan_in_fan_out)
 
     @torch.no_grad()
-    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def merged_weight(self, dtype: torch.dtype | None = None, *, tensors: dict[str, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
         """``W + scaling · B A`` computed in fp32 and rounded once, to ``dtype`` (default: the
-        weight's dtype)."""
-        w = self.base_layer.weight
-        return (w.float() + self.delta_weight()).to(dtype or w.dtype)
+        weight's dtype). ``tensors``: this module's tensors by their names under it
+        (``base_layer.weight``, ``lora_A.weight``, ...), e.g. gathered from shards; default: its own."""
+        t = {**dict(self.named_parameters()), **(tensors or {})}
+        w = t["base_layer.weight"]
+        delta = lora_delta(t["lora_A.weight"], t["lora_B.weight"], self.scaling, fan_in_fan_out=self.fan_in_fan_out)
+        return (w.float() + delta).to(dtype or w.dtype)
 
     def _merge_op(self, *, sign: int, check_only: bool) -> bool:
         """``fa.ops.lora_merge`` on this module's weight; True when every result is finite."""

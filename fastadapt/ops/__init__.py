@@ -2,11 +2,15 @@
 plain-PyTorch twin of the same signature in ``fastadapt.ops.reference``."""
 
 from .bottleneck_adapter import bottleneck_adapter
+from .dora_linear import dora_linear, dora_merge, dora_norm
 from .lora_linear import lora_linear, lora_linear_group
 from .lora_merge import lora_delta, lora_merge
 from .parallel_adapter import parallel_adapter
 from .reference import (
     bottleneck_adapter_ref,
+    dora_linear_ref,
+    dora_merge_ref,
+    dora_norm_ref,
     lora_linear_ref,
     lora_merge_ref,
     parallel_adapter_ref,
@@ -15,6 +19,12 @@ from .reference import (
 __all__ = [
     "bottleneck_adapter",
     "bottleneck_adapter_ref",
+    "dora_linear",
+    "dora_linear_ref",
+    "dora_merge",
+    "dora_merge_ref",
+    "dora_norm",
+    "dora_norm_ref",
     "lora_delta",
     "lora_linear",
     "lora_linear_group",

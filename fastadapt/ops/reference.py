@@ -56,6 +56,93 @@ def lora_merge_ref(weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: f
     return finite
 
 
+@torch.no_grad()
+def dora_weight_sq(weight: Tensor) -> Tensor:
+    """‖W_n‖² per output row of a (N, K) weight, fp32 (float64 for a float64 weight) (N,)."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=_norm_dtype(weight)).square()
+
+
+def _norm_dtype(weight: Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+@torch.no_grad()
+def dora_norm_ref(weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: float,
+                  weight_sq: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """DoRA's row norms ``‖W_n + scaling · B_n A‖`` (fp32 (N,) — float64 for a float64 weight — with no
+    gradient: PEFT detaches them),
+    from ``‖W_n‖² + 2·scaling·B_n·(W_n Aᵀ) + scaling²·B_n (A Aᵀ) B_nᵀ``: one (N, r) product with W
+    and r×r work, never the (N, K) sum. weight (N, K); lora_a (r, K); lora_b (N, r).
+    ``weight_sq``: ‖W_n‖² when the caller has it (W is frozen). ``backend`` is ignored."""
+    del backend
+    acc = _norm_dtype(weight)
+    wa = F.linear(weight, lora_a.to(weight.dtype)).to(acc)  # (N, r), A rounded like x Aᵀ rounds it
+    wsq = dora_weight_sq(weight) if weight_sq is None else weight_sq
+    a = lora_a.to(acc)
+    b = lora_b.to(acc)
+    norm2 = wsq + (2.0 * scaling) * (b * wa).sum(1) + (scaling * scaling) * ((b @ (a @ a.t())) * b).sum(1)
+    return norm2.clamp_min(0.0).sqrt()
+
+
+def dora_apply(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, norm: Tensor, *,
+               scaling: float, bias: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """DoRA's output for given row norms (see ``dora_linear_ref``); the torch backend of
+    ``fa.ops.dora_linear`` with its cached norms. Saved for backward by autograd (dropout 0): x, S,
+    z = x Wᵀ + s·S Bᵀ (M×N) and g: no weight-sized tensor."""
+    g = magnitude / norm  # (N,), differentiable in magnitude only
+    y = F.linear(x, weight)
+    dtype = y.dtype
+    g = g.to(dtype)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    if dropout_p == 0:
+        s = F.linear(x.to(dtype), a)
+        z = torch.addmm(y.reshape(-1, y.shape[-1]), s.reshape(-1, s.shape[-1]), b.t(), alpha=scaling)
+        out = z.reshape(y.shape) * g
+        return out if bias is None else out + bias.to(dtype)
+    # PEFT's dropout form: the base product of the dropped input too (a second GEMM)
+    base = y if bias is None else y + bias.to(dtype)
+    xd = F.dropout(x, dropout_p, training=True)
+    lora = F.linear(F.linear(xd.to(dtype), a), b)
+    return base + ((g - 1) * F.linear(xd, weight) + g * lora * scaling)
+
+
+def dora_linear_ref(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, *,
+                    scaling: float, bias: Tensor | None = None, dropout_p: float = 0.0,
+                    backend: str | None = None) -> Tensor:
+    """DoRA as PEFT computes it (``tuners/lora/dora.py``), with ``g = magnitude / ‖W + scaling·B A‖``
+    (row norms, detached):
+
+    - ``dropout_p == 0``: ``y = g ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) (+ bias)``;
+    - ``dropout_p > 0`` (x_d = dropout(x)): ``y = x Wᵀ (+ bias) + (g - 1) ⊙ (x_d Wᵀ) + g ⊙ scaling · (x_d Aᵀ) Bᵀ``.
+
+    x (..., K); weight (N, K); lora_a (r, K); lora_b (N, r); magnitude (N,); returns (..., N) in the
+    compute dtype. ``backend`` is accepted for signature parity and ignored.
+    """
+    del backend
+    norm = dora_norm_ref(weight, lora_a.detach(), lora_b.detach(), scaling=scaling)
+    return dora_apply(x, weight, lora_a, lora_b, magnitude, norm, scaling=scaling, bias=bias, dropout_p=dropout_p)
+
+
+@torch.no_grad()
+def dora_merge_ref(weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, *, scaling: float,
+                   norm: Tensor, fan_in_fan_out: bool = False, sign: int = 1, check_only: bool = False,
+                   backend: str | None = None) -> bool:
+    """In place, in fp32 with one rounding to the weight's dtype, with ``g = magnitude / norm`` per
+    output row (``norm``: of the unmerged weight): ``sign=1`` merges, ``W ← g ⊙ (W + scaling · B A)``;
+    ``sign=-1`` unmerges, ``W ← W / g - scaling · B A``. Rows of an (N, K) weight, columns of a
+    Conv1D's (K, N) (``fan_in_fan_out``). Returns whether every result is finite; ``check_only``
+    writes nothing. ``backend`` is ignored."""
+    del backend
+    delta = lora_delta(lora_a, lora_b, scaling, fan_in_fan_out=fan_in_fan_out)
+    g = magnitude.float() / norm.float()
+    g = g[None, :] if fan_in_fan_out else g[:, None]
+    merged = (g * (weight.float() + delta) if sign == 1 else weight.float() / g - delta).to(weight.dtype)
+    finite = bool(torch.isfinite(merged).all())
+    if not check_only:
+        weight.copy_(merged)
+    return finite
+
+
 #: Bottleneck-adapter activations, as transformers' ACT2FN names them ("gelu" is the exact erf form).
 BOTTLENECK_ACTIVATIONS = {
     "tanh": torch.tanh,

@@ -87,6 +87,7 @@ def read_log(out):
 
 METHOD_ARGS = {
     "lora": ["--targets", "q_proj,v_proj", "--r", "4", "--alpha", "8"],
+    "dora": ["--targets", "q_proj,v_proj", "--r", "4", "--alpha", "8"],
     "prefix": ["--num-virtual-tokens", "3"],
     "series": ["--bottleneck", "8"],
     "parallel": ["--bottleneck", "8"],
@@ -120,7 +121,7 @@ def test_train_eval_export(tiny, tmp_path, method):
         assert {"instruction", "generation", "prediction", "answer", "correct"} <= set(row)
 
     code = main(["export", "--model", str(tiny / "base"), "--adapter", str(out), "--out", str(tmp_path / "merged")])
-    if method == "lora":
+    if method in ("lora", "dora"):
         assert code == 0 and (tmp_path / "merged" / "config.json").is_file()
     else:  # prefix / bottleneck adapters cannot be merged: a clear error, nothing written
         assert code == 2 and not (tmp_path / "merged").exists()

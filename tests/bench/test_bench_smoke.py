@@ -35,7 +35,7 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     env.pop("FASTADAPT_BACKEND", None)
     # every kernel-level variant and mode; end to end: the floor, fastadapt and PEFT (the rest is
     # the same code path; `pytest bench/` on CPU runs them all)
-    select = ("test_smoke_lora_linear or "
+    select = ("test_smoke_lora_linear or (test_smoke_dora_linear and fwd_bwd) or "
               "(test_smoke_e2e and ckptoff and (frozen or fastadapt_lora or peft_default))")
     cmd = [sys.executable, "-m", "pytest", str(BENCH), "-q", "-p", "no:cacheprovider", "-m", "smoke",
            "--bench-smoke", "-k", select, f"--benchmark-json={out_json}"]
@@ -52,6 +52,8 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
                                     "fastadapt_fused"}
     assert {m for _, m in lora} == {"forward", "backward", "fwd_bwd"}
     assert {i["variant"] for i in infos if i["suite"] == "lora_linear_group"} >= {"fastadapt_group", "frozen"}
+    assert {i["variant"] for i in infos if i["suite"] == "dora_linear"} == {
+        "frozen", "peft_default", "peft_bf16", "addmm", "fastadapt", "fastadapt_fused", "fastadapt_lora"}
     e2e = [i for i in infos if i["suite"] == "e2e"]
     assert {i["variant"] for i in e2e} == {"frozen", "fastadapt_lora", "peft_default"}
     for i in infos:

@@ -76,15 +76,21 @@ def fsdp(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def fsdp_dora(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp-dora")
+    return torchrun(out, "--mode", "fsdp", "--method", "dora", env={"FASTADAPT_BACKEND": "torch"}) | {"out": str(out)}
+
+
+@pytest.fixture(scope="module")
 def fsdp_triton(tmp_path_factory):
     pytest.importorskip("triton")
     env = {"FASTADAPT_BACKEND": "triton", "TRITON_INTERPRET": "1"}
     return torchrun(tmp_path_factory.mktemp("fsdp-triton"), "--mode", "fsdp", env=env)
 
 
-def check_matches_one_process(r: dict, tol: float = TOL) -> None:
+def check_matches_one_process(r: dict, tol: float = TOL, tensors_per_layer: int = 2) -> None:
     assert r["world"] == NPROC
-    assert r["n"] == 28  # 2 layers x 7 linears x (A, B)
+    assert r["n"] == 2 * 7 * tensors_per_layer  # 2 layers x 7 linears x (A, B[, magnitude])
     assert r["max_rel_err"] < tol, (r["worst_key"], r["max_rel_err"])
     assert r["min_update"] > 1e-2, "training barely moved some adapter: the comparison would be vacuous"
 
@@ -136,6 +142,14 @@ def test_fsdp2_never_computes_on_a_shard(fsdp):
     # a base layer sharded as its own unit is never gathered (its forward is not called)
     err = fsdp["bad_sharding_error"]
     assert err is not None and "DTensor" in err
+
+
+def test_fsdp2_dora_trains_like_one_process_and_exports(fsdp_dora):
+    """DoRA's row norms change every step: FSDP2 refills the gathered A and B without moving their
+    version counters, so a norm cached across steps would train differently from one process."""
+    check_matches_one_process(fsdp_dora, tensors_per_layer=3)
+    assert fsdp_dora["loaded_logits_err"] < TOL and fsdp_dora["sharded_vs_loaded_logits_err"] < TOL
+    assert fsdp_dora["export_logits_err"] < TOL  # the gathered magnitude, A and B merged
 
 
 def test_fsdp2_shared_input_group_on_triton(fsdp_triton):

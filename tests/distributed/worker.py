@@ -37,9 +37,9 @@ LR = 1e-2
 GLOBAL_BATCH, SEQ = 4, 12
 
 
-def patched(dtype=torch.float32):
+def patched(dtype=torch.float32, method="lora"):
     model = tiny_model("llama", dtype=dtype).train()
-    fa.patch(model, "lora", r=4, alpha=8, targets="all-linear", dropout=0.0)
+    fa.patch(model, method, r=4, alpha=8, targets="all-linear", dropout=0.0)
     return model
 
 
@@ -94,7 +94,7 @@ def run(args, rank: int, world: int, out: Path, results: dict) -> None:
     # sharding / wrapping (the supported order: fa.load_adapter, then shard).
     init_dir = out / "init"
     if rank == 0:
-        model0 = patched()
+        model0 = patched(method=args.method)
         randomize_adapters(model0, seed=7, scale=0.1)
         fa.save_adapter(model0, init_dir)
     dist.barrier()
@@ -204,6 +204,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=["ddp", "fsdp"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--extra", action="store_true", help="fsdp: also the bf16 and bad-sharding checks")
+    parser.add_argument("--method", choices=["lora", "dora"], default="lora", help="the adapter trained")
     args = parser.parse_args()
     torch.manual_seed(0)
     dist.init_process_group("gloo")

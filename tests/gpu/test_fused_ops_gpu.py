@@ -45,8 +45,8 @@ def cases() -> list[Case]:
     for cls in ROWS:
         for p in (0.0, 0.1):
             for v in VARIANTS:
-                out += [Case("lora_linear", "triton", cls, v, p), Case("lora_linear_group", "triton", cls, v, p),
-                        Case("parallel_adapter", "triton", cls, v, p)]
+                out += [Case(op, "triton", cls, v, p)
+                        for op in ("lora_linear", "lora_linear_group", "parallel_adapter", "dora_linear")]
             out.append(Case("bottleneck_adapter", "triton", cls, "default", p))
         out += [Case("bottleneck_adapter", "cuda", cls, "default", 0.0),
                 Case("parallel_adapter", "cuda", cls, "default", 0.0)]
@@ -123,6 +123,25 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
             a_s, b_s = ps[:len(sizes)], ps[len(sizes):]
             xd = xx if keep is None else xx * keep.to(dt)
             return [xx @ w.to(dt).T + 2.0 * ((xd @ a.to(dt).T) @ b.to(dt).T) for w, a, b in zip(ws, a_s, b_s)]
+    elif case.op == "dora_linear":
+        w = rnd(n, k, scale=k**-0.5)
+        a, b = rnd(8, k, scale=k**-0.5, dt=torch.float32), rnd(n, 8, scale=0.1, dt=torch.float32)
+        mag = (w.float().norm(dim=1) * (1 + 0.1 * torch.rand(n, generator=g).to(device))).float()
+        dys = [dy]
+        params = [a, b, mag]
+
+        def run(xx, ps, backend):
+            return [fa.ops.dora_linear(xx, w, *ps, scaling=2.0, dropout_p=p, backend=backend)]
+
+        def formula(xx, ps, keep, dt):
+            """PEFT's DoRA: y = x Wᵀ + (g - 1) ⊙ x_d Wᵀ + g ⊙ s (x_d Aᵀ) Bᵀ, g = m / ‖W + s B A‖ (detached)."""
+            a_, b_, m_ = ps
+            wd = w.to(dt)
+            nt = torch.float64 if dt == torch.float64 else torch.float32  # the op forms norms in fp32
+            norm = (w.to(nt) + 2.0 * (b_.to(nt) @ a_.to(nt))).norm(dim=1).to(dt).detach()
+            gain = m_.to(dt) / norm
+            xd = xx if keep is None else xx * keep.to(dt)
+            return [xx @ wd.T + (gain - 1) * (xd @ wd.T) + gain * (2.0 * ((xd @ a_.to(dt).T) @ b_.to(dt).T))]
     else:
         b_dim = 64
         wd, scaling = rnd(b_dim, k, scale=k**-0.5, dt=torch.float32), torch.tensor([0.75], device=device)

@@ -178,9 +178,12 @@ def test_load_unsupported_peft_features(tmp_path):
     fa.patch(src, "lora", r=4)
     path = _saved(src, tmp_path)
     cfg = json.loads((path / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["rank_pattern"] = {"q_proj": 8}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="use_dora=True, which fastadapt does not support"):
+    with pytest.raises(ValueError, match="rank_pattern=\\{'q_proj': 8\\}, which fastadapt does not support"):
+        fa.load_adapter(tiny_model("llama"), path)
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {}, "use_dora": "yes"}))
+    with pytest.raises(ValueError, match="use_dora='yes'; expected true or false"):
         fa.load_adapter(tiny_model("llama"), path)
 
 

@@ -1,4 +1,5 @@
-"""LoRA on every supported architecture: parity with PEFT, merge, export, save/load both ways."""
+"""LoRA and DoRA (PEFT's LoRA with ``use_dora``) on every supported architecture: parity with PEFT,
+merge, export, save/load both ways. What only DoRA has: test_dora.py."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from fastadapt.methods import adapter_modules
 peft = pytest.importorskip("peft")
 
 
-def patched(arch: str, *, targets="all-linear", r: int = 4, seed: int = 0, randomize: bool = True):
+METHODS = ("lora", "dora")
+
+
+def patched(arch: str, *, method: str = "lora", targets="all-linear", r: int = 4, seed: int = 0,
+            randomize: bool = True, dropout: float = 0.0, scale: float = 0.2):
     model = tiny_model(arch)
-    fa.patch(model, "lora", r=r, alpha=2 * r + 1, dropout=0.0, targets=targets)
+    fa.patch(model, method, r=r, alpha=2 * r + 1, dropout=dropout, targets=targets)
     if randomize:
-        randomize_adapters(model, seed=seed)
+        randomize_adapters(model, seed=seed, scale=scale)
     return model
 
 
@@ -50,49 +55,57 @@ def test_patch_freezes_base_and_trains_only_adapters(arch):
     assert len(s.rows) == len(model.fastadapt_state.modules) and "trainable%" in str(s)
 
 
-def _peft_twin(arch: str, ours):
-    names = list(ours.fastadapt_state.modules)
+def adapter_pairs(ours, twin):
+    """(name, our parameter, PEFT's) for A, B and a DoRA magnitude of every adapted module."""
+    for name, m in adapter_modules(ours):
+        pm = twin.base_model.model.get_submodule(name)
+        yield name, m.lora_A.weight, pm.lora_A["default"].weight
+        yield name, m.lora_B.weight, pm.lora_B["default"].weight
+        if ours.fastadapt_state.method == "dora":
+            yield name, m.lora_magnitude_vector, pm.lora_magnitude_vector["default"].weight
+
+
+def peft_twin(arch: str, ours):
+    """PEFT's model with the same adapter (LoRA, or DoRA: ``use_dora``) and the same weights."""
     cfg = ours.fastadapt_state.config
     config = peft.LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=names,
-        fan_in_fan_out=(arch == "gpt2"),
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(ours.fastadapt_state.modules),
+        fan_in_fan_out=(arch == "gpt2"), use_dora=cfg.method == "dora",
     )
     twin = peft.get_peft_model(tiny_model(arch), config)
     with torch.no_grad():
-        for name, m in adapter_modules(ours):
-            pm = twin.base_model.model.get_submodule(name)
-            pm.lora_A["default"].weight.copy_(m.lora_A.weight)
-            pm.lora_B["default"].weight.copy_(m.lora_B.weight)
+        for _, mine, theirs in adapter_pairs(ours, twin):
+            theirs.copy_(mine)
     return twin
 
 
+@pytest.mark.parametrize("method,dropout", [("lora", 0.0), ("dora", 0.0), ("dora", 0.2)])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_forward_and_gradients_match_peft(arch):
-    ours = tiny_model(arch)
-    fa.patch(ours, "lora", r=4, alpha=9, dropout=0.0, targets="all-linear")
-    randomize_adapters(ours, scale=0.1)
-    twin = _peft_twin(arch, ours)
+def test_forward_and_gradients_match_peft(arch, method, dropout):
+    """Logits and the adapter's gradients (DoRA: the magnitude's too), fp32. DoRA with dropout on
+    the torch backend draws its masks as PEFT's nn.Dropout (one call per layer, same order), so
+    PEFT's dropout form — the base product of the dropped input as well — meets identical masks."""
+    ours = patched(arch, method=method, dropout=dropout, scale=0.1)
+    twin = peft_twin(arch, ours)
     ids = tokens()
     ours.train()
     twin.train()
-    torch.manual_seed(0)  # same base-model dropout masks in both
+    torch.manual_seed(0)  # same dropout masks in both
     out_ours = ours(ids, labels=ids)
     torch.manual_seed(0)
     out_peft = twin(ids, labels=ids)
     assert rel_err(out_ours.logits, out_peft.logits) < 1e-5
     out_ours.loss.backward()
     out_peft.loss.backward()
-    for name, m in adapter_modules(ours):
-        pm = twin.base_model.model.get_submodule(name)
-        for ga, gb in ((m.lora_A.weight.grad, pm.lora_A["default"].weight.grad),
-                       (m.lora_B.weight.grad, pm.lora_B["default"].weight.grad)):
-            assert ga is not None and ga.abs().sum() > 0
-            assert norm_rel_err(ga, gb) < 1e-5, name
+    for name, mine, theirs in adapter_pairs(ours, twin):
+        assert mine.grad is not None and mine.grad.abs().sum() > 0
+        assert norm_rel_err(mine.grad, theirs.grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_merge_unmerge(arch):
-    model = patched(arch)
+def test_merge_unmerge(arch, method):
+    model = patched(arch, method=method)
     originals = {n: m.base_layer.weight.detach().clone() for n, m in adapter_modules(model)}
     unmerged = logits(model)
     fa.merge(model)
@@ -126,8 +139,9 @@ def test_merge_is_one_rounding_in_bf16():
         assert torch.equal(m.base_layer.weight, expected[n]), n
 
 
-def test_merge_nan_is_an_error_naming_the_module_and_changes_nothing():
-    model = patched("llama")
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_nan_is_an_error_naming_the_module_and_changes_nothing(method):
+    model = patched("llama", method=method)
     names = model.fastadapt_state.modules
     weights = {n: model.get_submodule(n).base_layer.weight.clone() for n in names}
     with torch.no_grad():
@@ -144,9 +158,10 @@ def test_unmerge_when_not_merged_is_an_error():
         fa.unmerge(patched("llama"))
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_export_reloads_in_plain_transformers(arch, tmp_path):
-    model = patched(arch)
+def test_export_reloads_in_plain_transformers(arch, method, tmp_path):
+    model = patched(arch, method=method)
     expected = logits(model)
     out = fa.export(model, tmp_path / "merged")
     assert not any(m.merged for _, m in adapter_modules(model))  # export leaves the model as it was
@@ -191,9 +206,10 @@ def test_export_without_adapter_is_an_error(tmp_path):
         fa.export(tiny_model("llama"), tmp_path / "x")
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trips_with_peft(arch, tmp_path):
-    ours = patched(arch)
+def test_save_load_round_trips_with_peft(arch, method, tmp_path):
+    ours = patched(arch, method=method)
     expected = logits(ours)
     fa.save_adapter(ours, tmp_path / "ours")
     # fastadapt -> PEFT
@@ -203,6 +219,7 @@ def test_save_load_round_trips_with_peft(arch, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     fresh = tiny_model(arch)
     fa.load_adapter(fresh, tmp_path / "peft")
+    assert fresh.fastadapt_state.method == method
     assert rel_err(logits(fresh), expected) < 1e-5
     # fastadapt -> fastadapt
     again = tiny_model(arch)

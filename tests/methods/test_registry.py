@@ -12,8 +12,8 @@ from fastadapt.methods import get_method, method_for_peft_type, method_names, re
 
 
 def test_builtin_methods_in_order():
-    assert method_names() == ("lora", "series", "parallel", "prefix")
-    assert method_for_peft_type("lora").name == "lora"  # peft_type matches case-insensitively
+    assert method_names() == ("lora", "dora", "series", "parallel", "prefix")
+    assert method_for_peft_type("lora").name == "lora"  # peft_type matches case-insensitively (DoRA: use_dora)
     assert method_for_peft_type("BOTTLENECK").name == "series"
     assert method_for_peft_type("IA3") is None
 
@@ -26,7 +26,7 @@ def test_registering_a_name_twice_is_an_error():
 
 
 def test_unknown_method_and_options_are_named():
-    with pytest.raises(ValueError, match=r"method must be one of \('lora', 'series', 'parallel', 'prefix'\), got 'dora2'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('lora', 'dora', 'series', 'parallel', 'prefix'\), got 'dora2'"):
         fa.patch(tiny_model("llama"), "dora2")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['rank'\] for method 'lora'"):
         fa.patch(tiny_model("llama"), "lora", rank=4)

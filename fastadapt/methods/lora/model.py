@@ -23,8 +23,8 @@ from .config import LoraConfig
 PEFT_TYPE = "LORA"
 
 # PEFT LoRA options that change the math; a value other than these defaults cannot be honoured.
+# (``use_dora: true`` is honoured: it selects the "dora" method, fastadapt/methods/dora.)
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
-    "use_dora": False,
     "rank_pattern": {},
     "alpha_pattern": {},
     "bias": "none",
@@ -52,15 +52,21 @@ def resolve_targets(model: nn.Module, targets: str | tuple[str, ...]) -> list[st
 
 
 def apply(model: nn.Module, config: LoraConfig) -> tuple[list[str], list]:
+    names = swap_in(model, config, LoraLinear)
+    _group_shared_inputs(model, names)
+    return names, []
+
+
+def swap_in(model: nn.Module, config: LoraConfig, module_class: type[LoraLinear]) -> list[str]:
+    """Put a ``module_class`` (LoraLinear or a subclass) on every target; returns their names."""
     names = resolve_targets(model, config.targets)
     check_not_tied(model, names)
     warn_large_rank(model, names, config.r)
     for name in names:
         base = model.get_submodule(name)
-        swap_module(model, name, LoraLinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                                            rslora=config.rslora))
-    _group_shared_inputs(model, names)
-    return names, []
+        swap_module(model, name, module_class(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                                              rslora=config.rslora))
+    return names
 
 
 def _group_shared_inputs(model: nn.Module, names: list[str]) -> None:
@@ -110,7 +116,8 @@ def adapter_config(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
 
 
 def read_config(config: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
-    """The ``fa.patch(model, "lora", ...)`` options of a fastadapt or PEFT LoRA adapter."""
+    """The ``fa.patch(model, "lora" | "dora", ...)`` options of a fastadapt or PEFT LoRA adapter
+    (PEFT's DoRA is a LoRA config with ``use_dora: true``)."""
     for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
         value = config.get(key)
         if value not in (None, {}, [], False) and value != default:
@@ -124,7 +131,10 @@ def read_config(config: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"adapter config at {path!r} needs r, a positive int; got {r!r}")
-    return "lora", {
+    use_dora = config.get("use_dora", False)
+    if use_dora not in (None, False, True):
+        raise ValueError(f"adapter config at {path!r} has use_dora={use_dora!r}; expected true or false")
+    return ("dora" if use_dora else "lora"), {
         "r": r,
         "alpha": config.get("lora_alpha", 8),
         "dropout": float(config.get("lora_dropout", 0.0)),
@@ -134,7 +144,7 @@ def read_config(config: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]
 
 
 def check_loaded(model: nn.Module, config: LoraConfig, options: dict[str, Any], saved: dict, path: str) -> None:
-    """A model already patched with LoRA takes the weights only if rank and scaling agree."""
+    """A model already patched with LoRA (or DoRA) takes the weights only if rank and scaling agree."""
     for field_name, ours in (("r", config.r), ("alpha", config.alpha), ("rslora", config.rslora)):
         if options[field_name] != ours:
             raise ValueError(
