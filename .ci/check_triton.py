@@ -344,8 +344,9 @@ def run_op(sc: Scenario, variant: str) -> dict:
             with recording() as fwd:
                 o, h, bits, wd_lp, wu_lp = bn.bottleneck_adapter_fwd._init_fn(x, wd, wu, s, None, "tanh", p)
             dy = _meta(M, K, dtype=dt)
+            wd_b, wu_b = (wd_lp, wu_lp) if wd_lp.numel() else (wd, wu)  # the copies, or the weights as they are
             with recording() as bwd:
-                grads = bn.bottleneck_adapter_bwd._init_fn(dy, x, h, wd_lp, wu_lp, s, bits, "tanh", p, False, False)
+                grads = bn.bottleneck_adapter_bwd._init_fn(dy, x, h, wd_b, wu_b, s, bits, "tanh", p, False, False)
             out.update(fwd=(fwd, [o, h, bits, wd_lp, wu_lp]), bwd=(bwd, list(grads)), saved=[h, bits])
         else:
             raise ValueError(sc.op)
@@ -583,6 +584,8 @@ def scenarios(full: bool) -> list[Scenario]:
                 out.append(Scenario("bottleneck_adapter", M, 4096, 4096, 256, p))
     if full:
         out.append(Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1, torch.float32))
+        for M in (2048, 8192):  # the fp32 tiles of both plans
+            out.append(Scenario("bottleneck_adapter", M, 4096, 4096, 256, 0.1, torch.float32))
     return out
 
 
@@ -683,7 +686,8 @@ def main(argv=None) -> int:
                 key = pending[done]
                 results[key] = done.result()
                 spec, res = jobs[key], results[key]
-                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['shared_bytes']} B smem, "
+                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['stack_bytes']} B stack, "
+                         f"{res['shared_bytes']} B smem, "
                          f"{res['sass_instructions']} SASS"
                          if res["ok"] else "FAILED")
                 print(f"[check_triton] {n}/{len(jobs)} {spec['kernel']} [{spec['config']}]: {state} "

@@ -90,6 +90,9 @@ FUSED_MAX_R = 256
 #: Fewest row blocks for which the fused plan runs (≈ 0.75 of a wave on a 132-SM H100); fewer
 #: take the split plan, whose 2-D grids fill the GPU. Module-level so tests can force either plan.
 FUSED_MIN_PROGRAMS = 96
+#: Dtypes the fused plan takes. Not fp32: its FMA dots would hold the 64 × b tile in layouts that
+#: need a 16 KiB stack frame per thread (sm_90a compile); fp32 always splits.
+FUSED_DTYPES = (torch.bfloat16, torch.float16)
 #: Bottleneck chunk of the split plan's first kernel: 64 gives 4 chunks at b = 256, so 32 row
 #: blocks (M = 2048) still launch 128 programs.
 SPLIT_BLOCK_R = 64
@@ -431,19 +434,20 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [st for t in tensors for st in t.stride()]
 
 
-def plan(M: int, R: int) -> str:
-    """``"fused"`` or ``"split"`` for M rows and bottleneck b = R (shape only: see the module docstring)."""
-    fused = R <= FUSED_MAX_R and triton.cdiv(M, FUSED_BLOCK_M) >= FUSED_MIN_PROGRAMS
+def plan(M: int, R: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``"fused"`` or ``"split"`` for M rows, bottleneck b = R and x's dtype (shape and dtype only:
+    see the module docstring)."""
+    fused = dtype in FUSED_DTYPES and R <= FUSED_MAX_R and triton.cdiv(M, FUSED_BLOCK_M) >= FUSED_MIN_PROGRAMS
     return "fused" if fused else "split"
 
 
-def _fused_config(R: int, dtype: torch.dtype) -> dict:
+def _fused_config(R: int) -> dict:
     """Fused kernels: 64 rows (wgmma), the whole bottleneck on chip. 8 warps split the 64 × b
     accumulator (64 fp32 registers per thread at b = 256); 64-wide K/N steps keep the pipelined
     weight tiles (b × 64) within shared memory at 2 stages. Chosen from the sm_90a compile
     (registers, spills, shared memory: .ci/check_triton.py), not from timings."""
     block_r = pow2_block(R, cap=FUSED_MAX_R)
-    warps = 8 if block_r >= 128 or dtype == torch.float32 else 4
+    warps = 8 if block_r >= 128 else 4
     return dict(BLOCK_M=FUSED_BLOCK_M, BLOCK_K=64, BLOCK_N=128, BLOCK_R=block_r, num_warps=warps,
                 num_stages=1 if interpreting() else 2)
 
@@ -498,8 +502,8 @@ def bottleneck_fwd(
         _check_2d("residual", residual, (M, N), x, "(M, d_out)")
 
     has_dropout = dropout_p > 0.0
-    fused = plan(M, R) == "fused"
-    cfg = _fused_config(R, x.dtype) if fused else _split_config(M, R, x.dtype)
+    fused = plan(M, R, x.dtype) == "fused"
+    cfg = _fused_config(R) if fused else _split_config(M, R, x.dtype)
     chunks = 1 if fused else triton.cdiv(R, cfg["BLOCK_R"])
     out = _common.alloc((M, N), dtype=x.dtype, device=x.device)
     hidden = _common.alloc((M, R), dtype=x.dtype, device=x.device)
@@ -621,8 +625,8 @@ def bottleneck_bwd(
     add_dout = not has_residual
     bits_arg, stride_bits = (bits, bits.stride(0)) if bits is not None else (dx, 0)
     with device_ctx(x):
-        if plan(M, R) == "fused":
-            cfg = _fused_config(R, x.dtype)
+        if plan(M, R, x.dtype) == "fused":
+            cfg = _fused_config(R)
             grid_m = triton.cdiv(M, cfg["BLOCK_M"])
             ds_partial = _common.alloc((grid_m,), dtype=torch.float32, device=x.device) if need_scaling_grad else dh
             _bottleneck_bwd_kernel[(grid_m,)](

@@ -44,8 +44,13 @@ def _poison_outputs(monkeypatch):
 
 @pytest.fixture(params=["fused", "split"])
 def plan(request, monkeypatch):
-    """Force the plan (at these M the fused plan would never run on its own)."""
-    monkeypatch.setattr(K, "FUSED_MIN_PROGRAMS", 1 if request.param == "fused" else 1 << 30)
+    """Force the plan (at these M the fused plan would never run on its own; on a GPU fp32 never
+    takes it either, but its math is the same in every dtype: the interpreter checks it in fp32
+    against float64 at fp32 tolerance)."""
+    fused = request.param == "fused"
+    monkeypatch.setattr(K, "FUSED_MIN_PROGRAMS", 1 if fused else 1 << 30)
+    if fused:
+        monkeypatch.setattr(K, "FUSED_DTYPES", (*K.FUSED_DTYPES, torch.float32))
     return request.param
 
 
@@ -109,7 +114,7 @@ def _run_and_check(x, w_down, w_up, residual, dout, scaling, *, activation, p=0.
     dtype = x.dtype
     M, d_in = x.shape
     if expect_plan is not None:
-        assert K.plan(M, w_down.shape[0]) == expect_plan
+        assert K.plan(M, w_down.shape[0], dtype) == expect_plan
     out, hidden, bits = K.bottleneck_fwd(x, w_down, w_up, scaling, activation=activation, residual=residual,
                                          dropout_p=p, seed=seed)
     assert (bits is None) == (p == 0)
@@ -157,6 +162,7 @@ def test_plan_is_chosen_from_the_shape():
     assert K.plan(blocks - K.FUSED_BLOCK_M, 256) == "split"  # M = 2048 … 6080: too few row blocks
     assert K.plan(8192, K.FUSED_MAX_R + 1) == "split"  # b too wide for the on-chip tile
     assert K.plan(16, 256) == "split"  # decode
+    assert K.plan(8192, 256, torch.float16) == "fused" and K.plan(8192, 256, torch.float32) == "split"
 
 
 @pytest.mark.parametrize("M,d_out,b,activation,dtype,p", [
@@ -166,6 +172,7 @@ def test_plan_is_chosen_from_the_shape():
 def test_wide_bottleneck_runs_split_in_chunks(monkeypatch, M, d_out, b, activation, dtype, p):
     """b > FUSED_MAX_R: the split plan, whatever M (the fused plan is allowed here but not taken)."""
     monkeypatch.setattr(K, "FUSED_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(K, "FUSED_DTYPES", (torch.bfloat16, torch.float32))
     x, w_down, w_up, residual, dout, scaling = _make(M, 40, d_out, b, dtype, seed=2)
     _run_and_check(x, w_down, w_up, residual, dout, scaling, activation=activation, p=p, seed=4, expect_plan="split")
 
@@ -230,6 +237,7 @@ def test_plans_agree(monkeypatch):
     """Both plans round hidden once and apply the activation to the rounded value: same numbers."""
     x, w_down, w_up, residual, dout, scaling = _make(65, 72, 40, 24, torch.bfloat16, seed=8)
     results = []
+    assert K.plan(1 << 20, 24, x.dtype) == "fused"
     for threshold in (1, 1 << 30):
         monkeypatch.setattr(K, "FUSED_MIN_PROGRAMS", threshold)
         out, hidden, bits = K.bottleneck_fwd(x, w_down, w_up, scaling, activation="silu", residual=residual,
@@ -391,12 +399,13 @@ def test_cast_pair_rounds_like_torch():
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                     reason="needs CUDA and TRITON_INTERPRET=0 (compiled kernels)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("M,b", [(1027, 100), (6151, 256), (1027, 1000), (16, 256)],
+@pytest.mark.parametrize("M,b,plan_16bit", [(1027, 100, "split"), (6151, 256, "fused"), (1027, 1000, "split"),
+                                            (16, 256, "split")],
                          ids=["split-b100", "fused-b256", "split-b1000", "decode"])
-def test_gpu_compiled_matches_float64(monkeypatch, dtype, M, b):
+def test_gpu_compiled_matches_float64(monkeypatch, dtype, M, b, plan_16bit):
     """The compiled kernels (both plans, every dtype path) against float64 at real widths."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32: IEEE dots
-    expect = "fused" if b <= K.FUSED_MAX_R and M >= K.FUSED_MIN_PROGRAMS * K.FUSED_BLOCK_M else "split"
+    expect = "split" if dtype == torch.float32 else plan_16bit
     for d_out, act, p in [(None, "tanh", 0.0), (1000, "gelu", 0.1), (None, "silu", 0.1), (1000, "relu", 0.0)]:
         x, w_down, w_up, residual, dout, scaling = _make(M, 4096 + 40, d_out, b, dtype, seed=b)
         tensors = [t if t is None else t.cuda() for t in (x, w_down, w_up, residual, dout, scaling)]

@@ -282,7 +282,7 @@ def test_gpu_real_shapes_bf16(backend, m):
         if not _native.native_available():
             pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")
     else:
-        assert op_module._kernels().plan(m, 256) == ("fused" if m == 8192 else "split")
+        assert op_module._kernels().plan(m, 256, torch.bfloat16) == ("fused" if m == 8192 else "split")
     x, wd, wu, s = make(m, 4096, 4096, 256, dtype=torch.bfloat16)
     y = fa.ops.bottleneck_adapter(x, wd, wu, activation="tanh", scaling=s, backend=backend)
     same = bottleneck_adapter_ref(x, wd, wu, activation="tanh", scaling=s)
