@@ -421,6 +421,41 @@ def eager_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Pl
     return to_plan(fwd), to_plan(bwd)
 
 
+def cuda_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
+    """The CUDA backend's launches (csrc/bottleneck_adapter) at a scenario, written out by hand from
+    its host code — it cannot run on meta tensors, so keep this in step with it: fp32 master weights
+    cast with ``Tensor.to`` in the forward (the copies go to the backward), tile_gemm_kernel for each
+    product (64-row tiles: 64 wide over b, 128 over d), weight_grad_kernel (split over M, workspace
+    summed by torch, only while its tiles are under a wave), and the sum of the dscaling partials.
+    Its GEMMs are ``triton_gemm`` launches in the model's sense: their MMA rate is an assumption
+    (legacy WMMA/mma.sync, not wgmma)."""
+    M, d, b, e = sc.M, sc.K, sc.r, sc.dtype.itemsize
+    act, w = M * d * e, b * d * e  # an activation (M × d) and a weight (b × d), in bytes
+    cast = perf_model.Launch("aten._to_copy", 0.0, w * 3)  # fp32 read, 16-bit write
+
+    def tiles(n: int, bn: int) -> int:
+        return -(-M // 64) * -(-n // bn)
+
+    def tile(name: str, nbytes: float, n: int, bn: int) -> perf_model.Launch:
+        return perf_model.Launch(name, 2.0 * M * b * d, nbytes, triton_gemm=True, programs=tiles(n, bn))
+
+    hidden = M * b * e
+    fwd = perf_model.Plan([cast, cast, tile("tile_gemm hidden", act + w + hidden, b, 64),
+                           tile("tile_gemm out", hidden + w + 2 * act, d, 128)])
+    bwd = [tile("tile_gemm dh", act + w + 2 * hidden, b, 64),
+           tile("tile_gemm dx", hidden + w + 2 * act, d, 128)]
+    for na, nb in ((d, b), (b, d)):  # dw_up = s·doutᵀ act(hidden), dw_down = dhᵀ x
+        n_tiles = -(-nb // 128) * -(-na // 64)
+        splits = 1 if n_tiles * 16 >= 15 * 132 else max(1, min(-(-2 * 132 // n_tiles), -(-M // 256)))
+        work = splits * na * nb * 4
+        bwd.append(perf_model.Launch("weight_grad_kernel", 2.0 * M * na * nb, act + hidden + work, triton_gemm=True,
+                                     programs=n_tiles * splits))
+        if splits > 1:
+            bwd.append(perf_model.Launch("aten.sum", 0.0, work + na * nb * 4))
+    bwd.append(perf_model.Launch("aten.sum", 0.0, 4 * tiles(b, 64) + 4))  # the dscaling partials
+    return fwd, perf_model.Plan(bwd)
+
+
 def _weight_reads(launch: TritonLaunch) -> int:
     """Bytes of adapter weights one bottleneck row-kernel launch reads from L2 (each program reads
     its slice of the weights once; HBM sees them once per launch)."""
@@ -457,8 +492,13 @@ def bottleneck_fields(sc: Scenario, fwd: perf_model.Plan, bwd: perf_model.Plan, 
         for _ in range(30):
             lo, hi = (lo, (lo + hi) / 2) if speedup((lo + hi) / 2) >= BOTTLENECK_TARGET else ((lo + hi) / 2, hi)
         needs = round(hi, 3)
+    cuda_fwd, cuda_bwd = cuda_bottleneck_plans(sc)
+
+    def cuda_speedup(eff: float) -> float:
+        return eager / sum(plan.seconds(device, triton_gemm_efficiency=eff) for plan in (cuda_fwd, cuda_bwd))
+
     return {
-        "plan": kernels.plan(sc.M, sc.r),
+        "plan": kernels.plan(sc.M, sc.r, sc.dtype),
         "programs": {x.name: x.programs for r in (fwd_rec, bwd_rec) for x in r.launches
                      if isinstance(x, TritonLaunch)},
         "eager_us": round(eager * 1e6, 1), "eager_bytes_moved": eager_fwd.bytes + eager_bwd.bytes,
@@ -470,6 +510,11 @@ def bottleneck_fields(sc: Scenario, fwd: perf_model.Plan, bwd: perf_model.Plan, 
         "fwd_bytes_moved": fwd.bytes, "memory_floor_bytes": floor,
         "fwd_bytes_over_floor": round(fwd.bytes / floor, 3),
         "weight_l2_reads_fwd": round(l2[0] / weights, 1), "weight_l2_reads_bwd": round(l2[1] / weights, 1),
+        # the CUDA backend (no dropout: it serves p = 0 only), from its hand-written launch list
+        "cuda_us": round(sum(plan.seconds(device) for plan in (cuda_fwd, cuda_bwd)) * 1e6, 1),
+        "cuda_launches": len(cuda_fwd) + len(cuda_bwd), "cuda_bytes_moved": cuda_fwd.bytes + cuda_bwd.bytes,
+        "cuda_speedup_over_eager": round(cuda_speedup(1.0), 3),
+        "cuda_speedup_at_60pct_mma": round(cuda_speedup(0.6), 3),
     }
 
 
@@ -738,12 +783,15 @@ def _summary(records: list[dict], device: perf_model.Device) -> None:
     if series:
         print(f"\nseries adapter vs eager LLM-Adapters ({device.name} model; fwd + bwd):")
         print(f"{'scenario':28s} {'plan':6s} {'fused us':>9s} {'eager us':>9s} {'speedup':>8s} {'@80%mma':>8s} "
-              f"{'MiB':>6s} {'eager MiB':>9s} {'fwd/floor':>9s} {'w L2 reads f/b':>15s}")
+              f"{'MiB':>6s} {'eager MiB':>9s} {'fwd/floor':>9s} {'w L2 reads f/b':>15s} {'cuda':>6s} {'@60%':>6s}")
         for r in series:
+            cuda = (f"{r['cuda_speedup_over_eager']:5.2f}x {r['cuda_speedup_at_60pct_mma']:5.2f}x" if r["dropout"] == 0
+                    else f"{'-':>6s} {'-':>6s}")
             print(f"{r['scenario'][:28]:28s} {r['plan']:6s} {r['predicted_us']:9.1f} {r['eager_us']:9.1f} "
                   f"{r['predicted_speedup_over_eager']:7.2f}x {r['predicted_speedup_at_80pct_mma']:7.2f}x "
                   f"{r['bytes_moved'] / 2**20:6.0f} {r['eager_bytes_moved'] / 2**20:9.0f} "
-                  f"{r['fwd_bytes_over_floor']:9.2f} {r['weight_l2_reads_fwd']:7.0f}/{r['weight_l2_reads_bwd']:<7.0f}")
+                  f"{r['fwd_bytes_over_floor']:9.2f} {r['weight_l2_reads_fwd']:7.0f}/{r['weight_l2_reads_bwd']:<7.0f} "
+                  f"{cuda}")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def bottleneck_adapter(
     s = scaling_tensor(scaling, x.device)
     res2d = None if residual is None else residual.to(x.dtype).reshape(-1, d_out)
     if chosen == "cuda":
-        out, _ = bottleneck_adapter_cuda_fwd(x.reshape(-1, d_in), w_down, w_up, s, res2d, activation)
+        out = bottleneck_adapter_cuda_fwd(x.reshape(-1, d_in), w_down, w_up, s, res2d, activation)[0]
     else:
         out = bottleneck_adapter_fwd(x.reshape(-1, d_in), w_down, w_up, s, res2d, activation, float(dropout_p))[0]
     return out.reshape(*lead, d_out)
@@ -223,15 +223,17 @@ register_autograd(bottleneck_adapter_fwd, backward=_backward, setup_context=_set
 
 def _cuda_fwd_fake(x, w_down, w_up, scaling, residual, activation):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty((*x.shape[:-1], w_up.shape[0])), x.new_empty((m, w_down.shape[0]))
+    return (x.new_empty((*x.shape[:-1], w_up.shape[0])), x.new_empty((m, w_down.shape[0])),
+            x.new_empty(_lp_shape(w_down, x)), x.new_empty(_lp_shape(w_up, x)))
 
 
-#: ``out = (x if residual is None else residual) + s · act(x @ w_downᵀ) @ w_upᵀ`` and the
-#: pre-activation ``hidden`` (M, b) in x's dtype. x bf16/fp16; w_down, w_up, residual in x's dtype;
-#: scaling (1,) fp32. fp32 accumulation.
+#: ``out = (x if residual is None else residual) + s · act(x @ w_downᵀ) @ w_upᵀ``, the pre-activation
+#: ``hidden`` (M, b) in x's dtype, and the weights cast to x's dtype for backward (empty when they
+#: had it already). x bf16/fp16; residual in x's dtype; scaling (1,) fp32. fp32 accumulation.
 bottleneck_adapter_cuda_fwd = native_op(
     "bottleneck_adapter_cuda_fwd",
-    "(Tensor x, Tensor w_down, Tensor w_up, Tensor scaling, Tensor? residual, str activation) -> (Tensor, Tensor)",
+    "(Tensor x, Tensor w_down, Tensor w_up, Tensor scaling, Tensor? residual, str activation) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     fake=_cuda_fwd_fake,
 )
 
@@ -253,20 +255,22 @@ bottleneck_adapter_cuda_bwd = native_op(
 
 def _cuda_setup_context(ctx, inputs, output):
     x, w_down, w_up, scaling, residual, activation = inputs
-    _, hidden = output
-    ctx.save_for_backward(x, w_down, w_up, scaling, hidden)
+    _, hidden, wd_lp, wu_lp = output
+    ctx.save_for_backward(x, wd_lp if wd_lp.numel() else w_down, wu_lp if wu_lp.numel() else w_up, scaling, hidden)
     ctx.activation, ctx.has_residual = activation, residual is not None
+    ctx.weight_dtypes = (w_down.dtype, w_up.dtype)
 
 
-def _cuda_backward(ctx, dout, _dhidden):
+def _cuda_backward(ctx, dout, _dhidden, _dwd_lp, _dwu_lp):
     x, w_down, w_up, scaling, hidden = ctx.saved_tensors
     need_x, need_wd, need_wu, need_s, need_res = ctx.needs_input_grad[:5]
     dx, dwd, dwu, ds = bottleneck_adapter_cuda_bwd(
         dout.contiguous(), x, hidden, w_down, w_up, scaling, ctx.activation, ctx.has_residual
     )
     dres = dout if ctx.has_residual and need_res else None
-    return (dx if need_x else None, dwd.to(w_down.dtype) if need_wd else None,
-            dwu.to(w_up.dtype) if need_wu else None, ds.reshape(scaling.shape) if need_s else None, dres, None)
+    wd_dtype, wu_dtype = ctx.weight_dtypes
+    return (dx if need_x else None, dwd.to(wd_dtype) if need_wd else None,
+            dwu.to(wu_dtype) if need_wu else None, ds.reshape(scaling.shape) if need_s else None, dres, None)
 
 
 register_autograd(bottleneck_adapter_cuda_fwd, backward=_cuda_backward, setup_context=_cuda_setup_context)
