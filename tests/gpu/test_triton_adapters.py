@@ -60,6 +60,17 @@ def _grads(y, inputs, seed=1):
     return torch.autograd.grad(y, inputs, g.bfloat16().to(y.dtype))
 
 
+def _grads_and_extra_memory(y, inputs, g):
+    """The gradients, and the backward's peak device memory above its start and what it returns."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(y, inputs, g)
+    torch.cuda.synchronize()
+    returned = sum(t.numel() * t.element_size() for t in grads)
+    return grads, torch.cuda.max_memory_allocated() - base - returned
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("m,plan", [(2048, "split"), (8192, "fused")])
 @pytest.mark.parametrize("act", ["tanh", "gelu"])
@@ -88,14 +99,8 @@ def test_series_triton_backward_memory_is_bounded(m):
     gradients, never an activation-sized temporary (the report's 64 MiB cap)."""
     x, wd, wu, s = _inputs(m, D)
     y = fa.ops.bottleneck_adapter(x, wd, wu, activation="tanh", scaling=s, dropout_p=0.1, backend="triton")
-    g = torch.randn_like(y)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    grads = torch.autograd.grad(y, (x, wd, wu, s), g)
-    torch.cuda.synchronize()
-    returned = sum(t.numel() * t.element_size() for t in grads)
-    assert torch.cuda.max_memory_allocated() - base - returned <= 64 << 20
+    _, extra = _grads_and_extra_memory(y, (x, wd, wu, s), torch.randn_like(y))
+    assert extra <= 64 << 20
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
@@ -108,13 +113,8 @@ def test_parallel_triton_matches_reference_and_bounded(p):
     torch.manual_seed(11)
     y = fa.ops.parallel_adapter(x, w, wd, wu, activation="silu", scaling=s, dropout_p=p, backend="triton")
     g = torch.randn_like(y)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    got = torch.autograd.grad(y, (x, wd, wu, s), g)
-    torch.cuda.synchronize()
-    returned = sum(t.numel() * t.element_size() for t in got)
-    assert torch.cuda.max_memory_allocated() - base - returned <= 64 << 20
+    got, extra = _grads_and_extra_memory(y, (x, wd, wu, s), g)
+    assert extra <= 64 << 20
     if p == 0:  # with dropout the torch twin draws its own mask: compare without
         same = parallel_adapter_ref(x, w, wd, wu, activation="silu", scaling=s)
         exact = parallel_adapter_ref(x.float(), w.float(), wd, wu, activation="silu", scaling=s)
