@@ -98,10 +98,10 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16)
 SPLIT_BLOCK_R = 64
 
 _NO_ACT = tl.constexpr(NO_ACTIVATION)  # as a jit-code global
-# _rows_gemm's dropout modes
-_MASK_NONE = 0
-_MASK_DRAW = 1  # draw it here (Philox), store it packed when asked
-_MASK_LOAD = 2  # read the stored bits
+# _rows_gemm's dropout modes (constexpr globals in jit code; launchers pass their .value)
+_NO_MASK = tl.constexpr(0)
+_DRAW_MASK = tl.constexpr(1)  # draw it here (Philox), store it packed when asked
+_LOAD_MASK = tl.constexpr(2)  # read the stored bits
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -128,14 +128,14 @@ def _rows_gemm(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if A_ACTIVATION >= 0:
             a = to_dtype(activation(a.to(tl.float32), A_ACTIVATION), a.dtype, INTERPRET)
-        if MASK == 1:
+        if MASK == _DRAW_MASK:
             keep, words = keep_bits(seed, offs_m64, k0, K, threshold, BLOCK_K)
             a = tl.where(keep, a, tl.zeros_like(a))  # a select, not a multiply: exact
             if store_bits:
                 offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
                 tl.store(bits_ptr + offs_m64[:, None] * stride_bits_m + offs_w[None, :], words,
                          mask=m_mask[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
-        elif MASK == 2:
+        elif MASK == _LOAD_MASK:
             keep = load_keep(bits_ptr, stride_bits_m, offs_m64, m_mask, k0, K, BLOCK_K)
             a = tl.where(keep, a, tl.zeros_like(a))
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_c[None, :] * stride_wc,
@@ -246,7 +246,8 @@ def _bottleneck_fwd_kernel(
     r_mask = offs_r < R
     acc = _rows_gemm(x_ptr, stride_xm, stride_xk, wd_ptr, stride_wdk, stride_wdr, offs_m64, m_mask, offs_r, r_mask,
                      K, bits_ptr, stride_bits_m, threshold, seed, True,
-                     1 if HAS_DROPOUT else 0, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
+                     _DRAW_MASK if HAS_DROPOUT else _NO_MASK, _NO_ACT, DOT_PRECISION, INTERPRET,
+                     BLOCK_M, BLOCK_K, BLOCK_R)
     h = _store_hidden(acc, inv_keep, hid_ptr, stride_hm, stride_hr, offs_m64, m_mask, offs_r, r_mask,
                       HAS_DROPOUT, INTERPRET)
     # act of the rounded hidden (what backward sees), rounded again as the dot operand
@@ -283,7 +284,7 @@ def _bottleneck_bwd_kernel(
     r_mask = offs_r < R
     dg = _rows_gemm(dout_ptr, stride_dom, stride_don, wu_ptr, stride_wun, stride_wur, offs_m64, m_mask, offs_r,
                     r_mask, N, bits_ptr, stride_bits_m, 0, 0, False,
-                    0, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
+                    _NO_MASK, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
     scale = tl.load(scale_ptr).to(tl.float32)
     dh, ds = _store_dh(dg, scale, hid_ptr, stride_hm, stride_hr, dh_ptr, stride_dhm, stride_dhr, offs_m64, m_mask,
                        offs_r, r_mask, ACTIVATION, NEED_DSCALE, INTERPRET)
@@ -326,7 +327,8 @@ def _bottleneck_hidden_kernel(
     acc = _rows_gemm(x_ptr, stride_xm, stride_xk, wd_ptr, stride_wdk, stride_wdr, offs_m64, m_mask, offs_r, r_mask,
                      K, bits_ptr, stride_bits_m, threshold, seed, True,
                      MASK, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
-    _store_hidden(acc, inv_keep, hid_ptr, stride_hm, stride_hr, offs_m64, m_mask, offs_r, r_mask, MASK != 0, INTERPRET)
+    _store_hidden(acc, inv_keep, hid_ptr, stride_hm, stride_hr, offs_m64, m_mask, offs_r, r_mask, MASK != _NO_MASK,
+                  INTERPRET)
 
 
 @triton.jit
@@ -345,7 +347,7 @@ def _bottleneck_dh_kernel(
     offs_m64, m_mask, offs_r, r_mask = _chunk_tile(pid, M, R, BLOCK_M, BLOCK_R)
     dg = _rows_gemm(dout_ptr, stride_dom, stride_don, wu_ptr, stride_wun, stride_wur, offs_m64, m_mask, offs_r,
                     r_mask, N, dh_ptr, 0, 0, 0, False,
-                    0, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
+                    _NO_MASK, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
     scale = tl.load(scale_ptr).to(tl.float32)
     _, ds = _store_dh(dg, scale, hid_ptr, stride_hm, stride_hr, dh_ptr, stride_dhm, stride_dhr, offs_m64, m_mask,
                       offs_r, r_mask, ACTIVATION, NEED_DSCALE, INTERPRET)
@@ -378,7 +380,7 @@ def _bottleneck_expand_kernel(
     offs_m64 = offs_m.to(tl.int64)
     acc = _rows_gemm(t_ptr, stride_tm, stride_tr, w_ptr, stride_wr, stride_wn, offs_m64, m_mask, offs_n, offs_n < N,
                      R, bits_ptr, 0, 0, 0, False,
-                     0, T_ACTIVATION, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_R, BLOCK_N)
+                     _NO_MASK, T_ACTIVATION, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_R, BLOCK_N)
     if SCALE_PTR:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
     _store_rows(acc, scale, out_ptr, stride_om, stride_on, base_ptr, stride_bm, stride_bn, bits_ptr, stride_bits_m,
@@ -532,7 +534,7 @@ def bottleneck_fwd(
                 **cfg,
             )
             return out, hidden, bits
-        mask_mode = _MASK_NONE if not has_dropout else _MASK_DRAW if chunks == 1 else _MASK_LOAD
+        mask_mode = (_NO_MASK if not has_dropout else _DRAW_MASK if chunks == 1 else _LOAD_MASK).value
         _bottleneck_hidden_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * chunks,)](
             x, w_down, hidden, bits_arg,
             M, K, R,
