@@ -19,11 +19,17 @@ Records (``--json``), a list of:
   "spill_bytes", "shared_bytes"}`` — ``default``: on the path the op takes by default (the
   ``addmm`` variant; the other variants are measured alternatives);
 - per op, scenario and variant: ``{"op", "scenario", "variant", "default", "temp_bytes",
-  "launches_fwd", "launches_bwd", "bytes_moved", "predicted_over_frozen", ...}``.
+  "launches_fwd", "launches_bwd", "bytes_moved", "predicted_over_frozen", ...}``; for the series
+  adapter (``bottleneck_adapter``) instead of ``predicted_over_frozen``: ``plan``, ``programs``,
+  ``eager_us``, ``eager_bytes_moved``, ``predicted_speedup_over_eager`` (eager LLM-Adapters time ÷
+  fused time, same model), ``predicted_speedup_at_80pct_mma``, ``mma_efficiency_for_target``,
+  ``fwd_bytes_moved`` / ``memory_floor_bytes``, ``weight_l2_reads_fwd/bwd`` and the CUDA backend's
+  ``cuda_us`` / ``cuda_speedup_over_eager`` (from its hand-written launch list).
 
-Exit status 1 on any compile failure, any spill on the default path, a temporary over 64 MiB (DoRA:
-any weight-sized temporary — its activation-sized dZ / x_d are inherent), a decode forward over 3
-launches, or a forward that saves more than 1 bit per element of x besides S (DoRA: and z).
+Exit status 1 on any compile failure, any spill on the default path, a compile over sm_90's shared
+memory, a temporary over 64 MiB (DoRA: any weight-sized temporary — its activation-sized dZ / x_d are
+inherent), a decode forward over 3 launches, a forward that saves more than 1 bit per element of x
+besides S (DoRA: and z), or a bf16 series adapter at M ≥ 8192 predicted under 2.5× eager (H100 model).
 
 DoRA (``dora_linear``): its row norms (one pass over W) are recorded apart and added to the training
 forward (recomputed once per optimizer step), not to the decode forward (cached); the records add
@@ -62,6 +68,12 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 TEMP_CAP = 64 << 20
 DECODE_MAX_LAUNCHES = 3
+#: Series adapter, fwd + bwd at training sizes (M ≥ 8192, bf16): predicted speedup over eager
+#: LLM-Adapters on the H100 model (issue 18; on the H200 model the fused kernels turn MMA-bound, eager
+#: does not; fp32 takes the split plan).
+BOTTLENECK_TARGET = 2.5
+#: Shared memory one block may use on sm_90 (227 KiB): a compile above it would not launch.
+SMEM_LIMIT = 232448
 VARIANTS = ("addmm", "epilogue", "fused")
 DEFAULT_VARIANT = "addmm"
 
@@ -76,6 +88,16 @@ class TritonLaunch:
     args: tuple
     kwargs: dict
     configs: list | None = None  # an autotuned launch: every config it may take
+    grid: tuple | None = None  # a fixed grid (None: computed per autotune config)
+
+    @property
+    def programs(self) -> int | None:
+        if self.grid is None:
+            return None
+        n = 1
+        for g in self.grid:
+            n *= int(g)
+        return n
 
     @property
     def name(self) -> str:
@@ -153,7 +175,8 @@ def recording():
     real_run, real_tuned = JITFunction.run, Autotuner.run
 
     def jit_run(self, *args, grid, warmup, **kwargs):
-        rec.launches.append(TritonLaunch(self, args, dict(kwargs)))
+        fixed = tuple(grid) if isinstance(grid, tuple) else None  # a callable grid depends on the config
+        rec.launches.append(TritonLaunch(self, args, dict(kwargs), grid=fixed))
 
     def tuned_run(self, *args, **kwargs):
         fn = self.fn
@@ -187,7 +210,7 @@ def _bound(launch: TritonLaunch) -> dict:
 
 
 def _triton_flops(name: str, b: dict) -> float:
-    M, N, K, R, I, J = (b.get(k, 0) for k in ("M", "N", "K", "R", "I", "J"))  # noqa: E741
+    M, N, K, R = (b.get(k, 0) for k in ("M", "N", "K", "R"))
     return {
         "_lora_shrink_kernel": 2.0 * M * K * R,
         "_lora_rank_kernel": 2.0 * M * N * R,
@@ -195,10 +218,20 @@ def _triton_flops(name: str, b: dict) -> float:
         "_lora_dy_pass_kernel": 4.0 * M * N * R,
         "_dora_norm_kernel": 2.0 * N * K * R,
         "_lora_ds_kernel": 2.0 * M * N * R,
-        "_weight_grad_kernel": 2.0 * M * I * J,
+        "_weight_grad_kernel": 2.0 * M * (b.get("I1", 0) * b.get("J1", 0)
+                                          + (b.get("I2", 0) * b.get("J2", 0) if b.get("PAIR") else 0)),
         "_bottleneck_fwd_kernel": 2.0 * M * R * (K + N),
-        "_bottleneck_bwd_rows_kernel": 2.0 * M * R * (N + K),
+        "_bottleneck_bwd_kernel": 2.0 * M * R * (N + K),
+        "_bottleneck_hidden_kernel": 2.0 * M * K * R,
+        "_bottleneck_dh_kernel": 2.0 * M * N * R,
+        "_bottleneck_expand_kernel": 2.0 * M * N * R,
     }.get(name, 0.0)
+
+
+#: Triton kernels whose time may be MMA-bound: the model runs them at peak × an assumed efficiency
+#: (1 in the headline figures; break-even efficiencies are recorded beside them).
+TRITON_GEMMS = {"_lora_gemm_kernel", "_weight_grad_kernel", "_bottleneck_fwd_kernel", "_bottleneck_bwd_kernel",
+                "_bottleneck_hidden_kernel", "_bottleneck_dh_kernel", "_bottleneck_expand_kernel"}
 
 
 def to_plan(rec: Recording) -> perf_model.Plan:
@@ -216,7 +249,8 @@ def to_plan(rec: Recording) -> perf_model.Plan:
             if launch.name == "_masked_scale_kernel":  # in place: read and written
                 nbytes += _nbytes(b["t_ptr"])
             plan.launches.append(perf_model.Launch(launch.name, _triton_flops(launch.name, b), nbytes,
-                                                   triton_gemm=launch.name == "_lora_gemm_kernel"))
+                                                   triton_gemm=launch.name in TRITON_GEMMS,
+                                                   programs=launch.programs))
         else:
             nbytes = sum(_nbytes(t) for t in launch.outputs)
             if launch.name not in _WRITE_ONLY:
@@ -336,14 +370,15 @@ def run_op(sc: Scenario, variant: str) -> dict:
                        norm=(norm_rec, [norm]))
         elif sc.op == "bottleneck_adapter":
             x = _meta(M, K, dtype=dt)
-            wd, wu = _meta(r, K, dtype=torch.float32), _meta(K, r, dtype=torch.float32)
+            wd, wu = _meta(r, K, dtype=torch.float32), _meta(K, r, dtype=torch.float32)  # fp32 master weights
             s = _meta(1, dtype=torch.float32)
             with recording() as fwd:
-                o, h, bits = bn.bottleneck_adapter_fwd._init_fn(x, wd, wu, s, None, "tanh", p)
+                o, h, bits, wd_lp, wu_lp = bn.bottleneck_adapter_fwd._init_fn(x, wd, wu, s, None, "tanh", p)
             dy = _meta(M, K, dtype=dt)
+            wd_b, wu_b = (wd_lp, wu_lp) if wd_lp.numel() else (wd, wu)  # the copies, or the weights as they are
             with recording() as bwd:
-                grads = bn.bottleneck_adapter_bwd._init_fn(dy, x, h, wd, wu, s, bits, "tanh", p, False, False)
-            out.update(fwd=(fwd, [o, h, bits]), bwd=(bwd, list(grads)), saved=[h, bits])
+                grads = bn.bottleneck_adapter_bwd._init_fn(dy, x, h, wd_b, wu_b, s, bits, "tanh", p, False, False)
+            out.update(fwd=(fwd, [o, h, bits, wd_lp, wu_lp]), bwd=(bwd, list(grads)), saved=[h, bits])
         else:
             raise ValueError(sc.op)
     return out
@@ -394,18 +429,127 @@ def peft_plans(sc: Scenario, *, fp32_adapters: bool, dora: bool = False) -> tupl
     return to_plan(fwd), to_plan(bwd), temp, weight_temp
 
 
-def eager_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
-    """LLM-Adapters' eager series adapter (the torch twin) on the same shapes, forward and backward."""
-    from fastadapt.ops.reference import bottleneck_adapter_ref
+def llm_adapters_series(x, w_down, w_up, *, scaling: float, dropout_p: float):
+    """LLM-Adapters' series adapter as eager PyTorch runs it on a GPU (peft/tuners/bottleneck.py:
+    ``adapter_up(act_fn(adapter_down(adapter_dropout(x)))) * adapter_scaling``, then the residual
+    add), with the adapter weights in x's dtype — cheaper than LLM-Adapters' own fp32 adapters
+    (which upcast x), so the comparison is conservative. Dropout is written as what ``F.dropout``
+    dispatches to on a CUDA tensor, the fused ``native_dropout`` (one pass writing the output and
+    a bool mask; backward ``native_dropout_backward``): on ``meta`` tensors ``F.dropout`` would
+    decompose into bernoulli_ + div_ + mul instead, three passes that a GPU never runs."""
+    z = torch.native_dropout(x, dropout_p, True)[0] if dropout_p > 0 else x
+    a = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(z, w_down)), w_up)
+    return x + a * scaling
 
+
+def eager_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
+    """The eager LLM-Adapters-style series adapter (``llm_adapters_series``, scaling 1.0 as in
+    its default) on the same shapes, forward and backward (x and both weights get gradients)."""
     x = _meta(sc.M, sc.K, dtype=sc.dtype).requires_grad_()
     wd = _meta(sc.r, sc.K, dtype=sc.dtype).requires_grad_()
     wu = _meta(sc.K, sc.r, dtype=sc.dtype).requires_grad_()
     with recording() as fwd:
-        y = bottleneck_adapter_ref(x, wd, wu, activation="tanh", scaling=1.0, dropout_p=sc.p)
+        y = llm_adapters_series(x, wd, wu, scaling=1.0, dropout_p=sc.p)
     with recording() as bwd:
         torch.autograd.grad(y, (x, wd, wu), torch.empty_like(y))
     return to_plan(fwd), to_plan(bwd)
+
+
+def cuda_bottleneck_plans(sc: Scenario) -> tuple[perf_model.Plan, perf_model.Plan]:
+    """The CUDA backend's launches (csrc/bottleneck_adapter) at a scenario, written out by hand from
+    its host code — it cannot run on meta tensors, so keep this in step with it: fp32 master weights
+    cast with ``Tensor.to`` in the forward (the copies go to the backward), tile_gemm_kernel for each
+    product (64-row tiles: 64 wide over b, 128 over d), weight_grad_kernel (split over M, workspace
+    summed by torch, only while its tiles are under a wave), and the sum of the dscaling partials.
+    Its GEMMs are ``triton_gemm`` launches in the model's sense: their MMA rate is an assumption
+    (legacy WMMA/mma.sync, not wgmma)."""
+    M, d, b, e = sc.M, sc.K, sc.r, sc.dtype.itemsize
+    act, w = M * d * e, b * d * e  # an activation (M × d) and a weight (b × d), in bytes
+    cast = perf_model.Launch("aten._to_copy", 0.0, w * 3)  # fp32 read, 16-bit write
+
+    def tiles(n: int, bn: int) -> int:
+        return -(-M // 64) * -(-n // bn)
+
+    def tile(name: str, nbytes: float, n: int, bn: int) -> perf_model.Launch:
+        return perf_model.Launch(name, 2.0 * M * b * d, nbytes, triton_gemm=True, programs=tiles(n, bn))
+
+    hidden = M * b * e
+    fwd = perf_model.Plan([cast, cast, tile("tile_gemm hidden", act + w + hidden, b, 64),
+                           tile("tile_gemm out", hidden + w + 2 * act, d, 128)])
+    bwd = [tile("tile_gemm dh", act + w + 2 * hidden, b, 64),
+           tile("tile_gemm dx", hidden + w + 2 * act, d, 128)]
+    for na, nb in ((d, b), (b, d)):  # dw_up = s·doutᵀ act(hidden), dw_down = dhᵀ x
+        n_tiles = -(-nb // 128) * -(-na // 64)
+        splits = 1 if n_tiles * 16 >= 15 * 132 else max(1, min(-(-2 * 132 // n_tiles), -(-M // 256)))
+        work = splits * na * nb * 4
+        bwd.append(perf_model.Launch("weight_grad_kernel", 2.0 * M * na * nb, act + hidden + work, triton_gemm=True,
+                                     programs=n_tiles * splits))
+        if splits > 1:
+            bwd.append(perf_model.Launch("aten.sum", 0.0, work + na * nb * 4))
+    bwd.append(perf_model.Launch("aten.sum", 0.0, 4 * tiles(b, 64) + 4))  # the dscaling partials
+    return fwd, perf_model.Plan(bwd)
+
+
+def _weight_reads(launch: TritonLaunch) -> int:
+    """Bytes of adapter weights one bottleneck row-kernel launch reads from L2 (each program reads
+    its slice of the weights once; HBM sees them once per launch)."""
+    b = _bound(launch)
+    per_program = {
+        "_bottleneck_fwd_kernel": lambda: _nbytes(b["wd_ptr"]) + _nbytes(b["wu_ptr"]),
+        "_bottleneck_bwd_kernel": lambda: _nbytes(b["wd_ptr"]) + _nbytes(b["wu_ptr"]),
+        "_bottleneck_hidden_kernel": lambda: b["BLOCK_R"] * b["K"] * b["wd_ptr"].element_size(),
+        "_bottleneck_dh_kernel": lambda: b["BLOCK_R"] * b["N"] * b["wu_ptr"].element_size(),
+        "_bottleneck_expand_kernel": lambda: b["R"] * b["BLOCK_N"] * b["w_ptr"].element_size(),
+    }.get(launch.name)
+    return per_program() * (launch.programs or 1) if per_program else 0
+
+
+def bottleneck_fields(sc: Scenario, fwd: perf_model.Plan, bwd: perf_model.Plan, fwd_rec: Recording,
+                      bwd_rec: Recording, device: perf_model.Device) -> dict:
+    """The series adapter's record: the plan, bytes against the eager baseline and the memory
+    floor, the weights' L2 traffic, and the predicted speedup (eager time ÷ fused time)."""
+    kernels = importlib.import_module("fastadapt.kernels.bottleneck_adapter")
+    eager_fwd, eager_bwd = eager_bottleneck_plans(sc)
+    eager = eager_fwd.seconds(device) + eager_bwd.seconds(device)
+    fused = fwd.seconds(device) + bwd.seconds(device)
+    floor = 2 * sc.M * sc.K * sc.dtype.itemsize  # the forward must read h and write out, once each
+    weights = sc.r * (sc.K + sc.K) * sc.dtype.itemsize
+    l2 = [sum(_weight_reads(x) for x in r.launches if isinstance(x, TritonLaunch)) for r in (fwd_rec, bwd_rec)]
+
+    def speedup(eff: float) -> float:
+        return eager / sum(plan.seconds(device, triton_gemm_efficiency=eff) for plan in (fwd, bwd))
+
+    lo, hi = 0.2, 1.0  # the Triton MMA efficiency at which the speedup falls to the target (bisection)
+    if speedup(hi) < BOTTLENECK_TARGET:
+        needs = None
+    else:
+        for _ in range(30):
+            lo, hi = (lo, (lo + hi) / 2) if speedup((lo + hi) / 2) >= BOTTLENECK_TARGET else ((lo + hi) / 2, hi)
+        needs = round(hi, 3)
+    cuda_fwd, cuda_bwd = cuda_bottleneck_plans(sc)
+
+    def cuda_speedup(eff: float) -> float:
+        return eager / sum(plan.seconds(device, triton_gemm_efficiency=eff) for plan in (cuda_fwd, cuda_bwd))
+
+    return {
+        "plan": kernels.plan(sc.M, sc.r, sc.dtype),
+        "programs": {x.name: x.programs for r in (fwd_rec, bwd_rec) for x in r.launches
+                     if isinstance(x, TritonLaunch)},
+        "eager_us": round(eager * 1e6, 1), "eager_bytes_moved": eager_fwd.bytes + eager_bwd.bytes,
+        "eager_launches": len(eager_fwd) + len(eager_bwd),
+        "predicted_speedup_over_eager": round(eager / fused, 3),
+        "predicted_speedup_at_80pct_mma": round(speedup(0.8), 3),
+        "mma_efficiency_for_target": needs,  # None: the target is missed even at peak
+        "predicted_fwd_speedup_over_eager": round(eager_fwd.seconds(device) / fwd.seconds(device), 3),
+        "fwd_bytes_moved": fwd.bytes, "memory_floor_bytes": floor,
+        "fwd_bytes_over_floor": round(fwd.bytes / floor, 3),
+        "weight_l2_reads_fwd": round(l2[0] / weights, 1), "weight_l2_reads_bwd": round(l2[1] / weights, 1),
+        # the CUDA backend (no dropout: it serves p = 0 only), from its hand-written launch list
+        "cuda_us": round(sum(plan.seconds(device) for plan in (cuda_fwd, cuda_bwd)) * 1e6, 1),
+        "cuda_launches": len(cuda_fwd) + len(cuda_bwd), "cuda_bytes_moved": cuda_fwd.bytes + cuda_bwd.bytes,
+        "cuda_speedup_over_eager": round(cuda_speedup(1.0), 3),
+        "cuda_speedup_at_60pct_mma": round(cuda_speedup(0.6), 3),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -519,7 +663,8 @@ def scenarios(full: bool) -> list[Scenario]:
                 out.append(Scenario("parallel_adapter", M, 4096, N, 256, p))
     for M in (16, 2048, 8192):
         for p in (0.0, 0.1):
-            out.append(Scenario("bottleneck_adapter", M, 4096, 4096, 256, p))
+            if full or M > 16 or p == 0:  # decode is inference (no dropout): its mask path in --full only
+                out.append(Scenario("bottleneck_adapter", M, 4096, 4096, 256, p))
     for K, N in (SHAPES if full else SHAPES[:1]):
         for M in (16, 4096, 8192) if full else (16, 8192):
             for r in ((8, 16, 64) if full else (16,)):
@@ -527,6 +672,8 @@ def scenarios(full: bool) -> list[Scenario]:
                     out.append(Scenario("dora_linear", M, K, N, r, p))
     if full:
         out.append(Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1, torch.float32))
+        for M in (2048, 8192):  # the fp32 tiles of both plans
+            out.append(Scenario("bottleneck_adapter", M, 4096, 4096, 256, 0.1, torch.float32))
     return out
 
 
@@ -550,6 +697,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     ap.add_argument("--no-compile", action="store_true", help="the model only (no sm_90a compiles)")
     ap.add_argument("--sass-dir", type=Path, help="also write each compile's SASS here (to read the inner loop)")
+    ap.add_argument("--only", action="append", metavar="OP", help="only this op's scenarios (repeatable)")
     args = ap.parse_args(argv)
     device = perf_model.DEVICES[args.device]
     started = time.time()
@@ -558,7 +706,8 @@ def main(argv=None) -> int:
     lora_plans: dict[tuple, tuple[perf_model.Plan, perf_model.Plan]] = {}  # LoRA's default, for DoRA's over_lora
     jobs: dict[str, dict] = {}  # spec key -> spec
     uses: list[tuple[dict, str, bool]] = []  # (context record, spec key, default path)
-    for sc in scenarios(args.full):
+    sweep = [sc for sc in scenarios(args.full) if not args.only or sc.op in args.only]
+    for sc in sweep:
         frozen_fwd, frozen_bwd = frozen_plans(sc)
         plans = {}
         if sc.op in ("lora_linear", "dora_linear") and sc.M >= 512:
@@ -600,12 +749,11 @@ def main(argv=None) -> int:
                 "predicted_us": round((fwd.seconds(device) + bwd.seconds(device)) * 1e6, 1),
             }
             if sc.op == "bottleneck_adapter":
-                eager_fwd, eager_bwd = eager_bottleneck_plans(sc)
-                eager = eager_fwd.seconds(device) + eager_bwd.seconds(device)
-                rec["eager_us"] = round(eager * 1e6, 1)
-                rec["eager_bytes_moved"] = eager_fwd.bytes + eager_bwd.bytes
-                rec["predicted_speedup_over_eager"] = round(eager / (fwd.seconds(device) + bwd.seconds(device)), 3)
-                rec["memory_floor_bytes"] = 2 * 2 * sc.M * sc.K  # read h, write out (fwd) at bf16; see NOTES
+                rec.update(bottleneck_fields(sc, fwd, bwd, fwd_rec, bwd_rec, device))
+                if (default and sc.M >= 8192 and sc.dtype == BF16 and device.name == "H100"
+                        and rec["predicted_speedup_over_eager"] < BOTTLENECK_TARGET):
+                    problems.append(f"{sc.op} {sc.name}: predicted {rec['predicted_speedup_over_eager']}x eager "
+                                    f"(target {BOTTLENECK_TARGET}x)")
             else:
                 rec["frozen_us"] = round((frozen_fwd.seconds(device) + frozen_bwd.seconds(device)) * 1e6, 1)
                 rec["predicted_over_frozen"] = round(
@@ -655,7 +803,7 @@ def main(argv=None) -> int:
                         jobs.setdefault(key, spec)
                         uses.append(({"op": sc.op, "scenario": sc.name, "variant": variant, "pass": part}, key,
                                      default))
-    print(f"[check_triton] {len(records)} op records from {len(scenarios(args.full))} scenarios; "
+    print(f"[check_triton] {len(records)} op records from {len(sweep)} scenarios; "
           f"{len(jobs)} distinct compiles", flush=True)
 
     results: dict[str, dict] = {}
@@ -668,7 +816,8 @@ def main(argv=None) -> int:
                 key = pending[done]
                 results[key] = done.result()
                 spec, res = jobs[key], results[key]
-                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['shared_bytes']} B smem, "
+                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['stack_bytes']} B stack, "
+                         f"{res['shared_bytes']} B smem, "
                          f"{res['sass_instructions']} SASS"
                          if res["ok"] else "FAILED")
                 print(f"[check_triton] {n}/{len(jobs)} {spec['kernel']} [{spec['config']}]: {state} "
@@ -684,6 +833,9 @@ def main(argv=None) -> int:
             problems.append(f"{spec['kernel']} [{spec['config']}] failed to compile: {res['error'][-300:]}")
         elif default and res["spill_bytes"]:
             problems.append(f"{spec['kernel']} [{spec['config']}] spills {res['spill_bytes']} B on the default path")
+        elif res["shared_bytes"] > SMEM_LIMIT:
+            problems.append(f"{spec['kernel']} [{spec['config']}] needs {res['shared_bytes']} B of shared memory "
+                            f"(sm_90 allows {SMEM_LIMIT})")
 
     _summary(records, device)
     if args.json:
@@ -712,6 +864,19 @@ def _summary(records: list[dict], device: perf_model.Device) -> None:
               f"{(f'{eager:.2f}x' if eager else '-'):>9s} "
               f"{r['launches_fwd']:4d} {r['launches_bwd']:4d} {r.get('temp_bytes', 0) / 2**20:9.1f} "
               f"{(f'{eff:.2f}' if eff else '-'):>9s}")
+    series = [r for r in records if r["op"] == "bottleneck_adapter" and "predicted_us" in r]
+    if series:
+        print(f"\nseries adapter vs eager LLM-Adapters ({device.name} model; fwd + bwd):")
+        print(f"{'scenario':28s} {'plan':6s} {'fused us':>9s} {'eager us':>9s} {'speedup':>8s} {'@80%mma':>8s} "
+              f"{'MiB':>6s} {'eager MiB':>9s} {'fwd/floor':>9s} {'w L2 reads f/b':>15s} {'cuda':>6s} {'@60%':>6s}")
+        for r in series:
+            cuda = (f"{r['cuda_speedup_over_eager']:5.2f}x {r['cuda_speedup_at_60pct_mma']:5.2f}x" if r["dropout"] == 0
+                    else f"{'-':>6s} {'-':>6s}")
+            print(f"{r['scenario'][:28]:28s} {r['plan']:6s} {r['predicted_us']:9.1f} {r['eager_us']:9.1f} "
+                  f"{r['predicted_speedup_over_eager']:7.2f}x {r['predicted_speedup_at_80pct_mma']:7.2f}x "
+                  f"{r['bytes_moved'] / 2**20:6.0f} {r['eager_bytes_moved'] / 2**20:9.0f} "
+                  f"{r['fwd_bytes_over_floor']:9.2f} {r['weight_l2_reads_fwd']:7.0f}/{r['weight_l2_reads_bwd']:<7.0f} "
+                  f"{cuda}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """The performance model of shared/PERF.md, in code: what a kernel launch costs on a GPU, predicted
 from the bytes it must move, the FLOPs it must do, and a fixed cost per launch.
 
-    time(kernel) = max(FLOPs / (peak · efficiency), bytes / bandwidth) + launch cost
+    time(kernel) = max(FLOPs / (peak · efficiency · fill), bytes / bandwidth) + launch cost
 
 Peaks are the measured ceilings of the lent GPUs (PERF.md): H100 798 TFLOP/s bf16 and 3.0 TB/s
 device copy, H200 790 TFLOP/s and 4.3 TB/s; ~3 µs per launch. ``efficiency`` is 1 for cuBLAS (the
-frozen baseline runs on it too) and a stated assumption for a Triton GEMM. Bytes are HBM traffic:
+frozen baseline runs on it too) and a stated assumption for a Triton GEMM. ``fill`` = programs / SMs
+for a launch of fewer programs than the GPU has SMs (known for Triton launches with a fixed grid;
+1 otherwise): the idle SMs' tensor cores are lost, which is what sinks a row-block kernel at small
+M (32 programs of 64 rows at M = 2048). Bytes are HBM traffic:
 every tensor a kernel touches counts once (its operands' re-reads from L2 do not), an in-place
 accumulation twice (read and write). This is a model — predictions, not measurements; bench/NOTES.md
 keeps each prediction beside the GPU's outcome.
@@ -21,6 +24,7 @@ class Device:
     name: str
     flops: float  # dense bf16 FLOP/s, measured (8192³ matmul)
     bandwidth: float  # bytes/s, measured device copy (read + write)
+    sms: int = 132  # H100 / H200 SXM
     launch_s: float = 3e-6
 
 
@@ -38,9 +42,12 @@ class Launch:
     flops: float = 0.0
     bytes: float = 0.0
     triton_gemm: bool = False  # a Triton GEMM: its FLOP rate is peak × triton_gemm_efficiency
+    programs: int | None = None  # the launch's grid size, when known
 
     def seconds(self, device: Device, *, triton_gemm_efficiency: float = 1.0) -> float:
         rate = device.flops * (triton_gemm_efficiency if self.triton_gemm else 1.0)
+        if self.programs is not None and self.programs < device.sms:
+            rate *= self.programs / device.sms
         return max(self.flops / rate, self.bytes / device.bandwidth) + device.launch_s
 
 

@@ -12,13 +12,13 @@
 
 namespace fastadapt {
 
-// out = (x if residual is None else residual) + s * up(act(down(x))); returns (out, hidden)
-// with hidden (M, b) the pre-activation x @ w_down^T (rounded to x.dtype), saved for backward.
-// The weights may be any float dtype (fp32 master copies): they are cast to x's dtype.
-std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd(const at::Tensor& x, const at::Tensor& w_down,
-                                                          const at::Tensor& w_up, const at::Tensor& scaling,
-                                                          const std::optional<at::Tensor>& residual,
-                                                          c10::string_view activation);
+// out = (x if residual is None else residual) + s * up(act(down(x))); returns (out, hidden,
+// w_down_lp, w_up_lp) with hidden (M, b) the pre-activation x @ w_down^T (rounded to x.dtype),
+// saved for backward. The weights may be any float dtype (fp32 master copies): they are cast to
+// x's dtype, and the copies returned for backward (empty when a weight already has x's dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_fwd(
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& scaling,
+    const std::optional<at::Tensor>& residual, c10::string_view activation);
 
 // Returns (dx, dw_down fp32, dw_up fp32, dscaling fp32 shaped like scaling).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_bwd(

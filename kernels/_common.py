@@ -24,6 +24,7 @@ packed mask costs M·K/8 bytes written once and read twice (4 MiB per pass at 81
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -38,6 +39,8 @@ NO_ACTIVATION = -1
 #: Weight-gradient kernel: split M until about this many programs are in flight (≈ 2 waves on a
 #: 132-SM H100). Shape-only, so a shape always sums in the same order on every device.
 WGRAD_TARGET_PROGRAMS = 264
+#: ... and not at all once the output tiles alone make about a wave (128 of 132 SMs).
+WGRAD_WAVE_TILES = 128
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -315,8 +318,8 @@ def sum_partials(*partials: torch.Tensor) -> list[torch.Tensor]:
 
 
 @triton.jit
-def _weight_grad_kernel(
-    a_ptr, b_ptr, c_ptr, scale_ptr,
+def _weight_grad_tile(
+    a_ptr, b_ptr, c_ptr, scale_ptr, pid, split,
     M, I, J, rows_per_split,  # noqa: E741
     stride_am, stride_ai,
     stride_bm, stride_bj,
@@ -327,9 +330,8 @@ def _weight_grad_kernel(
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """C[split] (I, J) = scale · f(A)ᵀ g(B) over this split's rows of M, fp32 (see weight_grad)."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    """Output tile ``pid`` of C[split] (I, J) = scale · f(A)ᵀ g(B) over this split's rows of M, fp32
+    (see weight_grad)."""
     num_j = tl.cdiv(J, BLOCK_J)
     pid_i = pid // num_j
     pid_j = pid % num_j
@@ -364,6 +366,38 @@ def _weight_grad_kernel(
              acc, mask=i_mask[:, None] & j_mask[None, :])
 
 
+@triton.jit
+def _weight_grad_kernel(
+    a1_ptr, b1_ptr, c1_ptr, scale1_ptr, I1, J1,
+    stride_a1m, stride_a1i, stride_b1m, stride_b1j, stride_c1s, stride_c1i, stride_c1j,
+    bits1_ptr, stride_bits1_m, scale1,
+    a2_ptr, b2_ptr, c2_ptr, scale2_ptr, I2, J2,
+    stride_a2m, stride_a2i, stride_b2m, stride_b2j, stride_c2s, stride_c2i, stride_c2j,
+    bits2_ptr, stride_bits2_m, scale2,
+    M, rows_per_split, tiles1,
+    B1_ACTIVATION: tl.constexpr, B1_DROPOUT: tl.constexpr, SCALE1_PTR: tl.constexpr,
+    B2_ACTIVATION: tl.constexpr, B2_DROPOUT: tl.constexpr, SCALE2_PTR: tl.constexpr,
+    PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_I1: tl.constexpr, BLOCK_J1: tl.constexpr, BLOCK_I2: tl.constexpr, BLOCK_J2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """One weight gradient (see weight_grad), or two contracting over the same M in one launch
+    (PAIR, see weight_grad_pair): programs [0, tiles1) take tiles of the first, the rest of the
+    second. Without PAIR the second problem's arguments are dummies and compile to nothing."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    if not PAIR or pid < tiles1:
+        _weight_grad_tile(a1_ptr, b1_ptr, c1_ptr, scale1_ptr, pid, split, M, I1, J1, rows_per_split,
+                          stride_a1m, stride_a1i, stride_b1m, stride_b1j, stride_c1s, stride_c1i, stride_c1j,
+                          bits1_ptr, stride_bits1_m, scale1, B1_ACTIVATION, B1_DROPOUT, SCALE1_PTR,
+                          DOT_PRECISION, INTERPRET, BLOCK_I1, BLOCK_J1, BLOCK_M)
+    else:
+        _weight_grad_tile(a2_ptr, b2_ptr, c2_ptr, scale2_ptr, pid - tiles1, split, M, I2, J2, rows_per_split,
+                          stride_a2m, stride_a2i, stride_b2m, stride_b2j, stride_c2s, stride_c2i, stride_c2j,
+                          bits2_ptr, stride_bits2_m, scale2, B2_ACTIVATION, B2_DROPOUT, SCALE2_PTR,
+                          DOT_PRECISION, INTERPRET, BLOCK_I2, BLOCK_J2, BLOCK_M)
+
+
 def _weight_grad_blocks(I: int, J: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:  # noqa: E741
     """(BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages): spill-free on sm_90 (offline compile);
     larger output tiles mean fewer re-reads of A and B. BLOCK_J ≥ 32: a whole word of the mask."""
@@ -373,11 +407,74 @@ def _weight_grad_blocks(I: int, J: int, dtype: torch.dtype) -> tuple[int, int, i
 
 def split_rows(M: int, block_m: int, tiles: int) -> tuple[int, int]:
     """``(splits, rows_per_split)`` for a reduction over M: split M (in whole ``block_m`` blocks,
-    at least 4 blocks per split) only as far as the ``tiles`` output tiles need to fill the GPU.
-    Shape-only: a shape always sums in the same order, on every device (bitwise reproducible)."""
-    splits = max(1, min(triton.cdiv(M, 4 * block_m), WGRAD_TARGET_PROGRAMS // max(tiles, 1)))
+    at least 4 blocks per split) only as far as the ``tiles`` output tiles need to fill the GPU —
+    not at all once they make a wave (``WGRAD_WAVE_TILES``): splitting a full wave adds partial
+    sums and buys no parallelism. Shape-only: a shape always sums in the same order, on every
+    device (bitwise reproducible)."""
+    if tiles >= WGRAD_WAVE_TILES:
+        splits = 1
+    else:
+        splits = max(1, min(triton.cdiv(M, 4 * block_m), WGRAD_TARGET_PROGRAMS // max(tiles, 1)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     return triton.cdiv(M, rows_per_split), rows_per_split
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightGrad:
+    """One weight gradient, fp32 ``scale · [scale_tensor] · aᵀ (mask ⊙ act(b))``: arguments as in
+    :func:`weight_grad`."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float = 1.0
+    scale_tensor: torch.Tensor | None = None
+    b_activation: int = NO_ACTIVATION
+    bits: torch.Tensor | None = None
+
+    @property
+    def low_dtype(self) -> torch.dtype:
+        """The multiply dtype's low-precision side (an fp32 ``a`` against a 16-bit ``b``: ``b``'s)."""
+        return self.b.dtype if self.a.dtype == torch.float32 else self.a.dtype
+
+    def args(self, c: torch.Tensor) -> tuple:
+        """Its part of ``_weight_grad_kernel``'s arguments, writing partials ``c``."""
+        bits = self.bits if self.bits is not None else c
+        return (self.a, self.b, c, self.scale_tensor if self.scale_tensor is not None else c,
+                self.a.shape[1], self.b.shape[1],
+                self.a.stride(0), self.a.stride(1), self.b.stride(0), self.b.stride(1),
+                c.stride(0), c.stride(1), c.stride(2),
+                bits, self.bits.stride(0) if self.bits is not None else 0, float(self.scale))
+
+    def constexprs(self, n: int) -> dict:
+        return {f"B{n}_ACTIVATION": self.b_activation, f"B{n}_DROPOUT": self.bits is not None,
+                f"SCALE{n}_PTR": self.scale_tensor is not None}
+
+
+def _weight_grads(problems: list[WeightGrad]) -> list[torch.Tensor]:
+    """One launch of ``_weight_grad_kernel`` for one or two problems over the same M rows; split-M
+    partials (when the tiles are fewer than a wave) summed in a fixed order by one more launch."""
+    M = problems[0].a.shape[0]
+    blocks = [_weight_grad_blocks(p.a.shape[1], p.b.shape[1], p.low_dtype) for p in problems]
+    _, _, BLOCK_M, num_warps, num_stages = blocks[0]
+    if interpreting():
+        BLOCK_M, num_stages = 32, 1
+    tiles = [triton.cdiv(p.a.shape[1], bi) * triton.cdiv(p.b.shape[1], bj) for p, (bi, bj, *_) in zip(problems, blocks)]
+    splits, rows_per_split = split_rows(max(M, 1), BLOCK_M, sum(tiles))
+    cs = [alloc((splits, p.a.shape[1], p.b.shape[1]), dtype=torch.float32, device=p.a.device) for p in problems]
+    if M == 0 or sum(tiles) == 0:
+        return [c.zero_()[0] for c in cs]
+    pair = len(problems) == 2
+    second = problems[-1]
+    with device_ctx(problems[0].a):
+        _weight_grad_kernel[(sum(tiles), splits)](
+            *problems[0].args(cs[0]), *second.args(cs[-1]),
+            M, rows_per_split, tiles[0],
+            **problems[0].constexprs(1), **second.constexprs(2),
+            PAIR=pair, DOT_PRECISION=dot_precision(problems[0].low_dtype), INTERPRET=interpreting(),
+            BLOCK_I1=blocks[0][0], BLOCK_J1=blocks[0][1], BLOCK_I2=blocks[-1][0], BLOCK_J2=blocks[-1][1],
+            BLOCK_M=BLOCK_M, num_warps=num_warps, num_stages=num_stages,
+        )
+    return sum_partials(*cs)
 
 
 def weight_grad(
@@ -397,29 +494,50 @@ def weight_grad(
     fp32 ``a``: both are then multiplied in fp32). Deterministic: M is split by :func:`split_rows`
     into private fp32 partials, summed in a fixed order.
     """
-    M, I = a.shape  # noqa: E741
-    J = b.shape[1]
-    if M == 0 or I == 0 or J == 0:
-        return torch.zeros((I, J), dtype=torch.float32, device=a.device)
-    low = b.dtype if a.dtype == torch.float32 else a.dtype
-    BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages = _weight_grad_blocks(I, J, low)
-    if interpreting():
-        BLOCK_M, num_stages = 32, 1
-    tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
-    splits, rows_per_split = split_rows(M, BLOCK_M, tiles)
-    c = alloc((splits, I, J), dtype=torch.float32, device=a.device)
-    with device_ctx(a):
-        _weight_grad_kernel[(tiles, splits)](
-            a, b, c, scale_tensor if scale_tensor is not None else c,
-            M, I, J, rows_per_split,
-            a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1),
-            c.stride(0), c.stride(1), c.stride(2),
-            bits if bits is not None else c, bits.stride(0) if bits is not None else 0,
-            float(scale),
-            B_ACTIVATION=b_activation, B_DROPOUT=bits is not None, SCALE_PTR=scale_tensor is not None,
-            DOT_PRECISION=dot_precision(low), INTERPRET=interpreting(),
-            BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-    return sum_partials(c)[0]
+    if a.shape[1] == 0 or b.shape[1] == 0:
+        return torch.zeros((a.shape[1], b.shape[1]), dtype=torch.float32, device=a.device)
+    return _weight_grads([WeightGrad(a, b, scale, scale_tensor, b_activation, bits)])[0]
+
+
+def weight_grad_pair(first: WeightGrad, second: WeightGrad) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two weight gradients over the same M rows (e.g. an adapter's down and up projections) in one
+    launch — their tiles side by side in one grid, so together they fill the GPU where each alone
+    would need split-M partials — with :func:`weight_grad`'s fp32 (I, J) results."""
+    assert second.a.shape[0] == first.a.shape[0] and first.low_dtype == second.low_dtype, \
+        "weight_grad_pair: both problems must have the same rows and dtype"
+    first_grad, second_grad = _weight_grads([first, second])
+    return first_grad, second_grad
+
+
+# ----------------------------------------------------------------------------- casts
+
+
+@triton.jit
+def _cast_pair_kernel(a_ptr, a_out_ptr, a_cols, stride_a0, stride_a1, n_a,
+                      b_ptr, b_out_ptr, b_cols, stride_b0, stride_b1, n_b,
+                      INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    # Two 2-D tensors (any strides) to contiguous copies in the outputs' dtype, one launch.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start < n_a:
+        v = tl.load(a_ptr + (offs // a_cols) * stride_a0 + (offs % a_cols) * stride_a1, mask=offs < n_a)
+        tl.store(a_out_ptr + offs, to_dtype(v, a_out_ptr.dtype.element_ty, INTERPRET), mask=offs < n_a)
+    if start < n_b:
+        v = tl.load(b_ptr + (offs // b_cols) * stride_b0 + (offs % b_cols) * stride_b1, mask=offs < n_b)
+        tl.store(b_out_ptr + offs, to_dtype(v, b_out_ptr.dtype.element_ty, INTERPRET), mask=offs < n_b)
+
+
+def cast_pair(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous ``dtype`` copies of two 2-D tensors in one launch (rounding to nearest even, as
+    ``Tensor.to``) — e.g. an adapter's two fp32 master weights, cast once per call instead of
+    being converted in every program that reads them."""
+    outs = tuple(alloc(tuple(t.shape), dtype=dtype, device=t.device) for t in (a, b))
+    n = max(a.numel(), b.numel())
+    if n:
+        BLOCK = 1024
+        with device_ctx(a):
+            _cast_pair_kernel[(triton.cdiv(n, BLOCK),)](
+                a, outs[0], max(a.shape[1], 1), a.stride(0), a.stride(1), a.numel(),
+                b, outs[1], max(b.shape[1], 1), b.stride(0), b.stride(1), b.numel(),
+                INTERPRET=interpreting(), BLOCK=BLOCK)
+    return outs

@@ -2,12 +2,12 @@
 
 Math (``A(z) = up(act(down(dropout(z))))``, ``s`` the scaling)::
 
-    hidden = drop(x) @ w_downᵀ                      (M, b)   pre-activation
+    hidden = drop(x) @ w_downᵀ                      (M, b)   pre-activation, rounded to x.dtype
     g      = act(hidden)
     out    = (x if residual is None else residual) + s · g @ w_upᵀ          (M, d_out)
 
     dg       = s · dout @ w_up                       (M, b)
-    dh       = dg ⊙ act'(hidden)
+    dh       = dg ⊙ act'(hidden)                     rounded to x.dtype
     dx       = mask ⊙ (dh @ w_down) / (1-p)  (+ dout when residual is None)  (M, d_in)
     dw_down  = dhᵀ @ (mask ⊙ x) / (1-p)              (b, d_in)   fp32
     dw_up    = s · doutᵀ @ g                         (d_out, b)  fp32
@@ -15,31 +15,35 @@ Math (``A(z) = up(act(down(dropout(z))))``, ``s`` the scaling)::
     d_residual = dout (the op layer passes it through; nothing is computed here)
 
 Layer 1 of fastadapt: Triton kernels and their launchers, math only (no ``torch.nn``, no
-autograd, no op registration). Only ``x`` and the small ``hidden`` (M × b, x.dtype) need to be
-saved for backward, with the dropout mask: drawn once in the forward and stored packed, 1 bit per
-element of x (``_common.keep_bits``).
+autograd, no op registration). Saved for backward: x, the small ``hidden`` (M × b, x.dtype) and,
+with dropout, the mask — drawn once in the forward and stored packed, 1 bit per element of x
+(``_common.keep_bits``); every later kernel reads the bits.
 
-Dtypes: bf16, fp16 and fp32 (x, weights and residual share one dtype; ``scaling`` is a
-1-element fp32 tensor read in-kernel, so a learned scaling costs no host sync). Products
-accumulate in fp32. fp32 precision policy: ``_common.dot_precision`` (IEEE fp32 in the
-interpreter and when ``torch.backends.cuda.matmul.allow_tf32`` is False, TF32 otherwise).
+Dtypes: bf16, fp16 and fp32; x, the weights and the residual share one dtype (the op layer casts
+fp32 master weights once per call, ``_common.cast_pair``); ``scaling`` is a 1-element fp32 tensor
+read in-kernel (a learned scaling costs no host sync). Products accumulate in fp32; fp32
+precision policy: ``_common.dot_precision``.
 
-Forward: one program per row block reads x (and the residual) and writes out once; the
-M_blk × b intermediate stays on chip. When residual is None the residual add re-reads the
-x row block (d_in wide, too large to keep on chip at d=4096): that second read hits L2.
+Two plans, chosen from the shape alone (so a shape always computes in the same order):
 
-Backward: three launches plus deterministic sums (see ``bottleneck_bwd``):
-  1. row-block kernel: reads dout, hidden and x once each, keeps dg/dh on chip, writes dx, the
-     small dh (M × b) and a per-block partial of ds (when residual is None, dx's identity term
-     re-reads the dout row block, from L2);
-  2./3. ``_common.weight_grad``, for dw_down and for dw_up: a GEMM contracting over M whose
-     (b × d) output tiles stay in fp32 registers across the whole M loop.
-Why not reduce dw_down / dw_up inside the row-block kernel (fp32 atomics or per-block
-partials)? Each row block would then push b·(d_in+d_out) fp32 values: at the target shape
-(d=4096, b=256) 8 MiB per block of 32 rows, 32× the bytes of the x rows it read (as atomics),
-or that much memory per block (as partials). Contracting over M in separate kernels costs
-one more read of x and of dout (2 × M·d·2 bytes) instead, and is deterministic: no atomics;
-split-M partials (bounded, shape-only split count) are summed in a fixed order.
+- **fused** (``b ≤ FUSED_MAX_R`` and at least ``FUSED_MIN_PROGRAMS`` row blocks, i.e. M ≥ 6144 at
+  64 rows): one program per 64-row block — the smallest block Hopper's ``wgmma`` takes — keeps the
+  64 × b intermediate on chip. Forward: read x, write hidden and out (x is read a second time for
+  the residual add: the output tiles run in reverse column order, so the x tiles the down GEMM
+  loaded last are the first re-read, from L2). Backward rows: read dout and hidden, write dh and
+  dx. Each program reads both weights once (b·(d_in+d_out) elements): at M = 8192 that is 128 reads
+  of 4 MiB in bf16 from L2 per kernel, against 256 at the 32-row blocks this replaced.
+- **split** (small M, decode, or b > FUSED_MAX_R): the two GEMMs as two launches on 2-D grids
+  (row blocks × bottleneck chunks, then row blocks × output columns), the M × b intermediate
+  through memory (4 MiB at M = 8192, b = 256, mostly L2). Costs one more read of x (forward) and
+  of dout (backward) than the fused plan, but fills the GPU where the fused plan's M/64 row
+  blocks would leave most SMs idle (32 programs at M = 2048 on 132 SMs).
+
+Weight gradients, both plans: one launch (``_common.weight_grad_pair``) computes dw_down and
+dw_up tiles side by side, contracting over M in fp32 registers; deterministic (no atomics; split-M
+partials only when the two gradients together have fewer than a wave of tiles). Why not inside
+the row kernels: each row block would push b·(d_in+d_out) fp32 partials (8 MiB at d = 4096,
+b = 256) — 16× the activation bytes it read.
 
 Interpreter (TRITON_INTERPRET=1, CPU): the INTERPRET constexpr makes the kernels emulate the GPU
 numerics there (``_common.mma``/``_common.to_dtype``). GPU code is unchanged.
@@ -58,6 +62,7 @@ from ._common import (
     activation,
     activation_grad,
     bits_shape,
+    cast_pair,
     check_activation,
     check_dropout,
     device_ctx,
@@ -68,274 +73,321 @@ from ._common import (
     keep_scale,
     load_keep,
     mma,
+    pow2_block,
     to_dtype,
-    weight_grad,
+    weight_grad_pair,
 )
 from ._common import dropout_bits as dropout_bits
 from ._common import dropout_mask as dropout_mask
 
-__all__ = ["ACTIVATIONS", "bottleneck_bwd", "bottleneck_fwd", "dropout_bits", "dropout_mask"]
+__all__ = ["ACTIVATIONS", "bottleneck_bwd", "bottleneck_fwd", "cast_pair", "dropout_bits", "dropout_mask", "plan"]
 
-# Largest bottleneck kept on chip as one BLOCK_M × next_pow2(b) fp32 tile (b ≤ 256 covers the
-# paper's sizes). Larger b loops over _CHUNK_R-wide chunks, round-tripping hidden / dh through
-# their (L2-resident) output buffers. 128, not 256: 256-wide chunks spill 0.3–0.6 KiB/thread
-# (sm_90 cubin, see _row_blocks). Module-level so tests can force the chunked path.
-_MAX_BLOCK_R = 256
-_CHUNK_R = 128
+#: Rows per program of the fused kernels: one Hopper warpgroup MMA (wgmma) is 64 rows.
+FUSED_BLOCK_M = 64
+#: Widest bottleneck the fused kernels keep on chip: a 64 × 256 fp32 tile is 64 registers per
+#: thread over 8 warps (no spill in the sm_90a compile, .ci/check_triton.py).
+FUSED_MAX_R = 256
+#: Fewest row blocks for which the fused plan runs (≈ 0.75 of a wave on a 132-SM H100); fewer
+#: take the split plan, whose 2-D grids fill the GPU. Module-level so tests can force either plan.
+FUSED_MIN_PROGRAMS = 96
+#: Dtypes the fused plan takes. Not fp32: its FMA dots would hold the 64 × b tile in layouts that
+#: need a 16 KiB stack frame per thread (sm_90a compile); fp32 always splits.
+FUSED_DTYPES = (torch.bfloat16, torch.float16)
+#: Bottleneck chunk of the split plan's first kernel: 64 gives 4 chunks at b = 256, so 32 row
+#: blocks (M = 2048) still launch 128 programs.
+SPLIT_BLOCK_R = 64
+
+_NO_ACT = tl.constexpr(NO_ACTIVATION)  # as a jit-code global
+# _rows_gemm's dropout modes (constexpr globals in jit code; launchers pass their .value)
+_NO_MASK = tl.constexpr(0)
+_DRAW_MASK = tl.constexpr(1)  # draw it here (Philox), store it packed when asked
+_LOAD_MASK = tl.constexpr(2)  # read the stored bits
+
+
 # ----------------------------------------------------------------------------- jit helpers
 
 
 @triton.jit
-def _down_tile(
-    x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-    stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m,
-    threshold, inv_keep, seed, store_bits,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+def _rows_gemm(
+    a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wc, offs_m64, m_mask, offs_c, c_mask, K,
+    bits_ptr, stride_bits_m, threshold, seed, store_bits,
+    MASK: tl.constexpr, A_ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """hidden tile (BLOCK_M, BLOCK_R) = drop(x) @ w_downᵀ in fp32; with dropout the mask is drawn
-    here (and stored packed when ``store_bits``: the first rank chunk)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    """(BLOCK_M, BLOCK_C) fp32 = f(A[rows, :K]) @ W[:K, cols], W addressed through its strides.
+
+    f: the dropout keep-mask (MASK: drawn here and stored packed when ``store_bits``, or loaded
+    from the stored bits) or the activation A_ACTIVATION (rounded back to A's dtype, as a dot
+    operand), or nothing."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-        )
-        if HAS_DROPOUT:
+        a = tl.load(a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if A_ACTIVATION >= 0:
+            a = to_dtype(activation(a.to(tl.float32), A_ACTIVATION), a.dtype, INTERPRET)
+        if MASK == _DRAW_MASK:
             keep, words = keep_bits(seed, offs_m64, k0, K, threshold, BLOCK_K)
-            x = tl.where(keep, x, tl.zeros_like(x))
+            a = tl.where(keep, a, tl.zeros_like(a))  # a select, not a multiply: exact
             if store_bits:
                 offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
                 tl.store(bits_ptr + offs_m64[:, None] * stride_bits_m + offs_w[None, :], words,
                          mask=m_mask[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
-        wd = tl.load(
-            wd_ptr + offs_r[None, :] * stride_wdr + offs_k[:, None] * stride_wdk,
-            mask=r_mask[None, :] & k_mask[:, None], other=0.0,
-        )
-        acc = mma(x, wd, acc, DOT_PRECISION, INTERPRET)
-    if HAS_DROPOUT:
-        # 1/(1-p) applied once to the fp32 accumulator (exact mask, one rounding less)
-        acc = acc * inv_keep
+        elif MASK == _LOAD_MASK:
+            keep = load_keep(bits_ptr, stride_bits_m, offs_m64, m_mask, k0, K, BLOCK_K)
+            a = tl.where(keep, a, tl.zeros_like(a))
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_c[None, :] * stride_wc,
+                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = mma(a, w, acc, DOT_PRECISION, INTERPRET)
     return acc
 
 
 @triton.jit
-def _store_out(
-    acc, scale, x_ptr, res_ptr, out_ptr, offs_m64, m_mask, n0, N,
-    stride_xm, stride_xk, stride_resm, stride_resn, stride_om, stride_on,
-    HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+def _store_hidden(
+    acc, inv_keep, hid_ptr, stride_hm, stride_hr, offs_m64, m_mask, offs_r, r_mask,
+    HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """Store hidden (rounded once to its dtype: what backward reads) and return it."""
+    if HAS_DROPOUT:
+        acc = acc * inv_keep  # 1/(1-p) once, on the fp32 accumulator: the mask itself is exact
+    h = to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET)
+    tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr, h,
+             mask=m_mask[:, None] & r_mask[None, :])
+    return h
+
+
+@triton.jit
+def _store_dh(
+    dg, scale, hid_ptr, stride_hm, stride_hr, dh_ptr, stride_dhm, stride_dhr, offs_m64, m_mask, offs_r, r_mask,
+    ACTIVATION: tl.constexpr, NEED_DSCALE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dh = s · dg ⊙ act'(hidden), stored in dh's dtype and returned rounded; and this tile's
+    Σ act(hidden) ⊙ dg (0 unless NEED_DSCALE; padded lanes hold dg = 0 and add nothing)."""
+    mask = m_mask[:, None] & r_mask[None, :]
+    h = tl.load(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr, mask=mask,
+                other=0.0).to(tl.float32)
+    ds = 0.0
+    if NEED_DSCALE:
+        ds = tl.sum(tl.sum(activation(h, ACTIVATION) * dg, axis=1), axis=0)
+    dh = to_dtype((scale * dg) * activation_grad(h, ACTIVATION), dh_ptr.dtype.element_ty, INTERPRET)
+    tl.store(dh_ptr + offs_m64[:, None] * stride_dhm + offs_r[None, :] * stride_dhr, dh, mask=mask)
+    return dh, ds
+
+
+@triton.jit
+def _store_rows(
+    acc, scale, out_ptr, stride_om, stride_on, base_ptr, stride_bm, stride_bn, bits_ptr, stride_bits_m,
+    offs_m64, m_mask, n0, N,
+    HAS_BASE: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[rows, n0:n0+BLOCK_N] = [keep ⊙] (scale · acc) [+ base], rounded once.
+    Forward: base = the residual (or x), scale = s. dx: keep = the stored mask, scale = 1/(1-p),
+    base = dout when the residual is x (the identity path's gradient)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask = m_mask[:, None] & (offs_n < N)[None, :]
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + offs_m64[:, None] * stride_resm + offs_n[None, :] * stride_resn,
-                      mask=mask, other=0.0)
-    else:
-        # N == K: the residual is x itself (second read of this row block, from L2)
-        res = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xk,
-                      mask=mask, other=0.0)
-    out = res.to(tl.float32) + scale * acc
+    val = acc * scale
+    if MASKED:
+        keep = load_keep(bits_ptr, stride_bits_m, offs_m64, m_mask, n0, N, BLOCK_N)
+        val = tl.where(keep, val, 0.0)
+    if HAS_BASE:
+        val += tl.load(base_ptr + offs_m64[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                       mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :] * stride_on,
-             to_dtype(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+             to_dtype(val, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _expand_rows(
+    t, scale, w_ptr, stride_wr, stride_wn, offs_r, r_mask,
+    out_ptr, stride_om, stride_on, base_ptr, stride_bm, stride_bn, bits_ptr, stride_bits_m,
+    offs_m64, m_mask, N,
+    HAS_BASE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The fused kernels' second GEMM: every output tile of these rows from the on-chip t
+    (BLOCK_M × BLOCK_R). Columns run last to first: the first re-reads of the base (x or dout,
+    read whole by the first GEMM) are the tiles loaded last, the likeliest still in L2."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    for i in range(0, num_n):
+        n0 = (num_n - 1 - i) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        w = tl.load(w_ptr + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
+                    mask=r_mask[:, None] & (offs_n < N)[None, :], other=0.0)
+        acc = mma(t, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, INTERPRET)
+        _store_rows(acc, scale, out_ptr, stride_om, stride_on, base_ptr, stride_bm, stride_bn, bits_ptr,
+                    stride_bits_m, offs_m64, m_mask, n0, N, HAS_BASE, MASKED, INTERPRET, BLOCK_N)
+
+
+# ----------------------------------------------------------------------------- fused kernels
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])  # one compile for every seed and p
 def _bottleneck_fwd_kernel(
-    x_ptr, wd_ptr, wu_ptr, res_ptr, scale_ptr, out_ptr, hid_ptr, bits_ptr,
+    x_ptr, wd_ptr, wu_ptr, base_ptr, scale_ptr, out_ptr, hid_ptr, bits_ptr,
     M, K, N, R,
     stride_xm, stride_xk,
     stride_wdr, stride_wdk,
     stride_wun, stride_wur,
-    stride_resm, stride_resn,
+    stride_bm, stride_bn,
     stride_om, stride_on,
     stride_hm, stride_hr,
     stride_bits_m,
     threshold, inv_keep, seed,
-    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One row block: hidden = drop(x) @ w_downᵀ on chip, then out = base + s · act(hidden) @ w_upᵀ."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_m64 = offs_m.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = _rows_gemm(x_ptr, stride_xm, stride_xk, wd_ptr, stride_wdk, stride_wdr, offs_m64, m_mask, offs_r, r_mask,
+                     K, bits_ptr, stride_bits_m, threshold, seed, True,
+                     _DRAW_MASK if HAS_DROPOUT else _NO_MASK, _NO_ACT, DOT_PRECISION, INTERPRET,
+                     BLOCK_M, BLOCK_K, BLOCK_R)
+    h = _store_hidden(acc, inv_keep, hid_ptr, stride_hm, stride_hr, offs_m64, m_mask, offs_r, r_mask,
+                      HAS_DROPOUT, INTERPRET)
+    # act of the rounded hidden (what backward sees), rounded again as the dot operand
+    g = to_dtype(activation(h.to(tl.float32), ACTIVATION), x_ptr.dtype.element_ty, INTERPRET)
     scale = tl.load(scale_ptr).to(tl.float32)
-    dtype = x_ptr.dtype.element_ty
-
-    if R_CHUNKED:
-        # b > _MAX_BLOCK_R: _CHUNK_R-wide hidden chunks go through the hidden output (written
-        # anyway, read back from L2 by this same program) instead of an on-chip tile that spills.
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < R
-            acc = _down_tile(x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-                             stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, threshold, inv_keep,
-                             seed, r0 == 0,
-                             HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
-            tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                     to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
-        # make this program's hidden stores visible to all its threads before reading back
-        tl.debug_barrier()
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            acc_o = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < R
-                # .cg: read from L2, where the stores above landed (never a stale L1 line)
-                h = tl.load(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                            mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
-                g = to_dtype(activation(h.to(tl.float32), ACTIVATION), dtype, INTERPRET)
-                wu = tl.load(wu_ptr + offs_r[:, None] * stride_wur + offs_n[None, :] * stride_wun,
-                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc_o = mma(g, wu, acc_o, DOT_PRECISION, INTERPRET)
-            _store_out(acc_o, scale, x_ptr, res_ptr, out_ptr, offs_m64, m_mask, n0, N,
-                       stride_xm, stride_xk, stride_resm, stride_resn, stride_om, stride_on,
-                       HAS_RESIDUAL, INTERPRET, BLOCK_N)
-    else:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        acc = _down_tile(x_ptr, wd_ptr, bits_ptr, offs_m64, m_mask, offs_r, r_mask, K,
-                         stride_xm, stride_xk, stride_wdr, stride_wdk, stride_bits_m, threshold, inv_keep, seed, True,
-                         HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
-        tl.store(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                 to_dtype(acc, hid_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
-        # act on the fp32 accumulator; rounded to the input dtype only as a dot operand
-        g = to_dtype(activation(acc, ACTIVATION), dtype, INTERPRET)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            wu = tl.load(wu_ptr + offs_r[:, None] * stride_wur + offs_n[None, :] * stride_wun,
-                         mask=r_mask[:, None] & (offs_n < N)[None, :], other=0.0)
-            acc_o = mma(g, wu, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, INTERPRET)
-            _store_out(acc_o, scale, x_ptr, res_ptr, out_ptr, offs_m64, m_mask, n0, N,
-                       stride_xm, stride_xk, stride_resm, stride_resn, stride_om, stride_on,
-                       HAS_RESIDUAL, INTERPRET, BLOCK_N)
+    _expand_rows(g, scale, wu_ptr, stride_wur, stride_wun, offs_r, r_mask, out_ptr, stride_om, stride_on,
+                 base_ptr, stride_bm, stride_bn, bits_ptr, stride_bits_m, offs_m64, m_mask, N,
+                 True, False, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _dh_tile(
-    dout_ptr, wu_ptr, hid_ptr, offs_m64, m_mask, offs_r, r_mask, N, scale,
-    stride_dom, stride_don, stride_wun, stride_wur, stride_hm, stride_hr,
-    ACTIVATION: tl.constexpr, NEED_DSCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """dh tile = s · (dout @ w_up) ⊙ act'(hidden) in fp32, and per-row Σ g ⊙ (dout @ w_up)."""
-    dgu = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        do = tl.load(dout_ptr + offs_m64[:, None] * stride_dom + offs_n[None, :] * stride_don,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        wu = tl.load(wu_ptr + offs_n[:, None] * stride_wun + offs_r[None, :] * stride_wur,
-                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        dgu = mma(do, wu, dgu, DOT_PRECISION, INTERPRET)
-    h = tl.load(hid_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    if NEED_DSCALE:
-        # padded rows / columns: dgu == 0 there (masked loads), so they add nothing
-        ds_rows = tl.sum(activation(h, ACTIVATION) * dgu, axis=1)
-    else:
-        ds_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    dh = (scale * dgu) * activation_grad(h, ACTIVATION)
-    return dh, ds_rows
-
-
-@triton.jit
-def _store_dx(
-    acc, dout_ptr, dx_ptr, bits_ptr, offs_m64, m_mask, k0, K,
-    stride_dom, stride_don, stride_dxm, stride_dxk, stride_bits_m, inv_keep,
-    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = m_mask[:, None] & (offs_k < K)[None, :]
-    if HAS_DROPOUT:
-        keep = load_keep(bits_ptr, stride_bits_m, offs_m64, m_mask, k0, K, BLOCK_K)
-        acc = tl.where(keep, acc * inv_keep, 0.0)
-    if not HAS_RESIDUAL:
-        # out = x + s·A(x): the identity path's gradient (N == K; this dout row block is in L2)
-        acc += tl.load(dout_ptr + offs_m64[:, None] * stride_dom + offs_k[None, :] * stride_don,
-                       mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs_m64[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-             to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _bottleneck_bwd_rows_kernel(
-    dout_ptr, x_ptr, hid_ptr, wd_ptr, wu_ptr, scale_ptr, dx_ptr, dh_ptr, dsp_ptr, bits_ptr,
+def _bottleneck_bwd_kernel(
+    dout_ptr, hid_ptr, wd_ptr, wu_ptr, scale_ptr, dx_ptr, dh_ptr, dsp_ptr, bits_ptr,
     M, K, N, R,
     stride_dom, stride_don,
-    stride_xm, stride_xk,
     stride_hm, stride_hr,
     stride_wdr, stride_wdk,
     stride_wun, stride_wur,
     stride_dxm, stride_dxk,
     stride_dhm, stride_dhr,
     stride_bits_m, inv_keep,
-    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    NEED_DSCALE: tl.constexpr, R_CHUNKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    ACTIVATION: tl.constexpr, ADD_DOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DSCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """One row block: dh = s · (dout @ w_up) ⊙ act'(hidden) on chip (stored too, for dw_down), then
+    dx = mask ⊙ (dh @ w_down) / (1-p) (+ dout), and this block's partial of ds. As in the forward,
+    BLOCK_K is the first GEMM's reduction step (over d_out here) and BLOCK_N the output tile (of dx)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_m64 = offs_m.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    dg = _rows_gemm(dout_ptr, stride_dom, stride_don, wu_ptr, stride_wun, stride_wur, offs_m64, m_mask, offs_r,
+                    r_mask, N, bits_ptr, stride_bits_m, 0, 0, False,
+                    _NO_MASK, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
     scale = tl.load(scale_ptr).to(tl.float32)
-    dtype = x_ptr.dtype.element_ty
-
-    if R_CHUNKED:
-        ds_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < R
-            dh, ds_part = _dh_tile(dout_ptr, wu_ptr, hid_ptr, offs_m64, m_mask, offs_r, r_mask, N, scale,
-                                   stride_dom, stride_don, stride_wun, stride_wur, stride_hm, stride_hr,
-                                   ACTIVATION, NEED_DSCALE, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
-            ds_rows += ds_part
-            tl.store(dh_ptr + offs_m64[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
-                     to_dtype(dh, dh_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & r_mask[None, :])
-        tl.debug_barrier()
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < R
-                dh = tl.load(dh_ptr + offs_m64[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
-                             mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
-                wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + offs_k[None, :] * stride_wdk,
-                             mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                acc = mma(dh, wd, acc, DOT_PRECISION, INTERPRET)
-            _store_dx(acc, dout_ptr, dx_ptr, bits_ptr, offs_m64, m_mask, k0, K,
-                      stride_dom, stride_don, stride_dxm, stride_dxk, stride_bits_m, inv_keep,
-                      HAS_RESIDUAL, HAS_DROPOUT, INTERPRET, BLOCK_K)
-    else:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        dh, ds_rows = _dh_tile(dout_ptr, wu_ptr, hid_ptr, offs_m64, m_mask, offs_r, r_mask, N, scale,
-                               stride_dom, stride_don, stride_wun, stride_wur, stride_hm, stride_hr,
-                               ACTIVATION, NEED_DSCALE, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
-        dh_lp = to_dtype(dh, dh_ptr.dtype.element_ty, INTERPRET)
-        tl.store(dh_ptr + offs_m64[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
-                 dh_lp, mask=m_mask[:, None] & r_mask[None, :])
-        dh_lp = dh_lp.to(dtype)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + offs_k[None, :] * stride_wdk,
-                         mask=r_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-            acc = mma(dh_lp, wd, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION, INTERPRET)
-            _store_dx(acc, dout_ptr, dx_ptr, bits_ptr, offs_m64, m_mask, k0, K,
-                      stride_dom, stride_don, stride_dxm, stride_dxk, stride_bits_m, inv_keep,
-                      HAS_RESIDUAL, HAS_DROPOUT, INTERPRET, BLOCK_K)
+    dh, ds = _store_dh(dg, scale, hid_ptr, stride_hm, stride_hr, dh_ptr, stride_dhm, stride_dhr, offs_m64, m_mask,
+                       offs_r, r_mask, ACTIVATION, NEED_DSCALE, INTERPRET)
+    _expand_rows(dh.to(dout_ptr.dtype.element_ty), inv_keep, wd_ptr, stride_wdr, stride_wdk, offs_r, r_mask,
+                 dx_ptr, stride_dxm, stride_dxk, dout_ptr, stride_dom, stride_don, bits_ptr, stride_bits_m,
+                 offs_m64, m_mask, K, ADD_DOUT, HAS_DROPOUT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N)
     if NEED_DSCALE:
-        # one partial per row block, summed in a fixed order by the launcher (deterministic)
-        tl.store(dsp_ptr + pid, tl.sum(ds_rows, axis=0))
+        tl.store(dsp_ptr + pid, ds)  # one partial per row block, summed in a fixed order
+
+
+# ----------------------------------------------------------------------------- split kernels
+
+
+@triton.jit
+def _chunk_tile(pid, M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(rows, row mask, bottleneck columns, column mask) of program ``pid`` on a (row blocks ×
+    bottleneck chunks) grid; the chunks of one row block are adjacent program ids, so their
+    re-reads of that row block hit L2."""
+    num_r = tl.cdiv(R, BLOCK_R)
+    offs_m = (pid // num_r) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = (pid % num_r) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return offs_m.to(tl.int64), offs_m < M, offs_r, offs_r < R
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _bottleneck_hidden_kernel(
+    x_ptr, wd_ptr, hid_ptr, bits_ptr,
+    M, K, R,
+    stride_xm, stride_xk,
+    stride_wdr, stride_wdk,
+    stride_hm, stride_hr,
+    stride_bits_m,
+    threshold, inv_keep, seed,
+    MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """hidden[row block, chunk] = drop(x) @ w_down[chunk]ᵀ; MASK = draw only with a single chunk
+    (otherwise every chunk would draw the same mask again: it is loaded)."""
+    offs_m64, m_mask, offs_r, r_mask = _chunk_tile(tl.program_id(0), M, R, BLOCK_M, BLOCK_R)
+    acc = _rows_gemm(x_ptr, stride_xm, stride_xk, wd_ptr, stride_wdk, stride_wdr, offs_m64, m_mask, offs_r, r_mask,
+                     K, bits_ptr, stride_bits_m, threshold, seed, True,
+                     MASK, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_K, BLOCK_R)
+    _store_hidden(acc, inv_keep, hid_ptr, stride_hm, stride_hr, offs_m64, m_mask, offs_r, r_mask, MASK != _NO_MASK,
+                  INTERPRET)
+
+
+@triton.jit
+def _bottleneck_dh_kernel(
+    dout_ptr, wu_ptr, scale_ptr, hid_ptr, dh_ptr, dsp_ptr,
+    M, N, R,
+    stride_dom, stride_don,
+    stride_wun, stride_wur,
+    stride_hm, stride_hr,
+    stride_dhm, stride_dhr,
+    ACTIVATION: tl.constexpr, NEED_DSCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dh[row block, chunk] = s · (dout @ w_up[:, chunk]) ⊙ act'(hidden), and its partial of ds."""
+    pid = tl.program_id(0)
+    offs_m64, m_mask, offs_r, r_mask = _chunk_tile(pid, M, R, BLOCK_M, BLOCK_R)
+    dg = _rows_gemm(dout_ptr, stride_dom, stride_don, wu_ptr, stride_wun, stride_wur, offs_m64, m_mask, offs_r,
+                    r_mask, N, dh_ptr, 0, 0, 0, False,
+                    _NO_MASK, _NO_ACT, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    _, ds = _store_dh(dg, scale, hid_ptr, stride_hm, stride_hr, dh_ptr, stride_dhm, stride_dhr, offs_m64, m_mask,
+                      offs_r, r_mask, ACTIVATION, NEED_DSCALE, INTERPRET)
+    if NEED_DSCALE:
+        tl.store(dsp_ptr + pid, ds)
+
+
+@triton.jit
+def _bottleneck_expand_kernel(
+    t_ptr, w_ptr, scale_ptr, base_ptr, out_ptr, bits_ptr,
+    M, N, R,
+    stride_tm, stride_tr,
+    stride_wr, stride_wn,
+    stride_bm, stride_bn,
+    stride_om, stride_on,
+    stride_bits_m, scale,
+    T_ACTIVATION: tl.constexpr, SCALE_PTR: tl.constexpr, HAS_BASE: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[row block, column block] = [keep ⊙] (scale · f(T) @ W) [+ base]: the forward's
+    out = base + s · act(hidden) @ w_upᵀ and the backward's dx = mask ⊙ (dh @ w_down)/(1-p) (+ dout).
+    Column blocks of one row block are adjacent program ids (T's row block stays in L2)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = (pid % num_n) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    acc = _rows_gemm(t_ptr, stride_tm, stride_tr, w_ptr, stride_wr, stride_wn, offs_m64, m_mask, offs_n, offs_n < N,
+                     R, bits_ptr, 0, 0, 0, False,
+                     _NO_MASK, T_ACTIVATION, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_R, BLOCK_N)
+    if SCALE_PTR:
+        scale = scale * tl.load(scale_ptr).to(tl.float32)
+    _store_rows(acc, scale, out_ptr, stride_om, stride_on, base_ptr, stride_bm, stride_bn, bits_ptr, stride_bits_m,
+                offs_m64, m_mask, n0, N, HAS_BASE, MASKED, INTERPRET, BLOCK_N)
+
+
+# ----------------------------------------------------------------------------- host side
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -379,28 +431,36 @@ def _check_common(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, sca
     return M, K, N, R
 
 
-def _row_blocks(M: int, R: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, num_warps, chunked) for the row-block kernels.
-
-    Chosen from resource usage, not timings (no GPU in the session that wrote them): sm_90
-    cubins compiled offline with triton 3.9 (num_stages=2), registers/spills read with
-    cuobjdump. These configs spill ≤ 32 B/thread for every activation, with and without
-    dropout; e.g. b=256 at BLOCK_M=64 spills 0.4–1 KiB/thread, BLOCK_M=32 none. Retune on GPU.
-    """
-    chunked = R > _MAX_BLOCK_R
-    # tl.dot needs every dim ≥ 16: pad b to a power of two ≥ 16, masked
-    block_r = _CHUNK_R if chunked else max(16, triton.next_power_of_2(R))
-    if block_r <= 64:
-        block_m, num_warps = 64, (4 if dtype != torch.float32 else 8)
-    elif block_r <= 128 and not chunked:
-        block_m, num_warps = 64, 8
-    else:
-        block_m, num_warps = 32, 8
-    block_m = min(block_m, max(16, triton.next_power_of_2(M)))  # decode-sized M
-    return block_m, 32, 32, block_r, num_warps, chunked
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """(row stride, column stride) of each 2-D tensor, flattened: the kernels' stride arguments."""
+    return [st for t in tensors for st in t.stride()]
 
 
-# ----------------------------------------------------------------------------- launchers
+def plan(M: int, R: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``"fused"`` or ``"split"`` for M rows, bottleneck b = R and x's dtype (shape and dtype only:
+    see the module docstring)."""
+    fused = dtype in FUSED_DTYPES and R <= FUSED_MAX_R and triton.cdiv(M, FUSED_BLOCK_M) >= FUSED_MIN_PROGRAMS
+    return "fused" if fused else "split"
+
+
+def _fused_config(R: int) -> dict:
+    """Fused kernels: 64 rows (wgmma), the whole bottleneck on chip. 8 warps split the 64 × b
+    accumulator (64 fp32 registers per thread at b = 256); 64-wide K/N steps keep the pipelined
+    weight tiles (b × 64) within shared memory at 2 stages. Chosen from the sm_90a compile
+    (registers, spills, shared memory: .ci/check_triton.py), not from timings."""
+    block_r = pow2_block(R, cap=FUSED_MAX_R)
+    warps = 8 if block_r >= 128 else 4
+    return dict(BLOCK_M=FUSED_BLOCK_M, BLOCK_K=64, BLOCK_N=128, BLOCK_R=block_r, num_warps=warps,
+                num_stages=1 if interpreting() else 2)
+
+
+def _split_config(M: int, R: int, dtype: torch.dtype) -> dict:
+    """Split kernels: row blocks of up to 64 (16 at decode sizes), bottleneck chunks and K steps of
+    up to 64, 128-wide output columns (a 64 × 128 fp32 accumulator over 4 warps)."""
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_M=pow2_block(M, cap=64), BLOCK_K=64, BLOCK_R=pow2_block(R, cap=SPLIT_BLOCK_R),
+                BLOCK_N=64 if fp32 else 128,
+                num_warps=4, num_stages=1 if interpreting() else (2 if fp32 else 3))
 
 
 def bottleneck_fwd(
@@ -414,14 +474,14 @@ def bottleneck_fwd(
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Fused series-adapter forward: ``out = (x if residual is None else residual) + s·A(x)``.
+    """Series-adapter forward: ``out = (x if residual is None else residual) + s·A(x)``.
 
-    ``A(z) = up(act(down(dropout(z))))`` (LLM-Adapters), computed in one kernel per row block.
+    ``A(z) = up(act(down(dropout(z))))`` (LLM-Adapters); one launch (fused plan) or two (split
+    plan, three with dropout and b > SPLIT_BLOCK_R: the mask is drawn by its own launch first).
 
     Args:
         x: (M, d_in), bf16/fp16/fp32, any 2-D strides.
-        w_down: (b, d_in), x's dtype. w_up: (d_out, b), x's dtype. Any b ≥ 1 (padded to a
-            power of two ≥ 16 on chip; b > 256 loops over 256-wide chunks).
+        w_down: (b, d_in), x's dtype. w_up: (d_out, b), x's dtype. Any b ≥ 1.
         scaling: 1-element fp32 tensor on x's device (read in-kernel: no host sync).
         activation: "tanh" | "relu" | "gelu" (exact erf) | "silu".
         residual: (M, d_out), x's dtype, or None (then d_out must equal d_in and x is the residual).
@@ -444,33 +504,67 @@ def bottleneck_fwd(
         _check_2d("residual", residual, (M, N), x, "(M, d_out)")
 
     has_dropout = dropout_p > 0.0
+    fused = plan(M, R, x.dtype) == "fused"
+    cfg = _fused_config(R) if fused else _split_config(M, R, x.dtype)
+    chunks = 1 if fused else triton.cdiv(R, cfg["BLOCK_R"])
     out = _common.alloc((M, N), dtype=x.dtype, device=x.device)
     hidden = _common.alloc((M, R), dtype=x.dtype, device=x.device)
-    bits = _common.alloc(bits_shape(M, K), dtype=torch.int32, device=x.device) if has_dropout else None
+    bits = None
+    if has_dropout:
+        # drawn where x is read, unless several bottleneck chunks read one row block: then drawn
+        # once, by its own launch, and loaded by each chunk
+        bits = (_common.alloc(bits_shape(M, K), dtype=torch.int32, device=x.device) if chunks == 1 or M == 0
+                else dropout_bits(seed, M, K, dropout_p, device=x.device))
     if M == 0:
         return out, hidden, bits
     inv_keep = keep_scale(dropout_p) if has_dropout else 1.0
-    BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, num_warps, chunked = _row_blocks(M, R, x.dtype)
-    res = x if residual is None else residual
+    threshold = dropout_threshold(dropout_p)
+    base = x if residual is None else residual
+    # without dropout the mask pointer is a dummy: one of the kernel's own tensors (never read)
+    bits_arg, stride_bits = (bits, bits.stride(0)) if bits is not None else (hidden, 0)
+    precision = dot_precision(x.dtype)
     with device_ctx(x):
-        _bottleneck_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
-            x, w_down, w_up, res, scaling, out, hidden, bits if bits is not None else out,
-            M, K, N, R,
-            x.stride(0), x.stride(1),
-            w_down.stride(0), w_down.stride(1),
-            w_up.stride(0), w_up.stride(1),
-            res.stride(0), res.stride(1),
-            out.stride(0), out.stride(1),
-            hidden.stride(0), hidden.stride(1),
-            bits.stride(0) if bits is not None else 0,
-            dropout_threshold(dropout_p), inv_keep, seed,
-            ACTIVATION=act, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
-            R_CHUNKED=chunked, DOT_PRECISION=dot_precision(x.dtype),
-            INTERPRET=interpreting(),
-            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-            num_warps=num_warps, num_stages=2,
+        if fused:
+            _bottleneck_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+                x, w_down, w_up, base, scaling, out, hidden, bits_arg,
+                M, K, N, R,
+                *_strides(x, w_down, w_up, base, out, hidden), stride_bits,
+                threshold, inv_keep, seed,
+                ACTIVATION=act, HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, INTERPRET=interpreting(),
+                **cfg,
+            )
+            return out, hidden, bits
+        mask_mode = (_NO_MASK if not has_dropout else _DRAW_MASK if chunks == 1 else _LOAD_MASK).value
+        _bottleneck_hidden_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * chunks,)](
+            x, w_down, hidden, bits_arg,
+            M, K, R,
+            *_strides(x, w_down, hidden), stride_bits,
+            threshold, inv_keep, seed,
+            MASK=mask_mode, DOT_PRECISION=precision, INTERPRET=interpreting(),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+        _launch_expand(hidden, w_up.t(), out, base=base, scaling=scaling, scale=1.0, t_activation=act, bits=None,
+                       cfg=cfg)
     return out, hidden, bits
+
+
+def _launch_expand(t, w, out, *, base, scaling, scale, t_activation, bits, cfg) -> None:
+    """out = [keep ⊙] (scale · [scaling ·] f(t) @ w) [+ base]; t (M, R), w (R, N) any strides."""
+    M, R = t.shape
+    N = w.shape[1]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _bottleneck_expand_kernel[grid](
+        t, w, scaling if scaling is not None else out, base if base is not None else out, out,
+        bits if bits is not None else out,
+        M, N, R,
+        *_strides(t, w, base if base is not None else out, out),
+        bits.stride(0) if bits is not None else 0, float(scale),
+        T_ACTIVATION=t_activation, SCALE_PTR=scaling is not None, HAS_BASE=base is not None, MASKED=bits is not None,
+        DOT_PRECISION=dot_precision(t.dtype), INTERPRET=interpreting(),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def bottleneck_bwd(
@@ -504,10 +598,9 @@ def bottleneck_bwd(
         dscaling: fp32 tensor of scaling's shape = Σ act(hidden) ⊙ (dout @ w_up), or None;
         with dh = s · (dout @ w_up) ⊙ act'(hidden).
 
-    Launches: the row-block kernel (dx, dh (M × b, x.dtype) and ds partials), then the
-    M-contracting weight-gradient kernel for dw_down and for dw_up. All reductions are
-    deterministic (no atomics): see the module docstring for why weight gradients are not
-    reduced inside the row-block kernel.
+    Launches: the fused row kernel (or the split plan's dh and dx kernels), then one launch for
+    both weight gradients (``_common.weight_grad_pair``); with a learned scaling, a sum of the ds
+    partials. Deterministic: no atomics, every sum in a fixed order.
     """
     act = check_activation(activation)
     check_dropout(dropout_p, 0)
@@ -530,29 +623,41 @@ def bottleneck_bwd(
     has_dropout = dropout_p > 0.0
     inv_keep = keep_scale(dropout_p) if has_dropout else 1.0
     precision = dot_precision(x.dtype)
-    BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, num_warps, chunked = _row_blocks(M, R, x.dtype)
-    grid_m = triton.cdiv(M, BLOCK_M)
     dh = _common.alloc((M, R), dtype=x.dtype, device=x.device)
-    ds_partial = _common.alloc((grid_m,), dtype=torch.float32, device=x.device) if need_scaling_grad else dh
+    add_dout = not has_residual
+    bits_arg, stride_bits = (bits, bits.stride(0)) if bits is not None else (dx, 0)
     with device_ctx(x):
-        _bottleneck_bwd_rows_kernel[(grid_m,)](
-            dout, x, hidden, w_down, w_up, scaling, dx, dh, ds_partial, bits if bits is not None else dx,
-            M, K, N, R,
-            dout.stride(0), dout.stride(1),
-            x.stride(0), x.stride(1),
-            hidden.stride(0), hidden.stride(1),
-            w_down.stride(0), w_down.stride(1),
-            w_up.stride(0), w_up.stride(1),
-            dx.stride(0), dx.stride(1),
-            dh.stride(0), dh.stride(1),
-            bits.stride(0) if bits is not None else 0, inv_keep,
-            ACTIVATION=act, HAS_RESIDUAL=bool(has_residual), HAS_DROPOUT=has_dropout,
-            NEED_DSCALE=bool(need_scaling_grad), R_CHUNKED=chunked,
-            DOT_PRECISION=precision, INTERPRET=interpreting(),
-            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-            num_warps=num_warps, num_stages=2,
+        if plan(M, R, x.dtype) == "fused":
+            cfg = _fused_config(R)
+            grid_m = triton.cdiv(M, cfg["BLOCK_M"])
+            ds_partial = _common.alloc((grid_m,), dtype=torch.float32, device=x.device) if need_scaling_grad else dh
+            _bottleneck_bwd_kernel[(grid_m,)](
+                dout, hidden, w_down, w_up, scaling, dx, dh, ds_partial, bits_arg,
+                M, K, N, R,
+                *_strides(dout, hidden, w_down, w_up, dx, dh), stride_bits, inv_keep,
+                ACTIVATION=act, ADD_DOUT=add_dout, HAS_DROPOUT=has_dropout, NEED_DSCALE=bool(need_scaling_grad),
+                DOT_PRECISION=precision, INTERPRET=interpreting(),
+                **cfg,
+            )
+        else:
+            cfg = _split_config(M, R, x.dtype)
+            programs = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(R, cfg["BLOCK_R"])
+            ds_partial = (_common.alloc((programs,), dtype=torch.float32, device=x.device) if need_scaling_grad
+                          else dh)
+            _bottleneck_dh_kernel[(programs,)](
+                dout, w_up, scaling, hidden, dh, ds_partial,
+                M, N, R,
+                *_strides(dout, w_up, hidden, dh),
+                ACTIVATION=act, NEED_DSCALE=bool(need_scaling_grad), DOT_PRECISION=precision,
+                INTERPRET=interpreting(),
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+            _launch_expand(dh, w_down, dx, base=dout if add_dout else None, scaling=None, scale=inv_keep,
+                           t_activation=NO_ACTIVATION, bits=bits, cfg=cfg)
+        dw_down, dw_up = weight_grad_pair(
+            _common.WeightGrad(dh, x, scale=inv_keep, bits=bits),
+            _common.WeightGrad(dout, hidden, scale_tensor=scaling, b_activation=act),
         )
-        dw_down = weight_grad(dh, x, scale=inv_keep, b_activation=NO_ACTIVATION, bits=bits)
-        dw_up = weight_grad(dout, hidden, scale_tensor=scaling, b_activation=act)
     ds = ds_partial.sum().reshape(scaling.shape) if need_scaling_grad else None
     return dx, dw_down, dw_up, ds

@@ -8,10 +8,24 @@
 //             dx     = dh @ w_down (+ dout when res is x)
 //             dw_up  = s * dout^T @ act(hidden),  dw_down = dh^T @ x       (fp32)
 //
-// One CTA owns a block of kBM rows: it streams x (resp. dout) once, keeps the kBM x b
-// intermediate in shared memory and writes out (resp. dx) once. The weight gradients reduce over
-// M, so they run as a separate split-M GEMM kernel on the saved hidden and the dh this pass writes.
-// bf16/fp16 operands, fp32 accumulation; each output is rounded once.
+// Design: every product is one launch of a single tiled GEMM (tile_gemm_kernel: a 64 x BN output
+// tile per CTA, 4 warps, a 3-stage cp.async pipeline) with one of four epilogues; the M x b
+// intermediates (hidden, dh) go through memory (4 MiB at M = 8192, b = 256; mostly L2):
+//
+//   forward   hidden = x @ w_down^T      64 x 64 tiles   (M/64 x b/64 CTAs)
+//             out = res + s * act(hidden) @ w_up^T        64 x 128 tiles  (M/64 x d_out/128 CTAs)
+//   backward  dh = s * (dout @ w_up) * act'(hidden), ds partials   64 x 64 tiles
+//             dx = dh @ w_down (+ dout)                  64 x 128 tiles
+//             dw_up, dw_down: weight_grad_kernel (split over M only while its tiles are under a wave)
+// fp32 master weights are cast to x's dtype once, in the forward, which returns the copies for the
+// backward.
+//
+// Why not one fused kernel per row block (the first design): its grid is M/64 CTAs (128 at
+// M = 8192: one per SM, nothing to hide latency with; 32 at M = 2048: a quarter of an H100), each
+// running both GEMMs serially. The split design reads x (forward) and dout (backward) once more but
+// launches 4-32x the CTAs, several per SM, at every M from 2048 up; the intermediates cost 2 x 4 MiB.
+// bf16/fp16 operands, fp32 accumulation; each output is rounded once, and act() is applied to the
+// rounded hidden, as eager bf16 and the Triton kernels do.
 //
 // No dropout here: the op layer routes dropout_p > 0 to the Triton/torch backends.
 
@@ -33,358 +47,195 @@
 namespace fastadapt {
 namespace {
 
-constexpr int kThreads = 256;      // 8 warps as a 2 (rows) x 4 (cols) grid
-constexpr int kBM = 64;            // rows per CTA (32 per warp row)
 constexpr int kBK = 32;            // reduction step per pipeline stage
 constexpr int kPad = 8;            // 16-byte row pad: keeps WMMA's ld a multiple of 8 and spreads banks
 constexpr int kLDK = kBK + kPad;   // leading dim of [rows][kBK] tiles
-constexpr int kBN = 128;           // output columns per pass of the second GEMM (32 per warp)
-constexpr int kLDS = kBN + 4;      // fp32 staging leading dim (multiple of 4 for WMMA stores)
-constexpr int kMaxB = 1024;        // larger bottlenecks do not fit the on-chip intermediate
 
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 constexpr size_t cmax(size_t a, size_t b) { return a > b ? a : b; }
 
-// Dynamic shared memory: [act/dh intermediate kBM x (b_pad + kPad)] then a region reused by the
-// phases (pipeline stages of GEMM 1, per-warp scratch, pipeline stages of GEMM 2, fp32 staging).
-template <typename T, int NB1>
-struct FwdSmem {
-  static constexpr size_t p1 = size_t(2) * (kBM + NB1) * kLDK * sizeof(T);
-  static constexpr size_t scratch = size_t(kThreads / 32) * 256 * sizeof(float);
-  static constexpr size_t p2 = size_t(2) * kBN * kLDK * sizeof(T);
-  static constexpr size_t stage = size_t(kBM) * kLDS * sizeof(float);
-  static constexpr size_t region = cmax(cmax(p1, scratch), cmax(p2, stage));
-  static __host__ __device__ size_t inter_bytes(int b_pad) {
-    return align128(size_t(kBM) * (b_pad + kPad) * sizeof(T));
-  }
-  static size_t total(int b_pad) { return inter_bytes(b_pad) + region; }
-};
-
-template <typename T, int NB1>
-struct BwdSmem {
-  static constexpr size_t p1 = size_t(2) * (size_t(kBM) * kLDK + size_t(kBK) * (NB1 + kPad)) * sizeof(T);
-  static constexpr size_t scratch = size_t(kThreads / 32) * 256 * sizeof(float);
-  static constexpr size_t p2 = size_t(2) * kBK * (kBN + kPad) * sizeof(T);
-  static constexpr size_t stage = size_t(kBM) * kLDS * sizeof(float);
-  static constexpr size_t region = cmax(cmax(p1, scratch), cmax(p2, stage));
-  static __host__ __device__ size_t inter_bytes(int b_pad) {
-    return align128(size_t(kBM) * (b_pad + kPad) * sizeof(T));
-  }
-  static size_t total(int b_pad) { return inter_bytes(b_pad) + region; }
-};
-
 // ---------------------------------------------------------------------------------------------
-// Forward. Grid: cdiv(M, kBM). NB1 = columns of hidden computed per pass (64 or 256): the whole
-// bottleneck in one pass for b <= 256, so x is streamed once.
-template <typename T, int NB1, bool VEC>
-__global__ void __launch_bounds__(kThreads)
-bottleneck_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w_down, const T* __restrict__ w_up,
-                      const float* __restrict__ scaling, const T* __restrict__ res, int64_t ld_res,
-                      T* __restrict__ out, T* __restrict__ hidden, int64_t M, int d_in, int b, int d_out,
-                      int b_pad, int act) {
-  constexpr int FM = 2;                // 32 rows per warp
-  constexpr int FN1 = NB1 / 4 / 16;    // NB1 / 4 hidden columns per warp
-  constexpr int FN2 = kBN / 4 / 16;    // 32 output columns per warp
-  static_assert(NB1 % (4 * 16) == 0 && NB1 % kBK == 0, "NB1 must split over 4 warps and kBK");
+// The tiled GEMM: C (M, N) = f(A) (M, K) @ B, one 64 x BN tile of C per CTA, then an epilogue.
+// A is row-major (leading dim lda; f = act on load when act_a >= 0). B is addressed through its
+// storage: KN = false: B[k][n] = W[n][k] (a weight whose rows are output columns: w_down in the
+// forward's first GEMM, w_up in its second); KN = true: B[k][n] = W[k][n] (w_up for dout @ w_up,
+// w_down for dh @ w_down). 1-D grid: CTA t takes row block t / n_tiles, column block t % n_tiles —
+// the column blocks of one row block run together, so that A row block is read from L2.
+constexpr int kTM = 64;          // rows per tile
+constexpr int kTileThreads = 128;  // 4 warps as 2 (rows) x 2 (cols)
+constexpr int kStages = 3;
 
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int lda = b_pad + kPad;
-  T* s_act = reinterpret_cast<T*>(smem);                                   // [kBM][lda]
-  unsigned char* region = smem + FwdSmem<T, NB1>::inter_bytes(b_pad);
-  T* s_x = reinterpret_cast<T*>(region);                                   // [2][kBM][kLDK]
-  T* s_w = s_x + 2 * kBM * kLDK;                                           // [2][NB1][kLDK]
-  float* s_scr = reinterpret_cast<float*>(region);                         // [8][16 * 16]
-  T* s_wu = reinterpret_cast<T*>(region);                                  // [2][kBN][kLDK]
-  float* s_stage = reinterpret_cast<float*>(region);                       // [kBM][kLDS]
+enum Epilogue : int {
+  kEpiHidden = 0,  // out = round(acc)                                       (hidden)
+  kEpiResidual = 1,  // out = round(aux + s * acc)                           (out; aux = residual or x)
+  kEpiDh = 2,      // out = round(s * acc * act'(aux)), partial += sum act(aux) * acc   (dh; aux = hidden)
+  kEpiDx = 3,      // out = round(acc (+ aux))                               (dx; aux = dout or nullptr)
+};
 
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  const int wm = warp >> 2;
-  const int wn = warp & 3;
-  const int64_t m0 = int64_t(blockIdx.x) * kBM;
-  const float s = *scaling;
+template <typename T>
+struct EpiArgs {
+  T* out;
+  int64_t ld_out;
+  const T* aux;        // see Epilogue; nullptr when unused
+  int64_t ld_aux;
+  const float* scaling;  // kEpiResidual, kEpiDh
+  float* partial;      // kEpiDh: one fp32 per CTA (dscaling), or nullptr
+  int act;             // kEpiDh
+};
 
-  // ---- GEMM 1: hidden = x @ w_down^T, then act -> s_act (bf16/fp16, zero beyond b) ----
-  for (int nb0 = 0; nb0 < b; nb0 += NB1) {
-    FragC acc[FM][FN1];
-    zero_acc(acc);
-    const int nk = int(cdiv(d_in, kBK));
-    load_tile<T, kBM, kBK, kThreads, VEC>(s_x, kLDK, x, d_in, m0, 0, M, d_in, kActNone);
-    load_tile<T, NB1, kBK, kThreads, VEC>(s_w, kLDK, w_down, d_in, nb0, 0, b, d_in, kActNone);
-    cp_async_commit();
-    for (int kt = 0; kt < nk; ++kt) {
-      const int cur = kt & 1;
-      if (kt + 1 < nk) {
-        const int64_t k1 = int64_t(kt + 1) * kBK;
-        load_tile<T, kBM, kBK, kThreads, VEC>(s_x + (cur ^ 1) * kBM * kLDK, kLDK, x, d_in, m0, k1, M, d_in,
-                                              kActNone);
-        load_tile<T, NB1, kBK, kThreads, VEC>(s_w + (cur ^ 1) * NB1 * kLDK, kLDK, w_down, d_in, nb0, k1, b,
-                                              d_in, kActNone);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();  // stage kt has landed (only stage kt+1 may be in flight)
-      __syncthreads();
-      // w_down tile is [n][k]: as the K x N operand that is column-major.
-      warp_mma<T, FM, FN1, kBK / 16, wmma::row_major, wmma::col_major>(
-          acc, s_x + cur * kBM * kLDK + wm * 32 * kLDK, kLDK, s_w + cur * NB1 * kLDK + wn * (NB1 / 4) * kLDK,
-          kLDK);
-      __syncthreads();  // everyone is done reading stage cur before it is refilled
-    }
+template <typename T, int BN, bool KN>
+struct TileSmem {
+  static constexpr int ldb = KN ? BN + kPad : kLDK;
+  static constexpr size_t a_stage = size_t(kTM) * kLDK;
+  static constexpr size_t b_stage = KN ? size_t(kBK) * ldb : size_t(BN) * kLDK;
+  static constexpr size_t pipe = kStages * (a_stage + b_stage) * sizeof(T);
+  static constexpr int lds = BN + 4;  // fp32 staging leading dim (a multiple of 4 for WMMA stores)
+  static constexpr size_t stage = size_t(kTM) * lds * sizeof(float);
+  static constexpr size_t total = cmax(pipe, stage);
+  static_assert(total <= 48 * 1024, "tile_gemm_kernel must fit the default 48 KiB of shared memory");
+};
 
-    // Epilogue per warp through a private 16x16 scratch (the fragment layout is opaque).
-    float* scr = s_scr + warp * 256;
-#pragma unroll
-    for (int i = 0; i < FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < FN1; ++j) {
-        wmma::store_matrix_sync(scr, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int lr = wm * 32 + i * 16 + (e >> 4);
-          const int col = nb0 + wn * (NB1 / 4) + j * 16 + (e & 15);
-          const int64_t gr = m0 + lr;
-          // Round the pre-activation once, as saved for backward and as eager bf16 does.
-          const T hq = from_float<T>(scr[e]);
-          float a = 0.f;
-          if (col < b) {
-            if (gr < M) hidden[gr * b + col] = hq;
-            a = act_fwd(to_float<T>(hq), act);
-          }
-          s_act[lr * lda + col] = from_float<T>(a);  // col < b_pad always
-        }
-        __syncwarp();
-      }
-    }
-    __syncthreads();  // s_act complete; region free again
-  }
-
-  // ---- GEMM 2: out = res + s * act @ w_up^T, kBN columns at a time ----
-  const int nk2 = int(cdiv(b, kBK));
-  for (int64_t n0 = 0; n0 < d_out; n0 += kBN) {
-    FragC acc[FM][FN2];
-    zero_acc(acc);
-    load_tile<T, kBN, kBK, kThreads, VEC>(s_wu, kLDK, w_up, b, n0, 0, d_out, b, kActNone);
-    cp_async_commit();
-    for (int kt = 0; kt < nk2; ++kt) {
-      const int cur = kt & 1;
-      if (kt + 1 < nk2) {
-        load_tile<T, kBN, kBK, kThreads, VEC>(s_wu + (cur ^ 1) * kBN * kLDK, kLDK, w_up, b, n0,
-                                              int64_t(kt + 1) * kBK, d_out, b, kActNone);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();
-      __syncthreads();
-      warp_mma<T, FM, FN2, kBK / 16, wmma::row_major, wmma::col_major>(
-          acc, s_act + wm * 32 * lda + kt * kBK, lda, s_wu + cur * kBN * kLDK + wn * 32 * kLDK, kLDK);
-      __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-      for (int j = 0; j < FN2; ++j)
-        wmma::store_matrix_sync(s_stage + (wm * 32 + i * 16) * kLDS + wn * 32 + j * 16, acc[i][j], kLDS,
-                                wmma::mem_row_major);
-    __syncthreads();
-
-    if constexpr (VEC) {
-      constexpr int CH = kBN / 8;
-      for (int i = tid; i < kBM * CH; i += kThreads) {
-        const int r = i / CH;
-        const int c = (i % CH) * 8;
-        const int64_t gr = m0 + r;
-        const int64_t gc = n0 + c;
-        if (gr < M && gc < d_out) {  // d_out % 8 == 0: the chunk is wholly inside
-          float v[8];
-          Vec8<T>::load(res + gr * ld_res + gc, v);
-          const float* st = s_stage + r * kLDS + c;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[e] = fmaf(s, st[e], v[e]);
-          Vec8<T>::store(out + gr * d_out + gc, v);
-        }
-      }
-    } else {
-      for (int i = tid; i < kBM * kBN; i += kThreads) {
-        const int r = i / kBN;
-        const int c = i % kBN;
-        const int64_t gr = m0 + r;
-        const int64_t gc = n0 + c;
-        if (gr < M && gc < d_out) {
-          out[gr * d_out + gc] = from_float<T>(fmaf(s, s_stage[r * kLDS + c], to_float<T>(res[gr * ld_res + gc])));
-        }
-      }
-    }
-    __syncthreads();  // staging aliases the next pass's pipeline buffers
+template <typename T, int BN, bool KN, bool VEC>
+__device__ __forceinline__ void load_stage(T* s_a, T* s_b, const T* __restrict__ A, int64_t lda, int act_a,
+                                           const T* __restrict__ B, int64_t ldb, int64_t m0, int64_t n0,
+                                           int64_t k0, int64_t M, int64_t N, int64_t K) {
+  load_tile<T, kTM, kBK, kTileThreads, VEC>(s_a, kLDK, A, lda, m0, k0, M, K, act_a);
+  if constexpr (KN) {
+    load_tile<T, kBK, BN, kTileThreads, VEC>(s_b, TileSmem<T, BN, KN>::ldb, B, ldb, k0, n0, K, N, kActNone);
+  } else {
+    load_tile<T, BN, kBK, kTileThreads, VEC>(s_b, kLDK, B, ldb, n0, k0, N, K, kActNone);
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Backward over rows. Grid: cdiv(M, kBM). Writes dx, dh (M, b) and one dscaling partial per CTA.
-template <typename T, int NB1, bool VEC>
-__global__ void __launch_bounds__(kThreads)
-bottleneck_bwd_rows_kernel(const T* __restrict__ dout, const T* __restrict__ hidden, const T* __restrict__ w_down,
-                           const T* __restrict__ w_up, const float* __restrict__ scaling, T* __restrict__ dx,
-                           T* __restrict__ dh, float* __restrict__ dscale_partial, int64_t M, int d_in, int b,
-                           int d_out, int b_pad, int act, bool add_dout) {
-  constexpr int FM = 2;
-  constexpr int FN1 = NB1 / 4 / 16;
-  constexpr int FN2 = kBN / 4 / 16;
-  constexpr int LDB1 = NB1 + kPad;  // w_up tile [kBK][NB1]   (k = d_out index, n = b index)
-  constexpr int LDB2 = kBN + kPad;  // w_down tile [kBK][kBN] (k = b index, n = d_in index)
-  static_assert(NB1 % (4 * 16) == 0 && NB1 % kBK == 0, "NB1 must split over 4 warps and kBK");
+// One output element of the epilogue (fp32 in, rounded once); dsc accumulates dscaling's terms.
+template <typename T, int EPI>
+__device__ __forceinline__ float epilogue_value(float v, float aux, float s, int act, float& dsc) {
+  if constexpr (EPI == kEpiResidual) return fmaf(s, v, aux);
+  if constexpr (EPI == kEpiDh) {
+    dsc = fmaf(act_fwd(aux, act), v, dsc);
+    return s * v * act_grad(aux, act);
+  }
+  if constexpr (EPI == kEpiDx) return v + aux;
+  return v;
+}
+
+template <typename T, int BN, bool KN, int EPI, bool VEC>
+__global__ void __launch_bounds__(kTileThreads)
+tile_gemm_kernel(const T* __restrict__ A, int64_t lda, int act_a, const T* __restrict__ B, int64_t ldb, int64_t M,
+                 int64_t N, int64_t K, EpiArgs<T> epi) {
+  using Smem = TileSmem<T, BN, KN>;
+  using BLayout = std::conditional_t<KN, wmma::row_major, wmma::col_major>;
+  constexpr int FM = 2;             // 32 rows per warp
+  constexpr int FN = BN / 2 / 16;   // BN / 2 columns per warp
+  static_assert(BN % 32 == 0, "BN must split over 2 warps of 16-column fragments");
 
   extern __shared__ __align__(128) unsigned char smem[];
-  const int lda = b_pad + kPad;
-  T* s_dh = reinterpret_cast<T*>(smem);                                    // [kBM][lda]
-  unsigned char* region = smem + BwdSmem<T, NB1>::inter_bytes(b_pad);
-  T* s_d = reinterpret_cast<T*>(region);                                   // [2][kBM][kLDK]
-  T* s_b1 = s_d + 2 * kBM * kLDK;                                          // [2][kBK][LDB1]
-  float* s_scr = reinterpret_cast<float*>(region);                         // [8][16 * 16]
-  T* s_b2 = reinterpret_cast<T*>(region);                                  // [2][kBK][LDB2]
-  float* s_stage = reinterpret_cast<float*>(region);                       // [kBM][kLDS]
-  float* s_red = reinterpret_cast<float*>(region);                         // [8], at the very end
+  T* s_a = reinterpret_cast<T*>(smem);                      // [kStages][kTM][kLDK]
+  T* s_b = s_a + kStages * Smem::a_stage;                   // [kStages][B tile]
+  float* s_stage = reinterpret_cast<float*>(smem);          // [kTM][lds], after the main loop
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int wm = warp >> 2;
-  const int wn = warp & 3;
-  const int64_t m0 = int64_t(blockIdx.x) * kBM;
-  const float s = *scaling;
-  float dsc = 0.f;  // this thread's share of sum(act(hidden) * G)
+  const int wm = warp >> 1;
+  const int wn = warp & 1;
+  const int64_t n_tiles = cdiv(N, BN);
+  const int64_t m0 = int64_t(blockIdx.x) / n_tiles * kTM;
+  const int64_t n0 = int64_t(blockIdx.x) % n_tiles * BN;
+  const int64_t nk = cdiv(K, kBK);
 
-  // ---- GEMM A: G = dout @ w_up (fp32), then dh = s * G * act'(hidden) -> s_dh and global ----
-  for (int nb0 = 0; nb0 < b; nb0 += NB1) {
-    FragC acc[FM][FN1];
-    zero_acc(acc);
-    const int nk = int(cdiv(d_out, kBK));
-    load_tile<T, kBM, kBK, kThreads, VEC>(s_d, kLDK, dout, d_out, m0, 0, M, d_out, kActNone);
-    load_tile<T, kBK, NB1, kThreads, VEC>(s_b1, LDB1, w_up, b, 0, nb0, d_out, b, kActNone);
+  FragC acc[FM][FN];
+  zero_acc(acc);
+  // Pipeline: stages 0 .. kStages-2 in flight before the loop; iteration kt waits for stage kt,
+  // then refills the buffer iteration kt-1 read (every warp is past the barrier, so done with it).
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < nk) {
+      load_stage<T, BN, KN, VEC>(s_a + st * Smem::a_stage, s_b + st * Smem::b_stage, A, lda, act_a, B, ldb, m0, n0,
+                                 int64_t(st) * kBK, M, N, K);
+    }
     cp_async_commit();
-    for (int kt = 0; kt < nk; ++kt) {
-      const int cur = kt & 1;
-      if (kt + 1 < nk) {
-        const int64_t k1 = int64_t(kt + 1) * kBK;
-        load_tile<T, kBM, kBK, kThreads, VEC>(s_d + (cur ^ 1) * kBM * kLDK, kLDK, dout, d_out, m0, k1, M, d_out,
-                                              kActNone);
-        load_tile<T, kBK, NB1, kThreads, VEC>(s_b1 + (cur ^ 1) * kBK * LDB1, LDB1, w_up, b, k1, nb0, d_out, b,
-                                              kActNone);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();
-      __syncthreads();
-      warp_mma<T, FM, FN1, kBK / 16, wmma::row_major, wmma::row_major>(
-          acc, s_d + cur * kBM * kLDK + wm * 32 * kLDK, kLDK, s_b1 + cur * kBK * LDB1 + wn * (NB1 / 4), LDB1);
-      __syncthreads();
-    }
-
-    float* scr = s_scr + warp * 256;
-#pragma unroll
-    for (int i = 0; i < FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < FN1; ++j) {
-        wmma::store_matrix_sync(scr, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int lr = wm * 32 + i * 16 + (e >> 4);
-          const int col = nb0 + wn * (NB1 / 4) + j * 16 + (e & 15);
-          const int64_t gr = m0 + lr;
-          T q = from_float<T>(0.f);
-          if (col < b && gr < M) {
-            const float g = scr[e];
-            const float h = to_float<T>(hidden[gr * b + col]);
-            dsc = fmaf(act_fwd(h, act), g, dsc);
-            q = from_float<T>(s * g * act_grad(h, act));
-            dh[gr * b + col] = q;
-          }
-          s_dh[lr * lda + col] = q;
-        }
-        __syncwarp();
-      }
-    }
-    __syncthreads();
   }
-
-  // ---- GEMM C: dx = dh @ w_down (+ dout) ----
-  const int nk2 = int(cdiv(b, kBK));
-  for (int64_t n0 = 0; n0 < d_in; n0 += kBN) {
-    FragC acc[FM][FN2];
-    zero_acc(acc);
-    load_tile<T, kBK, kBN, kThreads, VEC>(s_b2, LDB2, w_down, d_in, 0, n0, b, d_in, kActNone);
+  for (int64_t kt = 0; kt < nk; ++kt) {
+    cp_async_wait<kStages - 2>();  // all but the newest group landed: stage kt is in
+    __syncthreads();
+    const int64_t pf = kt + kStages - 1;
+    if (pf < nk) {
+      const int buf = int(pf % kStages);
+      load_stage<T, BN, KN, VEC>(s_a + buf * Smem::a_stage, s_b + buf * Smem::b_stage, A, lda, act_a, B, ldb, m0,
+                                 n0, pf * kBK, M, N, K);
+    }
     cp_async_commit();
-    for (int kt = 0; kt < nk2; ++kt) {
-      const int cur = kt & 1;
-      if (kt + 1 < nk2) {
-        load_tile<T, kBK, kBN, kThreads, VEC>(s_b2 + (cur ^ 1) * kBK * LDB2, LDB2, w_down, d_in,
-                                              int64_t(kt + 1) * kBK, n0, b, d_in, kActNone);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();
-      __syncthreads();
-      warp_mma<T, FM, FN2, kBK / 16, wmma::row_major, wmma::row_major>(
-          acc, s_dh + wm * 32 * lda + kt * kBK, lda, s_b2 + cur * kBK * LDB2 + wn * 32, LDB2);
-      __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-      for (int j = 0; j < FN2; ++j)
-        wmma::store_matrix_sync(s_stage + (wm * 32 + i * 16) * kLDS + wn * 32 + j * 16, acc[i][j], kLDS,
-                                wmma::mem_row_major);
-    __syncthreads();
-
-    if constexpr (VEC) {
-      constexpr int CH = kBN / 8;
-      for (int i = tid; i < kBM * CH; i += kThreads) {
-        const int r = i / CH;
-        const int c = (i % CH) * 8;
-        const int64_t gr = m0 + r;
-        const int64_t gc = n0 + c;
-        if (gr < M && gc < d_in) {
-          float v[8];
-          const float* st = s_stage + r * kLDS + c;
-          if (add_dout) {
-            Vec8<T>::load(dout + gr * d_out + gc, v);  // add_dout implies d_out == d_in
-#pragma unroll
-            for (int e = 0; e < 8; ++e) v[e] += st[e];
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) v[e] = st[e];
-          }
-          Vec8<T>::store(dx + gr * d_in + gc, v);
-        }
-      }
-    } else {
-      for (int i = tid; i < kBM * kBN; i += kThreads) {
-        const int r = i / kBN;
-        const int c = i % kBN;
-        const int64_t gr = m0 + r;
-        const int64_t gc = n0 + c;
-        if (gr < M && gc < d_in) {
-          float v = s_stage[r * kLDS + c];
-          if (add_dout) v += to_float<T>(dout[gr * d_out + gc]);
-          dx[gr * d_in + gc] = from_float<T>(v);
-        }
-      }
-    }
-    __syncthreads();
+    const int cur = int(kt % kStages);
+    const T* sb = s_b + cur * Smem::b_stage + (KN ? wn * (BN / 2) : wn * (BN / 2) * kLDK);
+    warp_mma<T, FM, FN, kBK / 16, wmma::row_major, BLayout>(acc, s_a + cur * Smem::a_stage + wm * 32 * kLDK, kLDK,
+                                                           sb, Smem::ldb);
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the staging buffer aliases the pipeline buffers
 
-  // ---- dscaling partial: fixed-order reduction, so repeated runs agree bit for bit ----
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) dsc += __shfl_xor_sync(0xffffffffu, dsc, off);
-  if (lane == 0) s_red[warp] = dsc;
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j)
+      wmma::store_matrix_sync(s_stage + (wm * 32 + i * 16) * Smem::lds + wn * (BN / 2) + j * 16, acc[i][j], Smem::lds,
+                              wmma::mem_row_major);
   __syncthreads();
-  if (tid == 0) {
-    float t = 0.f;
+
+  const float s = (EPI == kEpiResidual || EPI == kEpiDh) ? *epi.scaling : 1.f;
+  float dsc = 0.f;  // this thread's share of dscaling (kEpiDh)
+  if constexpr (VEC) {
+    // N, the leading dims and the pointers are multiples of 8 elements / 16 bytes: every 8-wide chunk
+    // is wholly inside or outside C.
+    constexpr int CH = BN / 8;
+    for (int i = tid; i < kTM * CH; i += kTileThreads) {
+      const int r = i / CH;
+      const int c = (i % CH) * 8;
+      const int64_t gr = m0 + r;
+      const int64_t gc = n0 + c;
+      if (gr < M && gc < N) {
+        float aux[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (epi.aux != nullptr) Vec8<T>::load(epi.aux + gr * epi.ld_aux + gc, aux);
+        float v[8];
+        const float* st = s_stage + r * Smem::lds + c;
 #pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) t += s_red[w];
-    dscale_partial[blockIdx.x] = t;
+        for (int e = 0; e < 8; ++e) v[e] = epilogue_value<T, EPI>(st[e], aux[e], s, epi.act, dsc);
+        Vec8<T>::store(epi.out + gr * epi.ld_out + gc, v);
+      }
+    }
+  } else {
+    for (int i = tid; i < kTM * BN; i += kTileThreads) {
+      const int r = i / BN;
+      const int c = i % BN;
+      const int64_t gr = m0 + r;
+      const int64_t gc = n0 + c;
+      if (gr < M && gc < N) {
+        const float aux = epi.aux != nullptr ? to_float<T>(epi.aux[gr * epi.ld_aux + gc]) : 0.f;
+        const float v = epilogue_value<T, EPI>(s_stage[r * Smem::lds + c], aux, s, epi.act, dsc);
+        epi.out[gr * epi.ld_out + gc] = from_float<T>(v);
+      }
+    }
+  }
+
+  if constexpr (EPI == kEpiDh) {
+    // dscaling partial of this CTA: fixed-order reduction, so repeated runs agree bit for bit
+    __shared__ float s_red[kTileThreads / 32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dsc += __shfl_xor_sync(0xffffffffu, dsc, off);
+    if (lane == 0) s_red[warp] = dsc;
+    __syncthreads();
+    if (tid == 0 && epi.partial != nullptr) {
+      float t = 0.f;
+#pragma unroll
+      for (int w = 0; w < kTileThreads / 32; ++w) t += s_red[w];
+      epi.partial[blockIdx.x] = t;
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
+constexpr int kThreads = 256;      // weight_grad_kernel: 8 warps as a 2 (rows) x 4 (cols) grid
 // Weight gradient: C[i, j] = alpha * sum_{m in split} fP(P[m, i]) * fQ(Q[m, j]), fp32 out.
 // P (M, NA) and Q (M, NB) row-major; f = act when act_* >= 0 (act(hidden) is recomputed on load
 // instead of stored). Grid: (cdiv(NB, kWBN), cdiv(NA, kWBM), splits); split z writes C + z*NA*NB.
@@ -392,6 +243,7 @@ constexpr int kWBM = 64;
 constexpr int kWBN = 128;
 constexpr int kLDP = kWBM + kPad;
 constexpr int kLDQ = kWBN + kPad;
+constexpr int kLDS = kWBN + 4;  // fp32 staging leading dim (a multiple of 4 for WMMA stores)
 
 template <typename T>
 struct WgradSmem {
@@ -461,6 +313,7 @@ weight_grad_kernel(const T* __restrict__ P, int64_t ldp, int act_p, const T* __r
   }
 }
 
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -473,54 +326,62 @@ T* mptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-template <typename Kernel>
-void prepare_smem(Kernel kernel, size_t smem, int device, const char* what, int64_t b) {
-  const DeviceLimits lim = device_limits(device);
-  TORCH_CHECK(smem <= size_t(lim.max_smem_optin), what, ": bottleneck size b = ", b, " needs ", smem,
-              " bytes of shared memory per block, the device allows ", lim.max_smem_optin,
-              "; use the Triton or torch backend for this shape");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-}
+bool ld_ok(int64_t ld) { return ld % 8 == 0; }
 
-template <typename T, int NB1, bool VEC>
-void launch_fwd(const at::Tensor& x2, const at::Tensor& wd, const at::Tensor& wu, const at::Tensor& scaling,
-                const at::Tensor& res2, const at::Tensor& out, const at::Tensor& hidden, int act, cudaStream_t stream) {
-  const int64_t M = x2.size(0);
-  const int d_in = int(x2.size(1));
-  const int b = int(wd.size(0));
-  const int d_out = int(wu.size(0));
-  const int b_pad = int(round_up(b, NB1));
-  const size_t smem = FwdSmem<T, NB1>::total(b_pad);
-  auto kernel = bottleneck_fwd_kernel<T, NB1, VEC>;
-  prepare_smem(kernel, smem, x2.get_device(), "bottleneck_adapter_fwd", b);
-  const dim3 grid(unsigned(cdiv(M, kBM)));
-  kernel<<<grid, kThreads, smem, stream>>>(cptr<T>(x2), cptr<T>(wd), cptr<T>(wu), scaling.data_ptr<float>(),
-                                           cptr<T>(res2), res2.stride(0), mptr<T>(out), mptr<T>(hidden), M, d_in, b,
-                                           d_out, b_pad, act);
+// One tile_gemm_kernel launch: C (M, N) = f(A) @ B, then the epilogue (see tile_gemm_kernel). The
+// 16-byte paths are taken when every pointer, leading dimension and N/K allow them.
+template <typename T, int BN, bool KN, int EPI>
+void launch_tile(const T* A, int64_t lda, int act_a, const T* B, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                 const EpiArgs<T>& epi, cudaStream_t stream) {
+  if (M == 0) return;
+  const bool vec = N % 8 == 0 && K % 8 == 0 && ld_ok(lda) && ld_ok(ldb) && ld_ok(epi.ld_out) &&
+                   (epi.aux == nullptr || (ld_ok(epi.ld_aux) && aligned16(epi.aux))) && aligned16(A) &&
+                   aligned16(B) && aligned16(epi.out);
+  const int64_t ctas = cdiv(M, kTM) * cdiv(N, BN);
+  TORCH_CHECK(ctas < (int64_t(1) << 31), "bottleneck_adapter: ", M, " rows need too many CTAs for one launch");
+  const size_t smem = TileSmem<T, BN, KN>::total;
+  if (vec) {
+    tile_gemm_kernel<T, BN, KN, EPI, true><<<unsigned(ctas), kTileThreads, smem, stream>>>(A, lda, act_a, B, ldb, M, N,
+                                                                                          K, epi);
+  } else {
+    tile_gemm_kernel<T, BN, KN, EPI, false><<<unsigned(ctas), kTileThreads, smem, stream>>>(A, lda, act_a, B, ldb, M,
+                                                                                           N, K, epi);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int NB1, bool VEC>
-void launch_bwd_rows(const at::Tensor& dout2, const at::Tensor& hidden, const at::Tensor& wd, const at::Tensor& wu,
-                     const at::Tensor& scaling, const at::Tensor& dx, const at::Tensor& dh, const at::Tensor& partial,
-                     int act, bool add_dout, cudaStream_t stream) {
-  const int64_t M = dout2.size(0);
-  const int d_in = int(wd.size(1));
-  const int b = int(wd.size(0));
-  const int d_out = int(wu.size(0));
-  const int b_pad = int(round_up(b, NB1));
-  const size_t smem = BwdSmem<T, NB1>::total(b_pad);
-  auto kernel = bottleneck_bwd_rows_kernel<T, NB1, VEC>;
-  prepare_smem(kernel, smem, dout2.get_device(), "bottleneck_adapter_bwd", b);
-  const dim3 grid(unsigned(cdiv(M, kBM)));
-  kernel<<<grid, kThreads, smem, stream>>>(cptr<T>(dout2), cptr<T>(hidden), cptr<T>(wd), cptr<T>(wu),
-                                           scaling.data_ptr<float>(), mptr<T>(dx), mptr<T>(dh),
-                                           partial.data_ptr<float>(), M, d_in, b, d_out, b_pad, act, add_dout);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Tile widths: 64 over the bottleneck (b = 256 -> 4 column blocks: 128 CTAs at M = 2048), 128 over d.
+constexpr int kNarrowBN = 64;
+constexpr int kWideBN = 128;
+
+template <typename T>
+void run_fwd(const at::Tensor& x2, const at::Tensor& wd, const at::Tensor& wu, const at::Tensor& scaling,
+             const at::Tensor& res2, const at::Tensor& out, const at::Tensor& hidden, int act, cudaStream_t stream) {
+  const int64_t M = x2.size(0), d_in = x2.size(1), b = wd.size(0), d_out = wu.size(0);
+  // hidden = x @ w_down^T
+  launch_tile<T, kNarrowBN, false, kEpiHidden>(cptr<T>(x2), d_in, kActNone, cptr<T>(wd), d_in, M, b, d_in,
+                                               {mptr<T>(hidden), b, nullptr, 0, nullptr, nullptr, kActNone}, stream);
+  // out = res + s * act(hidden) @ w_up^T
+  launch_tile<T, kWideBN, false, kEpiResidual>(
+      cptr<T>(hidden), b, act, cptr<T>(wu), b, M, d_out, b,
+      {mptr<T>(out), d_out, cptr<T>(res2), res2.stride(0), scaling.data_ptr<float>(), nullptr, kActNone}, stream);
 }
 
-// C (NA, NB) fp32 = alpha * f(P)^T @ f(Q) over all M rows, split over M for occupancy when the
-// output has few tiles; partial sums go to a workspace reduced in a fixed order (deterministic).
+template <typename T>
+void run_bwd_rows(const at::Tensor& dout2, const at::Tensor& h2, const at::Tensor& wd, const at::Tensor& wu,
+                  const at::Tensor& scaling, const at::Tensor& dx, const at::Tensor& dh, const at::Tensor& partial,
+                  int act, bool add_dout, cudaStream_t stream) {
+  const int64_t M = dout2.size(0), d_out = dout2.size(1), b = wd.size(0), d_in = wd.size(1);
+  // dh = s * (dout @ w_up) * act'(hidden), and the dscaling partials
+  launch_tile<T, kNarrowBN, true, kEpiDh>(
+      cptr<T>(dout2), d_out, kActNone, cptr<T>(wu), b, M, b, d_out,
+      {mptr<T>(dh), b, cptr<T>(h2), b, scaling.data_ptr<float>(), partial.data_ptr<float>(), act}, stream);
+  // dx = dh @ w_down (+ dout)
+  launch_tile<T, kWideBN, true, kEpiDx>(
+      cptr<T>(dh), b, kActNone, cptr<T>(wd), d_in, M, d_in, b,
+      {mptr<T>(dx), d_in, add_dout ? cptr<T>(dout2) : nullptr, d_out, nullptr, nullptr, kActNone}, stream);
+}
+
 template <typename T>
 at::Tensor weight_grad(const at::Tensor& P, int act_p, const at::Tensor& Q, int act_q, const float* alpha,
                        cudaStream_t stream) {
@@ -531,7 +392,10 @@ at::Tensor weight_grad(const at::Tensor& P, int act_p, const at::Tensor& Q, int 
   if (M == 0) return at::zeros({NA, NB}, f32);
   const DeviceLimits lim = device_limits(P.get_device());
   const int64_t tiles = cdiv(NB, kWBN) * cdiv(NA, kWBM);
+  // Split M only while the tiles are fewer than a wave: a full wave of tiles gains nothing from a
+  // split but its fp32 workspace and the sum over it (dw_down and dw_up at d = 4096, b = 256: 128 tiles).
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(cdiv(2 * lim.num_sms, tiles), cdiv(M, 256)));
+  if (tiles * 16 >= int64_t(15) * lim.num_sms) splits = 1;
   const int64_t ws_cap = std::max<int64_t>(1, (int64_t(1) << 29) / (int64_t(NA) * NB * 4));  // <= 512 MiB
   splits = std::min<int64_t>({splits, ws_cap, 65535});
   const int64_t rows_per_split = round_up(cdiv(M, splits), kBK);
@@ -595,7 +459,7 @@ std::tuple<int64_t, int64_t, int64_t> check_weights(const at::Tensor& x, const a
   TORCH_CHECK(w_up.dim() == 2 && w_up.size(1) == b, "w_up must have shape (d_out, b) with b = ", b, ", got ",
               w_up.sizes());
   const int64_t d_out = w_up.size(0);
-  TORCH_CHECK(b >= 1 && b <= kMaxB, "bottleneck size b must be in [1, ", kMaxB, "] for the CUDA kernel, got ", b);
+  TORCH_CHECK(b >= 1 && b < (int64_t(1) << 30), "bottleneck size b must be in [1, 2^30), got ", b);
   TORCH_CHECK(d_in >= 1 && d_in < (int64_t(1) << 30), "x's last dimension must be in [1, 2^30), got ", d_in);
   TORCH_CHECK(d_out >= 1 && d_out < (int64_t(1) << 30), "w_up's first dimension (d_out) must be in [1, 2^30), got ",
               d_out);
@@ -610,10 +474,9 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd(const at::Tensor& x, const at::Tensor& w_down,
-                                                          const at::Tensor& w_up, const at::Tensor& scaling,
-                                                          const std::optional<at::Tensor>& residual,
-                                                          c10::string_view activation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_fwd(
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& scaling,
+    const std::optional<at::Tensor>& residual, c10::string_view activation) {
   check_cuda_tensor(x, "x");
   check_half_dtype(x, "x");
   check_weight(w_down, x, "w_down");
@@ -642,25 +505,18 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd(const at::Tensor& x, c
   at::Tensor hidden = at::empty({M, b}, x.options());
   if (M > 0) {
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const bool vec = d_in % 8 == 0 && d_out % 8 == 0 && b % 8 == 0 && aligned16(x2.data_ptr()) &&
-                     aligned16(wd.data_ptr()) && aligned16(wu.data_ptr()) && aligned16(res2.data_ptr()) &&
-                     aligned16(out.data_ptr());
-    const bool small = b <= 64;
-#define FA_FWD(T)                                                                              \
-  do {                                                                                         \
-    if (small) {                                                                               \
-      if (vec) launch_fwd<T, 64, true>(x2, wd, wu, scaling, res2, out, hidden, act, stream);   \
-      else launch_fwd<T, 64, false>(x2, wd, wu, scaling, res2, out, hidden, act, stream);      \
-    } else {                                                                                   \
-      if (vec) launch_fwd<T, 256, true>(x2, wd, wu, scaling, res2, out, hidden, act, stream);  \
-      else launch_fwd<T, 256, false>(x2, wd, wu, scaling, res2, out, hidden, act, stream);     \
-    }                                                                                          \
-  } while (0)
-    if (x.scalar_type() == at::kBFloat16) FA_FWD(__nv_bfloat16);
-    else FA_FWD(__half);
-#undef FA_FWD
+    if (x.scalar_type() == at::kBFloat16) {
+      run_fwd<__nv_bfloat16>(x2, wd, wu, scaling, res2, out, hidden, act, stream);
+    } else {
+      run_fwd<__half>(x2, wd, wu, scaling, res2, out, hidden, act, stream);
+    }
   }
-  return {out.view(with_last(x.sizes(), d_out)), hidden};
+  // The weights in x's dtype, for backward (so it does not cast them again); empty when they already
+  // had x's dtype (backward then takes the weights themselves).
+  const auto copy_or_empty = [&](const at::Tensor& w, const at::Tensor& lp) {
+    return w.scalar_type() == x.scalar_type() ? at::empty({0}, x.options()) : lp;
+  };
+  return {out.view(with_last(x.sizes(), d_out)), hidden, copy_or_empty(w_down, wd), copy_or_empty(w_up, wu)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_bwd(
@@ -696,30 +552,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_bw
             at::zeros(scaling.sizes(), f32)};
   }
   at::Tensor dh = at::empty({M, b}, x.options());
-  at::Tensor partial = at::empty({cdiv(M, kBM)}, f32);
+  at::Tensor partial = at::empty({cdiv(M, kTM) * cdiv(b, kNarrowBN)}, f32);  // one per dh tile
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool vec = d_in % 8 == 0 && d_out % 8 == 0 && b % 8 == 0 && aligned16(x2.data_ptr()) &&
-                   aligned16(dout2.data_ptr()) && aligned16(h2.data_ptr()) && aligned16(wd.data_ptr()) &&
-                   aligned16(wu.data_ptr()) && aligned16(dx.data_ptr()) && aligned16(dh.data_ptr());
-  const bool small = b <= 64;
   const bool add_dout = !has_residual;
   at::Tensor dw_up, dw_down;
   const float* s_ptr = scaling.data_ptr<float>();
-#define FA_BWD(T)                                                                                               \
-  do {                                                                                                          \
-    if (small) {                                                                                                \
-      if (vec) launch_bwd_rows<T, 64, true>(dout2, h2, wd, wu, scaling, dx, dh, partial, act, add_dout, stream); \
-      else launch_bwd_rows<T, 64, false>(dout2, h2, wd, wu, scaling, dx, dh, partial, act, add_dout, stream);    \
-    } else {                                                                                                    \
-      if (vec) launch_bwd_rows<T, 256, true>(dout2, h2, wd, wu, scaling, dx, dh, partial, act, add_dout, stream); \
-      else launch_bwd_rows<T, 256, false>(dout2, h2, wd, wu, scaling, dx, dh, partial, act, add_dout, stream);    \
-    }                                                                                                           \
-    dw_up = weight_grad<T>(dout2, kActNone, h2, act, s_ptr, stream);   /* s * dout^T @ act(hidden) */          \
-    dw_down = weight_grad<T>(dh, kActNone, x2, kActNone, nullptr, stream); /* dh^T @ x */                      \
-  } while (0)
-  if (x.scalar_type() == at::kBFloat16) FA_BWD(__nv_bfloat16);
-  else FA_BWD(__half);
-#undef FA_BWD
+  if (x.scalar_type() == at::kBFloat16) {
+    run_bwd_rows<__nv_bfloat16>(dout2, h2, wd, wu, scaling, dx, dh, partial, act, add_dout, stream);
+    dw_up = weight_grad<__nv_bfloat16>(dout2, kActNone, h2, act, s_ptr, stream);  // s * dout^T @ act(hidden)
+    dw_down = weight_grad<__nv_bfloat16>(dh, kActNone, x2, kActNone, nullptr, stream);  // dh^T @ x
+  } else {
+    run_bwd_rows<__half>(dout2, h2, wd, wu, scaling, dx, dh, partial, act, add_dout, stream);
+    dw_up = weight_grad<__half>(dout2, kActNone, h2, act, s_ptr, stream);
+    dw_down = weight_grad<__half>(dh, kActNone, x2, kActNone, nullptr, stream);
+  }
   at::Tensor dscaling = partial.sum().reshape(scaling.sizes());
   return {dx.view(x.sizes()), dw_down, dw_up, dscaling};
 }

@@ -9,9 +9,11 @@ It serves both placements: input side ``W (x + s·A(x)) + c`` (the op, then the 
 output side ``h + s·A(h)`` (the frozen linear, then the op on h).
 
 Backends:
-- ``"triton"``: ``kernels/bottleneck_adapter.py`` (one kernel per row block, the M × b intermediate
-  stays on chip), custom ops ``fastadapt::bottleneck_adapter_fwd/_bwd``. Saved for backward: x, the
-  pre-activation ``hidden`` (M × b) and, with dropout, the mask packed at 1 bit per element.
+- ``"triton"``: ``kernels/bottleneck_adapter.py`` (at training sizes one kernel per 64-row block,
+  the M × b intermediate on chip; two kernels on 2-D grids at small M), custom ops
+  ``fastadapt::bottleneck_adapter_fwd/_bwd``. Saved for backward: x, the pre-activation ``hidden``
+  (M × b), the weights in x's dtype (cast once per call from fp32 master copies) and, with dropout,
+  the mask packed at 1 bit per element.
 - ``"cuda"``: ``csrc/bottleneck_adapter`` (bf16/fp16, no dropout), ops
   ``fastadapt::bottleneck_adapter_cuda_fwd/_bwd`` (schemas and fakes below, kernels in csrc/).
 Both have fake impls and registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break.
@@ -120,19 +122,26 @@ def bottleneck_adapter(
     s = scaling_tensor(scaling, x.device)
     res2d = None if residual is None else residual.to(x.dtype).reshape(-1, d_out)
     if chosen == "cuda":
-        out, _ = bottleneck_adapter_cuda_fwd(x.reshape(-1, d_in), w_down, w_up, s, res2d, activation)
+        out = bottleneck_adapter_cuda_fwd(x.reshape(-1, d_in), w_down, w_up, s, res2d, activation)[0]
     else:
-        out, _, _ = bottleneck_adapter_fwd(x.reshape(-1, d_in), w_down, w_up, s, res2d, activation, float(dropout_p))
+        out = bottleneck_adapter_fwd(x.reshape(-1, d_in), w_down, w_up, s, res2d, activation, float(dropout_p))[0]
     return out.reshape(*lead, d_out)
 
 
 # -- Triton backend -------------------------------------------------------------------------------
 
 
+def _lp_shape(w: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the forward's low-precision copy of adapter weight ``w``: empty when ``w`` already
+    has x's dtype (then ``w`` itself is used and saved)."""
+    return tuple(w.shape) if w.dtype != x.dtype else (0,)
+
+
 def _fwd_fake(x, w_down, w_up, scaling, residual, activation, dropout_p):
     (m, k), b, n = x.shape, w_down.shape[0], w_up.shape[0]
     bits = x.new_empty((m, (k + 31) // 32) if dropout_p > 0 else (0,), dtype=torch.int32)
-    return x.new_empty(m, n), x.new_empty(m, b), bits
+    return (x.new_empty(m, n), x.new_empty(m, b), bits, x.new_empty(_lp_shape(w_down, x)),
+            x.new_empty(_lp_shape(w_up, x)))
 
 
 @custom_op("bottleneck_adapter_fwd", fake=_fwd_fake)
@@ -144,19 +153,28 @@ def bottleneck_adapter_fwd(
     residual: torch.Tensor | None,
     activation: str,
     dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, d_in) -> (out (M, d_out), hidden (M, b) pre-activation, the packed mask or empty)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, d_in) -> (out (M, d_out), hidden (M, b) pre-activation, the packed mask or empty,
+    w_down and w_up in x's dtype or empty). Weights of another dtype (fp32 master copies) are cast
+    once, in one launch, and the copies returned for backward: every program of the kernels
+    then reads 16-bit weights (half the L2 traffic of converting fp32 in each one)."""
     seed = draw_seed(x.device) if dropout_p > 0 else 0
-    out, hidden, bits = _kernels().bottleneck_fwd(
-        x, w_down.to(x.dtype), w_up.to(x.dtype), scaling, activation=activation, residual=residual,
-        dropout_p=dropout_p, seed=seed,
+    kernels = _kernels()
+    if w_down.dtype != x.dtype or w_up.dtype != x.dtype:
+        wd, wu = kernels.cast_pair(w_down, w_up, x.dtype)
+    else:
+        wd, wu = w_down, w_up
+    out, hidden, bits = kernels.bottleneck_fwd(
+        x, wd, wu, scaling, activation=activation, residual=residual, dropout_p=dropout_p, seed=seed,
     )
-    return out, hidden, bits if bits is not None else x.new_empty(0, dtype=torch.int32)
+    return (out, hidden, bits if bits is not None else x.new_empty(0, dtype=torch.int32),
+            wd if wd is not w_down else x.new_empty(0), wu if wu is not w_up else x.new_empty(0))
 
 
 def _bwd_fake(dout, x, hidden, w_down, w_up, scaling, bits, activation, dropout_p, has_residual, need_scaling_grad):
-    return (x.new_empty(x.shape), w_down.new_empty(w_down.shape), w_up.new_empty(w_up.shape),
-            scaling.new_empty((1,), dtype=torch.float32))
+    f32 = torch.float32
+    return (x.new_empty(x.shape), w_down.new_empty(w_down.shape, dtype=f32), w_up.new_empty(w_up.shape, dtype=f32),
+            scaling.new_empty((1,) if need_scaling_grad else (0,), dtype=f32))
 
 
 @custom_op("bottleneck_adapter_bwd", fake=_bwd_fake)
@@ -173,33 +191,35 @@ def bottleneck_adapter_bwd(
     has_residual: bool,
     need_scaling_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx (M, d_in), d w_down, d w_up (in the parameters' dtypes), d scaling (1,) fp32).
+    """w_down, w_up in x's dtype (the forward's copies) -> (dx (M, d_in), d w_down, d w_up (fp32),
+    d scaling: (1,) fp32, or empty without ``need_scaling_grad`` — nothing launched for it).
     dx excludes the residual's own gradient (dout) when ``has_residual``."""
     dx, dwd, dwu, ds = _kernels().bottleneck_bwd(
-        dout, x, hidden, w_down.to(x.dtype), w_up.to(x.dtype), scaling, activation=activation,
+        dout, x, hidden, w_down, w_up, scaling, activation=activation,
         has_residual=has_residual, dropout_p=dropout_p, bits=bits if bits.numel() else None,
         need_scaling_grad=need_scaling_grad,
     )
-    if ds is None:
-        ds = torch.zeros(1, dtype=torch.float32, device=x.device)
-    return dx, dwd.to(w_down.dtype), dwu.to(w_up.dtype), ds.reshape(1).float()
+    return dx, dwd, dwu, ds.reshape(1) if ds is not None else scaling.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
     x, w_down, w_up, scaling, residual, activation, dropout_p = inputs
-    _, hidden, bits = output
-    ctx.save_for_backward(x, w_down, w_up, scaling, hidden, bits)
+    _, hidden, bits, wd_lp, wu_lp = output
+    ctx.save_for_backward(x, wd_lp if wd_lp.numel() else w_down, wu_lp if wu_lp.numel() else w_up, scaling,
+                          hidden, bits)
     ctx.activation, ctx.dropout_p, ctx.has_residual = activation, dropout_p, residual is not None
+    ctx.weight_dtypes = (w_down.dtype, w_up.dtype)
 
 
-def _backward(ctx, dout, _dhidden, _dbits):
+def _backward(ctx, dout, _dhidden, _dbits, _dwd_lp, _dwu_lp):
     x, w_down, w_up, scaling, hidden, bits = ctx.saved_tensors
     need_x, need_wd, need_wu, need_s, need_res = ctx.needs_input_grad[:5]
     dx, dwd, dwu, ds = bottleneck_adapter_bwd(
         dout, x, hidden, w_down, w_up, scaling, bits, ctx.activation, ctx.dropout_p, ctx.has_residual, bool(need_s)
     )
     dres = dout if ctx.has_residual and need_res else None
-    return (dx if need_x else None, dwd if need_wd else None, dwu if need_wu else None,
+    wd_dtype, wu_dtype = ctx.weight_dtypes
+    return (dx if need_x else None, dwd.to(wd_dtype) if need_wd else None, dwu.to(wu_dtype) if need_wu else None,
             ds if need_s else None, dres, None, None)
 
 
@@ -211,15 +231,17 @@ register_autograd(bottleneck_adapter_fwd, backward=_backward, setup_context=_set
 
 def _cuda_fwd_fake(x, w_down, w_up, scaling, residual, activation):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty((*x.shape[:-1], w_up.shape[0])), x.new_empty((m, w_down.shape[0]))
+    return (x.new_empty((*x.shape[:-1], w_up.shape[0])), x.new_empty((m, w_down.shape[0])),
+            x.new_empty(_lp_shape(w_down, x)), x.new_empty(_lp_shape(w_up, x)))
 
 
-#: ``out = (x if residual is None else residual) + s · act(x @ w_downᵀ) @ w_upᵀ`` and the
-#: pre-activation ``hidden`` (M, b) in x's dtype. x bf16/fp16; w_down, w_up, residual in x's dtype;
-#: scaling (1,) fp32. fp32 accumulation.
+#: ``out = (x if residual is None else residual) + s · act(x @ w_downᵀ) @ w_upᵀ``, the pre-activation
+#: ``hidden`` (M, b) in x's dtype, and the weights cast to x's dtype for backward (empty when they
+#: had it already). x bf16/fp16; residual in x's dtype; scaling (1,) fp32. fp32 accumulation.
 bottleneck_adapter_cuda_fwd = native_op(
     "bottleneck_adapter_cuda_fwd",
-    "(Tensor x, Tensor w_down, Tensor w_up, Tensor scaling, Tensor? residual, str activation) -> (Tensor, Tensor)",
+    "(Tensor x, Tensor w_down, Tensor w_up, Tensor scaling, Tensor? residual, str activation) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     fake=_cuda_fwd_fake,
 )
 
@@ -241,20 +263,22 @@ bottleneck_adapter_cuda_bwd = native_op(
 
 def _cuda_setup_context(ctx, inputs, output):
     x, w_down, w_up, scaling, residual, activation = inputs
-    _, hidden = output
-    ctx.save_for_backward(x, w_down, w_up, scaling, hidden)
+    _, hidden, wd_lp, wu_lp = output
+    ctx.save_for_backward(x, wd_lp if wd_lp.numel() else w_down, wu_lp if wu_lp.numel() else w_up, scaling, hidden)
     ctx.activation, ctx.has_residual = activation, residual is not None
+    ctx.weight_dtypes = (w_down.dtype, w_up.dtype)
 
 
-def _cuda_backward(ctx, dout, _dhidden):
+def _cuda_backward(ctx, dout, _dhidden, _dwd_lp, _dwu_lp):
     x, w_down, w_up, scaling, hidden = ctx.saved_tensors
     need_x, need_wd, need_wu, need_s, need_res = ctx.needs_input_grad[:5]
     dx, dwd, dwu, ds = bottleneck_adapter_cuda_bwd(
         dout.contiguous(), x, hidden, w_down, w_up, scaling, ctx.activation, ctx.has_residual
     )
     dres = dout if ctx.has_residual and need_res else None
-    return (dx if need_x else None, dwd.to(w_down.dtype) if need_wd else None,
-            dwu.to(w_up.dtype) if need_wu else None, ds.reshape(scaling.shape) if need_s else None, dres, None)
+    wd_dtype, wu_dtype = ctx.weight_dtypes
+    return (dx if need_x else None, dwd.to(wd_dtype) if need_wd else None,
+            dwu.to(wu_dtype) if need_wu else None, ds.reshape(scaling.shape) if need_s else None, dres, None)
 
 
 register_autograd(bottleneck_adapter_cuda_fwd, backward=_cuda_backward, setup_context=_cuda_setup_context)

@@ -120,7 +120,7 @@ def _run_and_check(ops, M, d_in, d_out, b, dtype, act, residual, lead=()):
     ht = (x @ wd.t()).reshape(-1, b)
 
     _poison_allocator(4 * (x.numel() + dout.numel() + b * (d_in + d_out) + x.numel() // d_in * b) + (1 << 20))
-    out, hidden = ops.bottleneck_adapter_fwd(x, wd, wu, scaling, res, act)
+    out, hidden, *_ = ops.bottleneck_adapter_fwd(x, wd, wu, scaling, res, act)
     assert out.shape == (*lead, M, d_out) and out.dtype == dtype
     assert hidden.shape == (x.numel() // d_in, b) and hidden.dtype == dtype
     _check_close("out", out, outt, out64, dtype)
@@ -157,8 +157,17 @@ def test_bottleneck_activations(ops, act, residual):
 
 
 def test_bottleneck_residual_with_other_width_and_3d(ops):
-    # d_out != d_in needs an explicit residual; 3-D input; b > 256 takes two passes of the first GEMM.
+    # d_out != d_in needs an explicit residual; 3-D input; b = 264: five 64-wide column blocks of
+    # hidden / dh, the last partial.
     _run_and_check(ops, 33, 100, 72, 264, torch.float16, "gelu", residual=True, lead=(2,))
+
+
+@pytest.mark.parametrize("M,d,b", [(2048, 4096, 256), (8192, 4096, 256), (257, 264, 1500)],
+                         ids=["issue18-M2048", "issue18-M8192", "b1500"])
+def test_bottleneck_split_design_shapes(ops, M, d, b):
+    # The issue-18 shapes (d = 4096, b = 256: 128 / 512 CTAs for the b-wide GEMMs, 1024 / 4096 for
+    # the d-wide ones), and a bottleneck wider than the first design's on-chip limit (1024).
+    _run_and_check(ops, M, d, d, b, torch.bfloat16, "tanh", residual=False)
 
 
 def test_bottleneck_misaligned_input(ops):
@@ -168,7 +177,7 @@ def test_bottleneck_misaligned_input(ops):
     wd = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16) / 8
     wu = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16) / 4
     s = torch.tensor([1.5], device="cuda")
-    out, _ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "silu")
+    out, *_ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "silu")
     ref = x.double() + 1.5 * torch.nn.functional.silu(x.double() @ wd.double().t()) @ wu.double().t()
     assert (out.double() - ref).abs().max().item() < 0.1
 
@@ -177,9 +186,9 @@ def test_bottleneck_scaling_stays_on_device(ops):
     # The kernels read scaling from device memory: changing it in place changes the result.
     x, wd, wu, _, _ = _inputs(17, 72, 72, 8, torch.bfloat16, residual=False)
     s = torch.tensor([1.0], device="cuda")
-    out1, _ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "tanh")
+    out1, *_ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "tanh")
     s.fill_(0.0)
-    out0, _ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "tanh")
+    out0, *_ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "tanh")
     assert torch.equal(out0, x)
     assert not torch.equal(out1, x)
 
@@ -205,16 +214,18 @@ def test_bottleneck_takes_fp32_master_weights(ops):
     # fp32 adapter weights are cast to x's dtype inside: the same result as casting first
     x, wd, wu, _, _ = _inputs(9, 72, 72, 8, torch.bfloat16, residual=False)
     s = torch.tensor([0.5], device="cuda")
-    out_lp, _ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "tanh")
-    out_fp32, _ = ops.bottleneck_adapter_fwd(x, wd.float(), wu.float(), s, None, "tanh")
+    out_lp, *_ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "tanh")
+    out_fp32, _, wd_lp, wu_lp = ops.bottleneck_adapter_fwd(x, wd.float(), wu.float(), s, None, "tanh")
     assert torch.equal(out_lp, out_fp32)
+    # the copies it cast are returned for backward (which then casts nothing)
+    assert torch.equal(wd_lp, wd) and torch.equal(wu_lp, wu) and wd_lp.dtype == torch.bfloat16
 
 
 def test_bottleneck_empty_rows(ops):
     x, wd, wu, _, _ = _inputs(3, 72, 72, 8, torch.bfloat16, residual=False)
     x = x[:0]
     s = torch.tensor([1.0], device="cuda")
-    out, hidden = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "relu")
+    out, hidden, *_ = ops.bottleneck_adapter_fwd(x, wd, wu, s, None, "relu")
     assert out.shape == (0, 72) and hidden.shape == (0, 8)
     dx, dwd, dwu, ds = ops.bottleneck_adapter_bwd(out, x, hidden, wd, wu, s, "relu", False)
     assert dx.shape == (0, 72) and not dwd.any() and not dwu.any() and not ds.any()
@@ -227,7 +238,8 @@ def test_bottleneck_fake_impls(ops):
 
     with FakeTensorMode() as mode:
         fx, fwd, fwu, fs = (mode.from_tensor(t) for t in (x, wd, wu, s))
-        out, hidden = ops.bottleneck_adapter_fwd(fx, fwd, fwu, fs, None, "tanh")
+        out, hidden, wd_lp, wu_lp = ops.bottleneck_adapter_fwd(fx, fwd, fwu, fs, None, "tanh")
+        assert wd_lp.numel() == 0 and wu_lp.numel() == 0  # bf16 weights: nothing cast
         assert out.shape == (5, 72) and hidden.shape == (5, 8)
         dx, dwd, dwu, ds = ops.bottleneck_adapter_bwd(out, fx, hidden, fwd, fwu, fs, "tanh", False)
         assert dwd.dtype == torch.float32 and ds.shape == (1,)
@@ -353,7 +365,7 @@ _SANITIZER_SCRIPT = textwrap.dedent(
             wd = torch.randn(b, d, device="cuda", dtype=dtype) / d ** 0.5
             wu = torch.randn(d, b, device="cuda", dtype=dtype) / b ** 0.5
             for res in (None, torch.randn(M, d, device="cuda", dtype=dtype)):
-                out, h = ops.bottleneck_adapter_fwd(x, wd, wu, s, res, "gelu")
+                out, h, *_ = ops.bottleneck_adapter_fwd(x, wd, wu, s, res, "gelu")
                 dout = torch.randn_like(out)
                 ops.bottleneck_adapter_bwd(dout, x, h, wd, wu, s, "gelu", res is not None)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

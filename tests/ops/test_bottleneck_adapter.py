@@ -178,6 +178,46 @@ def test_saved_tensors_are_x_hidden_and_the_mask_at_one_bit_per_element():
         assert not any(t.dtype == torch.bool for t in saved)
 
 
+def test_series_backward_gets_the_forwards_mask_and_weight_copies(monkeypatch):
+    """bf16 x with fp32 master weights: the forward casts both weights in one launch and saves the
+    copies (not the fp32 weights); the backward kernel receives exactly those copies and the mask
+    tensor the forward stored, and the gradients come back in the parameters' dtype."""
+    kernels = op_module._kernels()
+    seen = {}
+    real_cast, real_fwd, real_bwd = kernels.cast_pair, kernels.bottleneck_fwd, kernels.bottleneck_bwd
+
+    def cast_pair(*a, **k):
+        seen.setdefault("casts", []).append(a)
+        seen["copies"] = real_cast(*a, **k)
+        return seen["copies"]
+
+    def fwd(*a, **k):
+        seen["fwd"] = real_fwd(*a, **k)
+        return seen["fwd"]
+
+    def bwd(*a, **k):
+        seen["bwd_args"], seen["bwd_bits"] = a, k["bits"]
+        return real_bwd(*a, **k)
+
+    monkeypatch.setattr(kernels, "cast_pair", cast_pair)
+    monkeypatch.setattr(kernels, "bottleneck_fwd", fwd)
+    monkeypatch.setattr(kernels, "bottleneck_bwd", bwd)
+    x, wd, wu, s = make(33, 72, 72, 8, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fa.ops.bottleneck_adapter(x, wd, wu, activation="gelu", scaling=s, dropout_p=0.2, backend="triton")
+    assert len(seen["casts"]) == 1
+    wd_lp, wu_lp = seen["copies"]
+    assert wd_lp.dtype == wu_lp.dtype == torch.bfloat16
+    ptrs = {t.data_ptr() for t in saved}
+    assert wd.data_ptr() not in ptrs and wu.data_ptr() not in ptrs and wd_lp.data_ptr() in ptrs
+    dx, dwd, dwu, ds = grads(y, (x, wd, wu, s))
+    bits = seen["fwd"][2]
+    assert seen["bwd_bits"].data_ptr() == bits.data_ptr() and bits.dtype == torch.int32  # stored, not redrawn
+    assert seen["bwd_args"][3].data_ptr() == wd_lp.data_ptr() and seen["bwd_args"][4].data_ptr() == wu_lp.data_ptr()
+    assert dwd.dtype == dwu.dtype == torch.float32 and dx.dtype == torch.bfloat16
+
+
 def test_torch_compile_fullgraph_no_graph_break():
     x, wd, wu, s = make(5, 16, 16, 3)
     w = torch.randn(12, 16, device=DEVICE)
@@ -232,14 +272,18 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_real_shapes_bf16(backend):
+@pytest.mark.parametrize("backend,m", [("triton", 2048), ("triton", 8192), ("cuda", 2048), ("cuda", 8192)],
+                         ids=["triton-split", "triton-fused", "cuda-2048", "cuda-8192"])
+def test_gpu_real_shapes_bf16(backend, m):
+    """Issue-18 widths (d = 4096, b = 256), both Triton plans; fp32 master weights, a learned scaling."""
     if backend == "cuda":
         from fastadapt.ops import _native
 
         if not _native.native_available():
             pytest.skip(f"CUDA extension unavailable: {_native.native_load_error()}")
-    x, wd, wu, s = make(2048, 4096, 4096, 256, dtype=torch.bfloat16)
+    else:
+        assert op_module._kernels().plan(m, 256, torch.bfloat16) == ("fused" if m == 8192 else "split")
+    x, wd, wu, s = make(m, 4096, 4096, 256, dtype=torch.bfloat16)
     y = fa.ops.bottleneck_adapter(x, wd, wu, activation="tanh", scaling=s, backend=backend)
     same = bottleneck_adapter_ref(x, wd, wu, activation="tanh", scaling=s)
     exact = bottleneck_adapter_ref(x.float(), wd, wu, activation="tanh", scaling=s)
