@@ -10,16 +10,16 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import distributed
+from . import _files, distributed
 from .methods import Method, adapter_modules, get_method, get_state, method_for_peft_type
 from .methods.registry import peft_types
 
@@ -32,6 +32,10 @@ PEFT_PREFIX = "base_model.model."
 #: What a patched model's save_pretrained also writes: the adapter under the model's own names,
 #: which is what transformers.Trainer(resume_from_checkpoint=...) reads back.
 TRAINER_WEIGHTS_NAME = "model.safetensors"
+#: Files that make a folder a model's: save_pretrained never writes TRAINER_WEIGHTS_NAME beside them.
+MODEL_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: safetensors metadata of TRAINER_WEIGHTS_NAME marking it as fastadapt's (the adapter only)
+ADAPTER_ONLY_KEY = "fastadapt_adapter_only"
 #: safetensors metadata of the adapter weights: the options (JSON) of the config they were saved with
 OPTIONS_KEY = "fastadapt_options"
 #: what earlier versions recorded instead: the sha256 of the whole adapter_config.json
@@ -124,6 +128,8 @@ def save_pretrained_adapter(
     the PEFT-format adapter plus ``model.safetensors`` holding only the adapter under the model's
     own names, which ``Trainer(resume_from_checkpoint=...)`` loads back. No config.json is written,
     so ``from_pretrained`` cannot mistake the folder for a full model; use ``fa.export`` for that.
+    A folder that holds a model (``config.json``, or weights that are not an adapter's) gets the
+    adapter files only: its weights are never overwritten or shadowed.
     Without ``state_dict`` an FSDP2-sharded model is gathered here: call it on every rank then."""
     if state_dict is None and distributed.is_sharded(self):
         state_dict = adapter_state_dict(self)  # collective: before the rank check
@@ -131,34 +137,51 @@ def save_pretrained_adapter(
         return
     tensors = adapter_state_dict(self, state_dict)  # gathered/copied once, for both files
     save_adapter(self, save_directory, _state_dict=tensors, _writer=True)
-    _atomic_write(
-        Path(save_directory) / TRAINER_WEIGHTS_NAME,
-        lambda f: save_file(tensors, f, metadata={"format": "pt"}),
-    )
+    folder = Path(save_directory)
+    held = _model_in(folder, set(tensors))
+    if held is not None:
+        logger.warning(
+            "%s holds a model (%s): wrote only the adapter files (%s, %s) and left the model's files alone; "
+            "save checkpoints to a folder of their own", folder, held, CONFIG_NAME, SAFE_WEIGHTS_NAME,
+        )
+        return
+    # written through our own temporary: safetensors.save_file writes through one of its own
+    # (.tmpXXXXXX), which a killed process would leave behind
+    weights = safetensors_bytes(tensors, metadata={"format": "pt", ADAPTER_ONLY_KEY: "1"})
+    _files.atomic_write(folder / TRAINER_WEIGHTS_NAME, lambda f: Path(f).write_bytes(weights))
+
+
+def _model_in(folder: Path, adapter_keys: set[str]) -> str | None:
+    """What makes ``folder`` a model's folder (which save_pretrained must not write weights into), or
+    None: a model file, or a ``model.safetensors`` that is not an adapter-only one of ours."""
+    for name in MODEL_FILES:
+        if (folder / name).exists():
+            return name
+    weights = folder / TRAINER_WEIGHTS_NAME
+    if weights.exists():
+        try:
+            with safe_open(str(weights), "pt") as f:
+                ours = (f.metadata() or {}).get(ADAPTER_ONLY_KEY) == "1" or set(f.keys()) <= adapter_keys
+        except Exception:  # not even a readable safetensors file: not ours to replace
+            ours = False
+        if not ours:
+            return f"{TRAINER_WEIGHTS_NAME} with weights other than this adapter's"
+    return None
 
 
 def write_adapter_files(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """``adapter_model.safetensors`` then ``adapter_config.json``, each written atomically. The
-    weights record the options of the config they belong to (:func:`options_record`), so a save
-    interrupted between the two files (new weights beside an old config) is refused on load instead
-    of loading with wrong settings, while edits that change no option (indentation, the base
-    model's name) load as before."""
+    """``adapter_model.safetensors`` and ``adapter_config.json``, each written atomically: both
+    temporaries first (our own: safetensors' ``save_file`` writes through a ``.tmpXXXXXX`` of its
+    own, which a killed process would leave behind), then two renames back to back. The weights
+    record the options of the config they belong to (:func:`options_record`), so a save killed
+    between the renames (new weights beside an old config) is refused on load instead of loading
+    with wrong settings, while edits that change no option (indentation, the base model's name)
+    load as before."""
     method, options = read_options(config, str(path))
-    metadata = {"format": "pt", OPTIONS_KEY: options_record(method, options)}
+    weights = safetensors_bytes(tensors, metadata={"format": "pt", OPTIONS_KEY: options_record(method, options)})
     text = json.dumps(config, indent=2) + "\n"
-    _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(text))
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _files.atomic_write_all([(path / SAFE_WEIGHTS_NAME, lambda f: Path(f).write_bytes(weights)),
+                             (path / CONFIG_NAME, lambda f: Path(f).write_text(text))])
 
 
 def options_record(method: Method, options: dict[str, Any]) -> str:

@@ -7,13 +7,12 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import settings
+from .. import _files, settings
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +57,7 @@ def _converted_embedded(name: str) -> Path:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     del gguf_model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    tmp = _files.new_dir(target)  # permissions from the umask, as save_pretrained's own folders
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -81,11 +79,15 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_model(
     name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, device: str | None = None
 ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for an embedded name (``smollm2-135m``) or a local/hub checkpoint."""
+    """``(model, tokenizer)`` for an embedded name (``smollm2-135m``) or a local/hub checkpoint. An
+    embedded model is named by its short name (``config._name_or_path``, which saved adapters record
+    as ``base_model_name_or_path``), not by the cache folder it was read from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if name_or_path in EMBEDDED_MODELS:
+        model.config._name_or_path = name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
