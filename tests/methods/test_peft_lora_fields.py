@@ -2,8 +2,8 @@
 ``fastadapt.methods.lora.peft_fields``: a supported field (and each value of an enumerated one)
 loads a PEFT-built adapter through ``fa.load_adapter`` with PEFT's logits (≤ 1e-5 relative, fp32),
 a refused one is an error naming it. A field a new PEFT adds fails ``test_every_field_is_classified``
-until it is classified there and given a case here. Then property tests over random combinations
-of the supported fields, both ways (PEFT → fastadapt → PEFT)."""
+until it is classified there and given a case here. Random combinations of the supported fields:
+test_peft_lora_properties.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import dataclasses
 import enum
 import json
 import re
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import rel_err
-from tiny_models import tiny_model, tokens
+from peft_adapters import edit_config, logits, peft_adapter, peft_model, train_like
+from tiny_models import tiny_model
 
 import fastadapt as fa
 from fastadapt.methods.lora import peft_fields
@@ -29,7 +29,6 @@ lora_config_module = pytest.importorskip("peft.tuners.lora.config")
 
 FIELDS = {f.name: f for f in dataclasses.fields(peft.LoraConfig)}
 HINTS = typing.get_type_hints(peft.LoraConfig)
-TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
 def enumerated_values(tp) -> list:
@@ -159,46 +158,6 @@ def test_every_value_of_an_enumerated_field_is_classified(name):
 # -- supported: PEFT-built, loaded with PEFT's logits ----------------------------------------------
 
 
-def logits(model, ids=None):
-    with torch.no_grad():
-        return model(ids if ids is not None else tokens()).logits
-
-
-def peft_model(arch: str = "llama", *, name_or_path: str | None = None, **kwargs):
-    """A PEFT LoRA model on the tiny ``arch`` (r=4, alpha=8 on TARGETS unless ``kwargs`` say)."""
-    base = tiny_model(arch)
-    if name_or_path is not None:
-        base.name_or_path = name_or_path  # what PEFT records as base_model_name_or_path
-    options = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[arch], **kwargs}
-    return peft.get_peft_model(base, peft.LoraConfig(**options))
-
-
-def train_like(model, seed: int = 0):
-    """Random, non-zero changes of every adapter weight (as training would make), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
-
-
-def peft_adapter(folder: Path, *, arch: str = "llama", seed: int = 0, json_fields: dict | None = None, **kwargs):
-    """``train_like(peft_model(...))`` saved by PEFT to ``folder`` (then ``json_fields`` written into
-    its adapter_config.json); returns the PEFT model."""
-    model = train_like(peft_model(arch, **kwargs), seed)
-    model.save_pretrained(folder)
-    if json_fields:
-        edit_config(folder, **json_fields)
-    return model
-
-
-def edit_config(folder: Path, **fields) -> None:
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(fields)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-
-
 def cases(table):
     return [pytest.param(field, case, id=f"{field}-{i}") for field, items in table.items() for i, case in enumerate(items)]
 
@@ -295,53 +254,3 @@ def test_bad_values_name_the_field(field, value, match, plain_folder, tmp_path):
     copy_with(plain_folder, tmp_path, **{field: value})
     with pytest.raises(ValueError, match=match):
         fa.load_adapter(tiny_model("llama"), tmp_path)
-
-
-# -- property tests: random combinations of the supported fields, both ways -------------------------
-
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-CANDIDATES = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
-INITS = [True, False, "gaussian", "orthogonal", "eva", "mica", "pissa", "olora"]
-
-
-@st.composite
-def lora_configs(draw):
-    arch = draw(st.sampled_from(sorted(CANDIDATES)))
-    names = draw(st.lists(st.sampled_from(CANDIDATES[arch]), min_size=1, max_size=4, unique=True))
-    as_regex = draw(st.booleans())
-    # OLoRA's QR of a non-square Conv1D weight gives factors PEFT itself cannot run
-    init = draw(st.sampled_from([i for i in INITS if not (arch == "gpt2" and i == "olora")]))
-    r = draw(st.integers(1, 6))
-    if init == "orthogonal":
-        r += r % 2  # PEFT's orthogonal init needs an even rank
-    return arch, {
-        "r": r,
-        "lora_alpha": draw(st.one_of(st.integers(1, 32), st.floats(0.5, 40.0, allow_nan=False))),
-        "lora_dropout": draw(st.sampled_from([0.0, 0.05, 0.3])),
-        "use_rslora": draw(st.booleans()),
-        "target_modules": rf".*\.({'|'.join(names)})" if as_regex else names,
-        "init_lora_weights": init,
-        "fan_in_fan_out": arch == "gpt2",
-        "task_type": draw(st.sampled_from([None, "CAUSAL_LM"])),
-        "inference_mode": draw(st.booleans()),
-    }, draw(st.integers(0, 2**16))
-
-
-# derandomize: the same examples on every run (CI never flakes); database=None: no .hypothesis folder
-@hypothesis.settings(max_examples=20, deadline=None, derandomize=True, database=None)
-@hypothesis.given(lora_configs())
-def test_random_supported_configs_load_both_ways(drawn):
-    arch, options, seed = drawn
-    ids = tokens(seed=seed % 7 + 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        expected = logits(peft_adapter(Path(tmp) / "peft", arch=arch, seed=seed, **options), ids)
-        ours = fa.load_adapter(tiny_model(arch), Path(tmp) / "peft")
-        assert rel_err(logits(ours, ids), expected) <= 1e-5
-        fa.save_adapter(ours, Path(tmp) / "ours")
-        back = peft.PeftModel.from_pretrained(tiny_model(arch), Path(tmp) / "ours").eval()
-        assert rel_err(logits(back, ids), expected) <= 1e-5
