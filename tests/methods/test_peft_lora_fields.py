@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import rel_err
-from peft_adapters import edit_config, logits, peft_adapter, peft_model, train_like
+from peft_adapters import TARGETS, edit_config, logits, peft_adapter, peft_model, train_like
 from tiny_models import tiny_model
 
 import fastadapt as fa
@@ -194,6 +194,11 @@ def test_residual_inits_load_as_the_rank_2r_lora_peft_converts_them_to(tmp_path)
     fa.save_adapter(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours").eval()
     assert rel_err(logits(back), logits(theirs)) <= 1e-5
+    patched = fa.patch(tiny_model("llama"), "lora", r=4, alpha=8, targets=TARGETS["llama"])
+    with pytest.raises(ValueError, match=r"patched with r=4 .* has r=8 \(its pissa r=4 loads as rank 2r"):
+        fa.load_adapter(patched, tmp_path / "pissa")
+    patched = fa.patch(tiny_model("llama"), "lora", r=8, alpha=16, targets=TARGETS["llama"])
+    assert rel_err(logits(fa.load_adapter(patched, tmp_path / "pissa")), logits(theirs)) <= 1e-5
 
 
 # -- refused: an error naming the field --------------------------------------------------------------

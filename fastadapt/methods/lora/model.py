@@ -148,9 +148,12 @@ def _initial_factors(init: str, module: LoraLinear, r: int, scaling: float) -> t
 
 def check_loaded(model: nn.Module, config: LoraConfig, options: dict[str, Any], saved: dict, path: str) -> None:
     """A model already patched with LoRA takes the weights only if rank and scaling agree."""
+    init = saved.get("init_lora_weights")
+    residual = f" (its {init} r={saved.get('r')!r} loads as rank 2r: docs/interop.md)" if isinstance(init, str) \
+        and init in peft_fields.RESIDUAL_INITS else ""
     for field_name, ours in (("r", config.r), ("alpha", config.alpha), ("rslora", config.rslora)):
         if options[field_name] != ours:
             raise ValueError(
                 f"model is patched with {field_name}={ours!r} but the adapter at {path!r} has "
-                f"{field_name}={options[field_name]!r}; load it into an unpatched model"
+                f"{field_name}={options[field_name]!r}{residual}; load it into an unpatched model"
             )
