@@ -6,14 +6,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import _files, distributed
 from .methods import adapter_modules, get_method, get_state
 
 logger = logging.getLogger(__name__)
@@ -81,8 +80,10 @@ def export(
     """Write ``model`` with its LoRA/DoRA adapters merged as a plain transformers checkpoint (safetensors,
     config, generation config, and the tokenizer when given) that
     ``AutoModelForCausalLM.from_pretrained(path)`` loads without fastadapt. The model itself is not
-    changed. Writes into a temporary folder beside ``path`` and renames it at the end; refuses a
-    non-empty ``path`` unless ``overwrite=True``.
+    changed. Writes into a temporary folder beside ``path`` and swaps it in at the end (one atomic
+    step on Linux: ``path`` is always the old export or the new one, even if the process is
+    killed); a later export removes what a killed one left. Refuses a non-empty ``path`` unless
+    ``overwrite=True``.
 
     Distributed: a ``DistributedDataParallel`` wrapper is looked through and, with more than one
     process, only global rank 0 writes. An FSDP2-sharded model is gathered to full CPU tensors on
@@ -93,6 +94,8 @@ def export(
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     path = Path(path)
+    if distributed.is_main_process():
+        _files.clean_stale(path)  # temporaries of a killed export; a target it moved aside comes back
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"export path {str(path)!r} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -120,8 +123,7 @@ def export(
 def _write_export(model, path: Path, state_dict, *, tokenizer, torch_dtype, max_shard_size) -> None:
     from transformers import PreTrainedModel
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
+    tmp = _files.new_dir(path)
     old_dtype = getattr(model.config, "dtype", None)
     try:
         # The class's own save_pretrained: the instance's one (set by patch) saves adapters only.
@@ -131,7 +133,7 @@ def _write_export(model, path: Path, state_dict, *, tokenizer, torch_dtype, max_
         _unshard_architectures(tmp / "config.json", model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, path)
+        _files.replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -192,19 +194,3 @@ def _unshard_architectures(config_file: Path, model: nn.Module) -> None:
     if plain is not None and config.get("architectures") == [type(model).__name__]:
         config["architectures"] = [plain.__name__]
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted only after."""
-    backup = None
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, backup)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, dst)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

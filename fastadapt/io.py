@@ -10,17 +10,18 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import distributed
-from .methods import adapter_modules, get_method, get_state
+from . import _files, distributed
+from .methods import Method, adapter_modules, get_method, get_state, method_for_peft_type
+from .methods.registry import peft_types
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,14 @@ PEFT_PREFIX = "base_model.model."
 #: What a patched model's save_pretrained also writes: the adapter under the model's own names,
 #: which is what transformers.Trainer(resume_from_checkpoint=...) reads back.
 TRAINER_WEIGHTS_NAME = "model.safetensors"
-#: safetensors metadata key holding the sha256 of the adapter_config.json written with the weights
-CONFIG_HASH_KEY = "fastadapt_config_sha256"
+#: Files that make a folder a model's: save_pretrained never writes TRAINER_WEIGHTS_NAME beside them.
+MODEL_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: safetensors metadata of TRAINER_WEIGHTS_NAME marking it as fastadapt's (the adapter only)
+ADAPTER_ONLY_KEY = "fastadapt_adapter_only"
+#: safetensors metadata of the adapter weights: the options (JSON) of the config they were saved with
+OPTIONS_KEY = "fastadapt_options"
+#: what earlier versions recorded instead: the sha256 of the whole adapter_config.json
+LEGACY_CONFIG_HASH_KEY = "fastadapt_config_sha256"
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -121,6 +128,8 @@ def save_pretrained_adapter(
     the PEFT-format adapter plus ``model.safetensors`` holding only the adapter under the model's
     own names, which ``Trainer(resume_from_checkpoint=...)`` loads back. No config.json is written,
     so ``from_pretrained`` cannot mistake the folder for a full model; use ``fa.export`` for that.
+    A folder that holds a model (``config.json``, or weights that are not an adapter's) gets the
+    adapter files only: its weights are never overwritten or shadowed.
     Without ``state_dict`` an FSDP2-sharded model is gathered here: call it on every rank then."""
     if state_dict is None and distributed.is_sharded(self):
         state_dict = adapter_state_dict(self)  # collective: before the rank check
@@ -128,35 +137,58 @@ def save_pretrained_adapter(
         return
     tensors = adapter_state_dict(self, state_dict)  # gathered/copied once, for both files
     save_adapter(self, save_directory, _state_dict=tensors, _writer=True)
-    _atomic_write(
-        Path(save_directory) / TRAINER_WEIGHTS_NAME,
-        lambda f: save_file(tensors, f, metadata={"format": "pt"}),
-    )
+    folder = Path(save_directory)
+    held = _model_in(folder, set(tensors))
+    if held is not None:
+        logger.warning(
+            "%s holds a model (%s): wrote only the adapter files (%s, %s) and left the model's files alone; "
+            "save checkpoints to a folder of their own", folder, held, CONFIG_NAME, SAFE_WEIGHTS_NAME,
+        )
+        return
+    # written through our own temporary: safetensors.save_file writes through one of its own
+    # (.tmpXXXXXX), which a killed process would leave behind
+    weights = safetensors_bytes(tensors, metadata={"format": "pt", ADAPTER_ONLY_KEY: "1"})
+    _files.atomic_write(folder / TRAINER_WEIGHTS_NAME, lambda f: Path(f).write_bytes(weights))
+
+
+def _model_in(folder: Path, adapter_keys: set[str]) -> str | None:
+    """What makes ``folder`` a model's folder (which save_pretrained must not write weights into), or
+    None: a model file, or a ``model.safetensors`` that is not an adapter-only one of ours."""
+    for name in MODEL_FILES:
+        if (folder / name).exists():
+            return name
+    weights = folder / TRAINER_WEIGHTS_NAME
+    if weights.exists():
+        try:
+            with safe_open(str(weights), "pt") as f:
+                ours = (f.metadata() or {}).get(ADAPTER_ONLY_KEY) == "1" or set(f.keys()) <= adapter_keys
+        except Exception:  # not even a readable safetensors file: not ours to replace
+            ours = False
+        if not ours:
+            return f"{TRAINER_WEIGHTS_NAME} with weights other than this adapter's"
+    return None
 
 
 def write_adapter_files(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """``adapter_model.safetensors`` then ``adapter_config.json``, each written atomically. The
-    weights carry a hash of the config they belong to, so a save interrupted between the two files
-    (new weights beside an old config) is detected on load instead of loading with wrong settings."""
+    """``adapter_model.safetensors`` and ``adapter_config.json``, each written atomically: both
+    temporaries first (our own: safetensors' ``save_file`` writes through a ``.tmpXXXXXX`` of its
+    own, which a killed process would leave behind), then two renames back to back. The weights
+    record the options of the config they belong to (:func:`options_record`), so a save killed
+    between the renames (new weights beside an old config) is refused on load instead of loading
+    with wrong settings, while edits that change no option (indentation, the base model's name)
+    load as before."""
+    method, options = read_options(config, str(path))
+    weights = safetensors_bytes(tensors, metadata={"format": "pt", OPTIONS_KEY: options_record(method, options)})
     text = json.dumps(config, indent=2) + "\n"
-    metadata = {"format": "pt", CONFIG_HASH_KEY: _sha256(text)}
-    _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(text))
+    _files.atomic_write_all([(path / SAFE_WEIGHTS_NAME, lambda f: Path(f).write_bytes(weights)),
+                             (path / CONFIG_NAME, lambda f: Path(f).write_text(text))])
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def options_record(method: Method, options: dict[str, Any]) -> str:
+    """What must agree between the weights and the config: the method and its options (targets,
+    ranks, scaling, ...), less those that only change training (``method.training_options``)."""
+    kept = {k: v for k, v in options.items() if k not in method.training_options}
+    return json.dumps({"method": method.name, **kept}, sort_keys=True, default=list)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -175,26 +207,53 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
 
 
-def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_options(saved: dict[str, Any], where: str) -> tuple[Method, dict[str, Any]]:
+    """The method and ``fa.patch`` options of a saved ``adapter_config.json``; a ``peft_type`` no
+    method reads is refused by name."""
+    peft_type = saved.get("peft_type")
+    reader = method_for_peft_type(peft_type) if isinstance(peft_type, str) else None
+    if reader is None:
+        known = ", ".join(f"{t!r} ({title})" for t, title in peft_types().items())
+        raise ValueError(
+            f"adapter at {where!r} has peft_type {peft_type!r}, which fastadapt does not load: it loads {known}. "
+            "Other PEFT methods change the model in other ways; load them with PEFT"
+        )
+    name, options = reader.read_config(saved, where)
+    return get_method(name), options
+
+
+def read_adapter_tensors(path: str | os.PathLike, *, options: str | None = None) -> dict[str, torch.Tensor]:
     """Adapter tensors from ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with
     ``torch.load(weights_only=True)``: never unpickles arbitrary objects), under the model's own
-    names (PEFT's ``base_model.model.`` prefix stripped)."""
+    names (PEFT's ``base_model.model.`` prefix stripped). ``options``: the :func:`options_record` of
+    the config being loaded; weights saved by fastadapt with other options are refused."""
     path = Path(path)
     weights = path / SAFE_WEIGHTS_NAME
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:
-            expected = (f.metadata() or {}).get(CONFIG_HASH_KEY)
-        config_file = path / CONFIG_NAME
-        if expected is not None and config_file.is_file() and _sha256(config_file.read_text()) != expected:
-            raise ValueError(
-                f"{weights} and {config_file} come from different saves (an interrupted save?); "
-                "save the adapter again"
-            )
+            metadata = f.metadata() or {}
+        _check_saved_together(path, metadata, options)
         return {strip_peft_prefix(k): v for k, v in load_file(str(weights)).items()}
     if (path / BIN_WEIGHTS_NAME).is_file():
         tensors = torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
         return {strip_peft_prefix(k): v for k, v in tensors.items()}
     raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} in {str(path)!r}")
+
+
+def _check_saved_together(path: Path, metadata: dict[str, str], options: str | None) -> None:
+    weights, config = path / SAFE_WEIGHTS_NAME, path / CONFIG_NAME
+    hint = "the save was interrupted, or the config edited: save the adapter again"
+    if OPTIONS_KEY in metadata and options is not None and metadata[OPTIONS_KEY] != options:
+        theirs, ours = json.loads(metadata[OPTIONS_KEY]), json.loads(options)
+        keys = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        raise ValueError(
+            f"{weights} was saved for {', '.join(f'{k}={theirs.get(k)!r}' for k in keys)}, but {config.name} says "
+            f"{', '.join(f'{k}={ours.get(k)!r}' for k in keys)} ({hint})"
+        )
+    legacy = metadata.get(LEGACY_CONFIG_HASH_KEY)
+    if OPTIONS_KEY not in metadata and legacy is not None and config.is_file():
+        if hashlib.sha256(config.read_text().encode()).hexdigest() != legacy:
+            raise ValueError(f"{weights} was saved (by an earlier fastadapt) with another {config.name}: {hint}")
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -213,6 +272,7 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
             raise RuntimeError(f"module {name!r} is merged; call fa.unmerge(model) before loading an adapter")
     state = get_state(model)
     named = dict(model.named_parameters())
+    tensors = _without_base_copies(tensors, named, state.modules, path)
     params = {key: named[key] for key in state.adapter_keys}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -234,6 +294,30 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(_like(tensors[key], param))
+
+
+def _without_base_copies(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor], modules: list[str],
+                         path) -> dict[str, torch.Tensor]:
+    """``tensors`` less the copies of adapted layers' own weights (``<module>.base_layer.weight``):
+    PEFT saves the whole layer when an embedding or the output head is a target
+    (``save_embedding_layers``). A copy equal to the model's weight is dropped; one that differs is
+    refused, naming the key — fastadapt never replaces a base weight."""
+    inside = tuple(f"{m}.base_layer." for m in modules)
+    copies = [k for k in tensors if k.startswith(inside)]
+    for key in copies:
+        mine = named.get(key)
+        theirs = tensors[key]
+        if mine is None or theirs.shape != mine.shape or not torch.equal(theirs.to(mine), mine):
+            raise ValueError(
+                f"adapter at {str(path)!r} holds {key!r}, a full copy of a base layer's weight that differs from "
+                "this model's (PEFT saves the whole layer when an embedding or the output head is a target: "
+                "save_embedding_layers). fastadapt never replaces base weights: load it into the model it was "
+                "trained on, or save it with PEFT's save_embedding_layers=False"
+            )
+    if copies:
+        logger.info("adapter at %s: ignored %d saved copies of base weights equal to the model's (%s)",
+                    path, len(copies), copies[0])
+    return {k: v for k, v in tensors.items() if k not in copies}
 
 
 def _like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -15,14 +15,13 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import settings
+from . import _files, settings
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +163,7 @@ def _converted_embedded(name: str) -> Path:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     del gguf_model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    tmp = _files.new_dir(target)  # permissions from the umask, as save_pretrained's own folders
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -183,7 +181,8 @@ def load_model(
     """``(model, tokenizer)`` for an embedded name (``"smollm2-135m"``), a local checkpoint folder or
     a hub name (see :func:`locate_model`; an unknown name fails in seconds). Weights are fp32 unless
     ``dtype`` says otherwise; ``tokenizer`` is None when the checkpoint has none, and gets
-    ``pad_token = eos_token`` when it lacks one.
+    ``pad_token = eos_token`` when it lacks one. An embedded model is named by its short name
+    (``config._name_or_path``), not by the cache folder it was read from.
 
     >>> model, tokenizer = fa.load_model("smollm2-135m")   # the embedded SmolLM2-135M-Instruct
     """
@@ -193,6 +192,8 @@ def load_model(
     path = str(_converted_embedded(source.location)) if source.kind == "embedded" else source.location
     offline = {"local_files_only": True} if source.kind == "hub-cache" else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **offline)
+    if source.kind == "embedded":  # adapters record it as base_model_name_or_path: the name, not the cache
+        model.config._name_or_path = str(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **offline)
     except (OSError, ValueError):

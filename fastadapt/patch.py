@@ -13,9 +13,15 @@ import torch
 from torch import nn
 
 from . import distributed
-from .io import load_adapter_tensors, read_adapter_config, read_adapter_tensors, save_pretrained_adapter
-from .methods import PatchState, get_method, get_state, method_for_peft_type, require_state
-from .methods.registry import peft_types
+from .io import (
+    load_adapter_tensors,
+    options_record,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_options,
+    save_pretrained_adapter,
+)
+from .methods import PatchState, get_method, get_state, require_state
 from .methods.targets import parent_and_attr
 from .modules.base import AdapterModule
 
@@ -97,23 +103,17 @@ def unpatch(model: nn.Module) -> nn.Module:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Patch ``model`` as the adapter's config says (unless already patched the same way) and load
     its weights. Reads fastadapt folders of every method, PEFT LoRA folders and LLM-Adapters'
-    bottleneck checkpoints. Strict: a missing or unexpected key or a shape mismatch raises an error
-    naming the key, and the model is left as it was.
+    bottleneck checkpoints (docs/interop.md: what loads, what is refused and why). Strict: a
+    missing or unexpected key, a shape mismatch, or a saved option fastadapt cannot honour raises an
+    error naming it, and the model is left as it was.
 
     Distributed: load before ``fully_shard`` (every rank reads the files). Into a model that is
     already patched and sharded, every rank must call it (the tensors are scattered to the shards)."""
     model = distributed.unwrap(model)
     where = str(path)
     saved = read_adapter_config(path)
-    peft_type = str(saved.get("peft_type", ""))
-    reader = method_for_peft_type(peft_type)
-    if reader is None:
-        raise ValueError(
-            f"adapter at {where!r} has peft_type {saved.get('peft_type')!r}; expected one of {peft_types()}"
-        )
-    name, options = reader.read_config(saved, where)
-    tensors = read_adapter_tensors(path)
-    method = get_method(name)
+    method, options = read_options(saved, where)
+    tensors = read_adapter_tensors(path, options=options_record(method, options))
     state = get_state(model)
     patched_here = state is None
     if patched_here:
@@ -122,14 +122,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 "model is sharded (FSDP2) but not patched: call fa.load_adapter (or fa.patch) before "
                 "fully_shard / fastadapt.distributed.shard_model, so the adapters are sharded with their layers"
             )
-        patch(model, name, **options)
-    elif state.method != name:
+        patch(model, method.name, **options)
+    elif state.method != method.name:
         raise ValueError(
-            f"model is patched with {state.method!r}; the adapter at {where!r} is {method.title} ({name!r})"
+            f"model is patched with {state.method!r}; the adapter at {where!r} is {method.title} ({method.name!r})"
         )
-    else:
-        method.check_loaded(model, state.config, options, saved, where)
     try:
+        method.check_loaded(model, get_state(model).config, options, saved, where)
+        if method.convert_tensors is not None:
+            tensors = method.convert_tensors(model, tensors, saved, where)
         (method.load_tensors or load_adapter_tensors)(model, tensors, where)
     except BaseException:
         if patched_here:

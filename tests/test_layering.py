@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Bottom to top. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("fastadapt.settings", "fastadapt._checks", "fastadapt._cuda_build", "fastadapt.distributed", "fastadapt.models"),
+    ("fastadapt.settings", "fastadapt._checks", "fastadapt._files", "fastadapt._cuda_build", "fastadapt.distributed", "fastadapt.models"),
     ("fastadapt.kernels",),
     ("fastadapt.ops",),
     ("fastadapt.modules",),

@@ -6,6 +6,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
+    FalconConfig,
     GPT2Config,
     GPTJConfig,
     GPTNeoXConfig,
@@ -41,6 +42,10 @@ CONFIGS = {
     "gpt_neox": lambda: GPTNeoXConfig(bos_token_id=1, eos_token_id=2,
         vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64,
+    ),
+    # FalconLinear: an nn.Linear subclass with its own (linear) forward
+    "falcon": lambda: FalconConfig(bos_token_id=1, eos_token_id=2, vocab_size=VOCAB, hidden_size=48,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
     ),
     # fused projections (qkv_proj, gate_up_proj)
     "phi3": lambda: Phi3Config(bos_token_id=1, eos_token_id=2, pad_token_id=0,

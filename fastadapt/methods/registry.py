@@ -42,14 +42,20 @@ class Method:
       validates them (errors name the option).
     - ``apply(model, config) -> (names, handles)``: swap the adapter modules in (each keeps the
       wrapped layer as ``base_layer``), after checking everything that can be checked first.
-    - ``peft_type``: the ``peft_type`` written to and recognised in ``adapter_config.json``.
+    - ``peft_type``: the ``peft_type`` written to and recognised in ``adapter_config.json``;
+      ``also_reads``: other ``peft_type``s handed to ``read_config`` (which refuses what it cannot honour).
     - ``adapter_config(model, config) -> dict``: the method's fields of ``adapter_config.json``
       (``peft_type``, ``task_type``, ``base_model_name_or_path`` and ``inference_mode`` are added
       by ``io.save_adapter``).
     - ``read_config(adapter_config, path) -> (method name, options)``: the patch call that
       recreates a saved adapter (refusing what cannot be honoured, by name).
-    - ``check_loaded(model, config, options, adapter_config, path)``: raise when a model that is
-      already patched differs from the saved adapter in a way the weights cannot express.
+    - ``check_loaded(model, config, options, adapter_config, path)``: raise when the patched model
+      (patched by the load itself, or before it) differs from the saved adapter in a way the weights
+      cannot express.
+    - ``training_options``: options that change how the adapter trains, not what its saved weights
+      compute (dropout): left out of the record that ties the weights file to its config.
+    - ``convert_tensors(model, tensors, adapter_config, path) -> dict``: the loaded tensors as this
+      model's adapter takes them (e.g. a PEFT format whose math needs the base weights); None: as they are.
     - ``saved_tensors(model, tensors) -> dict``: the tensors to write, from the adapter's own
       (gathered) parameters; None: PEFT's layout (``base_model.model.<name>``).
     - ``load_tensors(model, tensors, path)``: copy loaded tensors in; None: the strict default.
@@ -67,6 +73,9 @@ class Method:
     check_loaded: Callable[..., None]
     saved_tensors: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     load_tensors: Callable[[nn.Module, dict[str, torch.Tensor], str], None] | None = None
+    convert_tensors: Callable[..., dict[str, torch.Tensor]] | None = None
+    also_reads: tuple[str, ...] = ()
+    training_options: tuple[str, ...] = ()
     merge_error: str | None = None
     presets: Mapping[str, Preset] = field(default_factory=dict)
 
@@ -75,13 +84,15 @@ class Method:
                    presets: Mapping[str, Preset]) -> Method:
         """The method whose hooks are the functions of the same names in ``hooks`` (a method
         package's ``model.py``: ``apply``, ``adapter_config``, ``read_config``, ``check_loaded``,
-        optionally ``saved_tensors``, ``load_tensors``) with its ``PEFT_TYPE`` and ``MERGE_ERROR``."""
+        optionally ``saved_tensors``, ``load_tensors``, ``convert_tensors``) with its ``PEFT_TYPE`` and,
+        optionally, ``ALSO_READS``, ``TRAINING_OPTIONS`` and ``MERGE_ERROR``."""
         return cls(
             name=name, title=title, config_class=config_class, presets=presets,
             apply=hooks.apply, peft_type=hooks.PEFT_TYPE, adapter_config=hooks.adapter_config,
             read_config=hooks.read_config, check_loaded=hooks.check_loaded,
             saved_tensors=getattr(hooks, "saved_tensors", None), load_tensors=getattr(hooks, "load_tensors", None),
-            merge_error=getattr(hooks, "MERGE_ERROR", None),
+            convert_tensors=getattr(hooks, "convert_tensors", None), also_reads=getattr(hooks, "ALSO_READS", ()),
+            training_options=getattr(hooks, "TRAINING_OPTIONS", ()), merge_error=getattr(hooks, "MERGE_ERROR", None),
         )
 
     @property
@@ -124,8 +135,13 @@ def get_method(name: str) -> Method:
 
 def method_for_peft_type(peft_type: str) -> Method | None:
     """The (first registered) method that reads adapters of this ``peft_type``."""
-    return next((m for m in _METHODS.values() if m.peft_type == peft_type.upper()), None)
+    wanted = peft_type.upper()
+    return next((m for m in _METHODS.values() if wanted == m.peft_type or wanted in m.also_reads), None)
 
 
-def peft_types() -> list[str]:
-    return sorted({m.peft_type for m in _METHODS.values()})
+def peft_types() -> dict[str, str]:
+    """``peft_type`` -> the title of the method(s) that write it."""
+    titles: dict[str, list[str]] = {}
+    for m in _METHODS.values():
+        titles.setdefault(m.peft_type, []).append(m.title)
+    return {t: " / ".join(names) for t, names in sorted(titles.items())}

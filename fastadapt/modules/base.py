@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -16,15 +18,44 @@ def conv1d_type() -> type | None:
 
 
 def is_supported_linear(module: nn.Module) -> bool:
-    """A plain linear layer: ``nn.Linear`` (or a subclass that keeps its forward) or ``Conv1D``.
+    """A plain linear layer: ``nn.Linear``, a subclass whose forward is still the linear map
+    ``x Wᵀ + b`` (Falcon's ``FalconLinear`` computes ``x @ W.T + b``), or ``Conv1D``.
 
-    Subclasses that override ``forward`` (quantized layers, ...) compute something else from their
-    weight, so wrapping them would give wrong numbers.
+    Subclasses whose forward computes something else from their weight (quantized layers, ...) are
+    not: wrapping them would give wrong numbers. A subclass's forward is checked once per module on
+    a small random input (its own generator: the global RNG is untouched; hooks are not run).
     """
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
+        if type(module).forward is nn.Linear.forward:
+            return True
+        verdict = _LINEAR_FORWARD.get(module)
+        if verdict is None:
+            verdict = _LINEAR_FORWARD[module] = _forward_is_linear_map(module)
+        return verdict
     conv1d = conv1d_type()
     return conv1d is not None and type(module) is conv1d
+
+
+#: nn.Linear subclass instances -> whether their forward is the linear map (see is_supported_linear)
+_LINEAR_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _forward_is_linear_map(module: nn.Linear) -> bool:
+    w = module.weight
+    if not w.is_floating_point() or w.device.type == "meta" or w.dim() != 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, module.in_features, generator=g).to(device=w.device, dtype=w.dtype)
+    try:
+        y = type(module).forward(module, x)
+    except Exception:  # a forward that needs more than an input tensor is not the linear map
+        return False
+    want = torch.nn.functional.linear(x, w, module.bias)
+    if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != want.dtype:
+        return False
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool(((y.float() - want.float()).abs() <= tol * (1 + want.float().abs())).all())
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int, bool]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import stat
 
 import pytest
 import torch
 from helpers import rel_err
 
 import fastadapt as fa
+from fastadapt import settings
 from fastadapt.models import load_model
 
 pytestmark = [
@@ -34,6 +37,12 @@ def test_load_patch_train_step_save_load(tmp_path):
     with torch.no_grad():
         expected = model(**batch).logits
     fa.save_adapter(model, tmp_path / "adapter")
+    # portable: recorded by the name every command accepts, not the cache path
+    assert fa.io.read_adapter_config(tmp_path / "adapter")["base_model_name_or_path"] == "smollm2-135m"
+    cached = settings.cache_dir() / "models" / "smollm2-135m"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o777 & ~umask  # as save_pretrained's folders, not 0700
     fresh, _ = load_model("smollm2-135m")  # second load comes from the converted cache
     fa.load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():

@@ -224,6 +224,12 @@ class TestOp:
         with pytest.raises(err, match=match):
             fa.ops.lora_linear(**self.args(**over), scaling=1.0)
 
+    @pytest.mark.parametrize("backend", ["torch", "triton"])
+    def test_rank_zero(self, backend):
+        with pytest.raises(ValueError, match=r"lora_a must have at least one row \(rank r ≥ 1\), got shape \(0, 8\)"):
+            fa.ops.lora_linear(**self.args(lora_a=torch.randn(0, 8), lora_b=torch.randn(6, 0)), scaling=1.0,
+                               backend=backend)
+
     def test_bias_dropout_backend(self):
         with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(6,\)"):
             fa.ops.lora_linear(**self.args(), scaling=1.0, bias=torch.zeros(5))
@@ -245,7 +251,29 @@ def test_weights_and_config_from_different_saves_are_refused(tmp_path):
     fa.patch(src, "lora", r=4, alpha=32)
     fa.save_adapter(src, path)
     (path / "adapter_config.json").write_text(old_config)  # as if the save stopped after the weights
-    with pytest.raises(ValueError, match="come from different saves"):
+    with pytest.raises(ValueError, match=r"saved for alpha=32, but adapter_config.json says alpha=8 \(the save was "
+                                         "interrupted, or the config edited"):
+        fa.load_adapter(tiny_model("llama"), path)
+
+
+def test_edits_that_change_no_option_still_load(tmp_path):
+    """Re-indenting the config, renaming the base model or changing the dropout is not an interrupted save."""
+    src = tiny_model("llama")
+    fa.patch(src, "lora", r=4, alpha=8)
+    path = _saved(src, tmp_path)
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7]])
+        expected = src(ids).logits
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "somewhere/else"
+    cfg["lora_dropout"] = 0.3
+    (path / "adapter_config.json").write_text(json.dumps(cfg, indent=4, sort_keys=True))
+    dst = fa.load_adapter(tiny_model("llama"), path)
+    with torch.no_grad():
+        assert torch.equal(dst(ids).logits, expected)
+    cfg["lora_alpha"] = 16  # an option the weights depend on: refused, naming it
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="saved for alpha=8, but adapter_config.json says alpha=16"):
         fa.load_adapter(tiny_model("llama"), path)
 
 

@@ -254,6 +254,15 @@ def test_regex_targets_and_rslora(tmp_path):
     assert rel_err(logits(theirs), expected) < 1e-5
 
 
+def test_all_linear_takes_linear_subclasses_whose_forward_is_the_linear_map():
+    """Falcon's FalconLinear subclasses nn.Linear with its own forward (x @ W.T + b): a target."""
+    model = tiny_model("falcon")
+    fa.patch(model, "lora", targets="all-linear")
+    names = model.fastadapt_state.modules
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    assert len(names) == 8
+
+
 def test_all_linear_never_takes_the_output_head():
     for arch in ("llama", "gpt2", "opt"):
         model = tiny_model(arch)

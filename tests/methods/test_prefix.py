@@ -126,7 +126,7 @@ def test_save_load_round_trip(tmp_path):
             want = model(ids).logits
         fa.save_adapter(model, tmp_path / str(projection))
         cfg = fa.io.read_adapter_config(tmp_path / str(projection))
-        assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["num_virtual_tokens"] == P
+        assert cfg["peft_type"] == "FASTADAPT_PREFIX" and cfg["num_virtual_tokens"] == P
         fresh = tiny_model("llama")
         fa.load_adapter(fresh, tmp_path / str(projection))
         assert fresh.fastadapt_state.method == "prefix"

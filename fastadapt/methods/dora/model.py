@@ -13,6 +13,7 @@ from ..lora import model as lora
 from .config import DoraConfig
 
 PEFT_TYPE = lora.PEFT_TYPE
+TRAINING_OPTIONS = lora.TRAINING_OPTIONS
 read_config = lora.read_config
 check_loaded = lora.check_loaded
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...architectures import lookup, model_type, shared_input_groups
@@ -18,25 +20,12 @@ from ..targets import (
     swap_module,
     warn_large_rank,
 )
+from . import peft_fields
 from .config import LoraConfig
 
 PEFT_TYPE = "LORA"
-
-# PEFT LoRA options that change the math; a value other than these defaults cannot be honoured.
-# (``use_dora: true`` is honoured: it selects the "dora" method, fastadapt/methods/dora.)
-_UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "bias": "none",
-    "modules_to_save": None,
-    "layers_to_transform": None,
-    "layer_replication": None,
-    "lora_bias": False,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_qalora": False,
-    "alora_invocation_tokens": None,
-}
+#: Options that change how the adapter trains, not what its saved weights compute.
+TRAINING_OPTIONS = ("dropout",)
 
 
 def resolve_targets(model: nn.Module, targets: str | tuple[str, ...]) -> list[str]:
@@ -116,38 +105,70 @@ def adapter_config(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
 
 
 def read_config(config: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
-    """The ``fa.patch(model, "lora" | "dora", ...)`` options of a fastadapt or PEFT LoRA adapter
-    (PEFT's DoRA is a LoRA config with ``use_dora: true``)."""
-    for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
-        value = config.get(key)
-        if value not in (None, {}, [], False) and value != default:
-            raise ValueError(
-                f"adapter at {path!r} sets {key}={value!r}, which fastadapt does not support (expected {default!r})"
-            )
-    targets = config.get("target_modules")
-    if targets is None:
-        raise ValueError(f"adapter config at {path!r} has no target_modules")
-    # A list of suffixes, or a string: "all-linear" or a regex (as in PEFT).
-    r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"adapter config at {path!r} needs r, a positive int; got {r!r}")
+    """The ``fa.patch(model, "lora" | "dora", ...)`` options of a fastadapt or PEFT LoRA adapter (PEFT's
+    DoRA is a LoRA config with ``use_dora: true``); every PEFT field fastadapt cannot honour is refused
+    by name (:mod:`.peft_fields`)."""
+    where = f"adapter config at {path!r}"
     use_dora = config.get("use_dora", False)
     if use_dora not in (None, False, True):
-        raise ValueError(f"adapter config at {path!r} has use_dora={use_dora!r}; expected true or false")
-    return ("dora" if use_dora else "lora"), {
-        "r": r,
-        "alpha": config.get("lora_alpha", 8),
-        "dropout": float(config.get("lora_dropout", 0.0)),
-        "rslora": bool(config.get("use_rslora", False)),
-        "targets": targets,
-    }
+        raise ValueError(f"{where} has use_dora={use_dora!r}; expected true or false")
+    options = peft_fields.read_options(config, where)
+    if use_dora and peft_fields.init_kind(config, where) == "residual":
+        raise ValueError(f"{where} sets use_dora with init_lora_weights={config['init_lora_weights']!r}: a DoRA "
+                         f"adapter with a residual init cannot be loaded exactly; {peft_fields.CONVERT_HINT}")
+    return ("dora" if use_dora else "lora"), options
+
+
+def convert_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], saved: dict[str, Any],
+                    path: str) -> dict[str, torch.Tensor]:
+    """A PiSSA / OLoRA adapter as the rank-2r LoRA PEFT's own conversion writes: PEFT recomputes the
+    initial ``B0``, ``A0`` from the base weight at load and runs ``W - s·B0·A0 + s·B·A``, which is
+    ``W + s·[B, -B0]·[A; A0]`` — the same logits, with the base weight left as it is."""
+    where = f"adapter at {path!r}"
+    if peft_fields.init_kind(saved, where) != "residual":
+        return tensors
+    init = saved["init_lora_weights"]
+    r, alpha = peft_fields.file_rank_and_alpha(saved, where)
+    scaling = alpha / (math.sqrt(r) if saved.get("use_rslora") else r)
+    out = dict(tensors)
+    for name, module in adapter_modules(model):
+        key_a, key_b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        if key_a not in out or key_b not in out:
+            continue  # the strict load names the missing key
+        for key, shape in ((key_a, (r, module.in_features)), (key_b, (module.out_features, r))):
+            if tuple(out[key].shape) != shape:
+                raise ValueError(f"adapter key {key!r} has shape {tuple(out[key].shape)}; a {init} adapter with "
+                                 f"r={r} on this model needs {shape}")
+        a0, b0 = _initial_factors(init, module, r, scaling)
+        out[key_a] = torch.cat([out[key_a].float(), a0])
+        out[key_b] = torch.cat([out[key_b].float(), -b0], dim=1)
+    return out
+
+
+@torch.no_grad()
+def _initial_factors(init: str, module: LoraLinear, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A0, B0)`` (r, in) and (out, r), fp32, with ``scaling·B0·A0`` what PEFT's ``pissa_init`` /
+    ``olora_init`` subtract from the base weight (the same formulas, on the same fp32 copy of it)."""
+    if init == "pissa":  # the top-r singular triplets of W (out, in), split as PEFT splits them
+        u, s, vh = torch.linalg.svd(module.base_weight_nk().float(), full_matrices=False)
+        root = torch.sqrt(s[:r] / scaling)
+        return root[:, None] * vh[:r], u[:, :r] * root
+    # olora: QR of the weight as stored (PEFT does not transpose a Conv1D weight here)
+    q, rr = torch.linalg.qr(module.base_layer.weight.float())
+    a0, b0 = rr[:r], q[:, :r]
+    if module.fan_in_fan_out:  # the stored weight is (in, out): its correction is (B0·A0)ᵀ
+        a0, b0 = b0.t(), a0.t()
+    return a0.contiguous(), b0.contiguous()
 
 
 def check_loaded(model: nn.Module, config: LoraConfig, options: dict[str, Any], saved: dict, path: str) -> None:
     """A model already patched with LoRA (or DoRA) takes the weights only if rank and scaling agree."""
+    init = saved.get("init_lora_weights")
+    residual = f" (its {init} r={saved.get('r')!r} loads as rank 2r: docs/interop.md)" if isinstance(init, str) \
+        and init in peft_fields.RESIDUAL_INITS else ""
     for field_name, ours in (("r", config.r), ("alpha", config.alpha), ("rslora", config.rslora)):
         if options[field_name] != ours:
             raise ValueError(
                 f"model is patched with {field_name}={ours!r} but the adapter at {path!r} has "
-                f"{field_name}={options[field_name]!r}; load it into an unpatched model"
+                f"{field_name}={options[field_name]!r}{residual}; load it into an unpatched model"
             )

@@ -20,12 +20,15 @@ Parameters live in ``model.fastadapt_prefix`` (a :class:`~fastadapt.modules.pref
 kept in fp32 for the optimizer; cast to the activation dtype in the forward). ``projection=True`` is
 PEFT's reparameterisation: ``table = W2 · tanh(W1 · E + b1) + b2`` from an ``(P, hidden)`` embedding ``E``.
 
-On disk (PEFT's prompt-learning layout): ``adapter_config.json`` with ``peft_type: "PREFIX_TUNING"``
-and ``adapter_model.safetensors`` holding ``prompt_embeddings`` of shape ``(P, L·2·H_kv·D)``, per
-token laid out as ``(layer, key|value, kv head, head dim)``. With ``projection=True`` the projected
-table is saved (as PEFT does), so loading gives a projection-free model with identical outputs.
-The numbers do not match a PEFT prefix model: PEFT feeds the prefix as a cache, which shifts the
-real tokens' RoPE positions by ``P``; here positions stay ``0..T-1`` as in the base model.
+On disk (PEFT's prompt-learning layout under a type of its own): ``adapter_config.json`` with
+``peft_type: "FASTADAPT_PREFIX"`` (which PEFT refuses) and the geometry (layers, kv heads, head
+size, checked on load), and ``adapter_model.safetensors`` holding ``prompt_embeddings`` of shape
+``(P, L·2·H_kv·D)``, per token laid out as ``(layer, key|value, kv head, head dim)``. With
+``projection=True`` the projected table is saved (as PEFT does), so loading gives a projection-free
+model with identical outputs. The numbers do not match a PEFT prefix model: PEFT feeds the prefix as
+a cache, which shifts the real tokens' RoPE positions by ``P``; here positions stay ``0..T-1`` as in
+the base model. So the formats are refused both ways: PEFT does not know ``FASTADAPT_PREFIX``, and
+``fa.load_adapter`` refuses PEFT's ``PREFIX_TUNING`` folders (docs/interop.md).
 
 Supported: models whose attention modules use transformers' attention interface and expose
 ``layer_idx`` (LLaMA, Mistral, Qwen2, Qwen3, Gemma, Phi-3 and most other current decoders) with

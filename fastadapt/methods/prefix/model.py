@@ -17,8 +17,22 @@ from .config import PrefixConfig
 
 logger = logging.getLogger(__name__)
 
-PEFT_TYPE = "PREFIX_TUNING"
+#: fastadapt's own type: PEFT refuses to load it (its PREFIX_TUNING computes something else, below).
+PEFT_TYPE = "FASTADAPT_PREFIX"
+#: Read too: PEFT's prefix-tuning folders (refused, naming why) and fastadapt's own before it had a
+#: type of its own (recognised by their ``layout`` field).
+ALSO_READS = ("PREFIX_TUNING",)
 TABLE_KEY = "prompt_embeddings"
+LAYOUT = "per token: (layer, key|value, kv_head, head_dim); keys/values are post-RoPE"
+PEFT_PREFIX_ERROR = (
+    "it is PEFT's prefix tuning (peft_type 'PREFIX_TUNING'), which feeds the prefix to the model as past "
+    "keys/values: the real tokens' positions start at num_virtual_tokens and the queries' rotary phases "
+    "against the prefix differ. fastadapt's prefix tuning (peft_type 'FASTADAPT_PREFIX') keeps positions "
+    "0..T-1, so the same table gives other outputs and cannot be converted exactly; load it with PEFT, or "
+    "train a fastadapt prefix (fa.patch(model, 'prefix'))"
+)
+#: Saved geometry that must match the model: config field -> the encoder attribute.
+_GEOMETRY = {"num_layers": "num_layers", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim"}
 MERGE_ERROR = (
     "prefix tuning adds extra attention keys and values (virtual tokens) that every query attends "
     "to; that changes the softmax over keys, which no weight delta can express. Keep the adapter "
@@ -122,7 +136,7 @@ def adapter_config(model: nn.Module, config: PrefixConfig) -> dict[str, Any]:
         "token_dim": getattr(mcfg, "hidden_size", None),
         "prefix_projection": config.projection,
         "encoder_hidden_size": config.encoder_hidden_size,
-        "layout": "per token: (layer, key|value, kv_head, head_dim); keys/values are post-RoPE",
+        "layout": LAYOUT,
     }
 
 
@@ -138,6 +152,8 @@ def saved_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[st
 
 
 def read_config(config: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
+    if str(config.get("peft_type")).upper() != PEFT_TYPE and config.get("layout") != LAYOUT:
+        raise ValueError(f"adapter at {path!r} cannot be loaded: {PEFT_PREFIX_ERROR}")
     p = config.get("num_virtual_tokens")
     if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
         raise ValueError(f"adapter config at {path!r} has no valid num_virtual_tokens (got {p!r})")
@@ -145,7 +161,16 @@ def read_config(config: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]
 
 
 def check_loaded(model: nn.Module, config: PrefixConfig, options: dict[str, Any], saved: dict, path: str) -> None:
-    """Sizes are checked against the saved table in :func:`load_tensors`."""
+    """The saved geometry (layers, kv heads, head size) is the model's: a table of the same total
+    width laid out for another geometry would load and compute nonsense. Sizes are checked again
+    against the table itself in :func:`load_tensors`."""
+    encoder = prefix_encoder(model)
+    for key, attr in _GEOMETRY.items():
+        if key in saved and saved[key] != getattr(encoder, attr):
+            raise ValueError(
+                f"adapter at {path!r} was saved for a model with {key}={saved[key]!r}; this model has "
+                f"{key}={getattr(encoder, attr)!r}"
+            )
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
