@@ -48,13 +48,10 @@ The torch backend is ``reference.dora_apply`` with the cached norms (plain autog
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-
 import torch
 
 from .. import _checks, settings
-from ..distributed import is_initialized
+from ._cache import VersionedCache, cache_trusted
 from ._inputs import autocast_inputs, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import register_op, resolve_backend, triton_usable
@@ -125,39 +122,8 @@ def _check_magnitude(magnitude, weight, x) -> None:
 # -- row norms ------------------------------------------------------------------------------------
 
 
-class _VersionedCache:
-    """Values computed from tensors, valid while those tensors are unchanged: the same objects (a
-    view counts as its base plus its geometry, so a Conv1D's ``weight.t()`` made afresh each call
-    still hits) at the same version counters (an optimizer step, a merge or a load moves them).
-    Holds weak references only; the caller skips it where version counters cannot be trusted."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[list, tuple[int, ...], torch.Tensor]] = {}
-
-    @staticmethod
-    def _ident(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        base = t._base if t._base is not None else t
-        return base, (id(base), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
-
-    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, compute: Callable[[], torch.Tensor]):
-        try:
-            versions = tuple(t._version for t in tensors)
-        except RuntimeError:  # inference tensors keep no version counter: nothing to key on
-            return compute()
-        idents = [self._ident(t) for t in tensors]
-        key = (tuple(i for _, i in idents), extra, torch.is_inference_mode_enabled())
-        entry = self._entries.get(key)
-        if entry is not None and entry[1] == versions and all(r() is b for r, (b, _) in zip(entry[0], idents)):
-            return entry[2]
-        value = compute()
-        if len(self._entries) > 4096:  # entries of freed tensors: drop them all
-            self._entries = {k: e for k, e in self._entries.items() if all(r() is not None for r in e[0])}
-        self._entries[key] = ([weakref.ref(b) for b, _ in idents], versions, value)
-        return value
-
-
-_norms = _VersionedCache()
-_weight_sq = _VersionedCache()
+_norms = VersionedCache()
+_weight_sq = VersionedCache()
 
 
 def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, scaling: float,
@@ -167,7 +133,7 @@ def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     (r, K), lora_b (N, r). ``backend`` as for ``dora_linear`` (the Triton kernel reads W once)."""
     chosen = selected_backend(weight.device, backend)
     compiling = torch.compiler.is_compiling()
-    cached = not compiling and not is_initialized()  # see the module docstring
+    cached = not compiling and cache_trusted()  # see the module docstring
 
     def compute() -> torch.Tensor:
         w, a, b = weight.detach(), lora_a.detach(), lora_b.detach()

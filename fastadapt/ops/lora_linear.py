@@ -30,13 +30,12 @@ low-precision copies of A and B cached until the parameters change.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
 from .. import _checks, settings
 from . import verification
+from ._cache import VersionedCache, cache_trusted
 from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import decide, register_op, triton_usable
@@ -104,28 +103,17 @@ def selected_variant(m: int, device: torch.device, *, op: str = "lora_linear") -
 # -- torch backend --------------------------------------------------------------------------------
 
 
-class _CastCache:
-    """Low-precision copies of adapter parameters, valid until the parameter changes (its version
-    counter moves: an optimizer step, a load) or dies. Keyed by identity, holding only weak refs."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, torch.Tensor]] = {}
-
-    def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if t.dtype == dtype:
-            return t
-        key = (id(t), dtype)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is t and entry[1] == t._version:
-            return entry[2]
-        if len(self._entries) > 4096:  # dead keys of freed parameters: drop them all
-            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
-        cast = t.detach().to(dtype)
-        self._entries[key] = (weakref.ref(t), t._version, cast)
-        return cast
+_casts = VersionedCache()
 
 
-_cast_cache = _CastCache()
+def _low_precision(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, the copy cached until ``t`` changes (its version counter, storage or
+    identity) where version counters can be trusted (:func:`._cache.cache_trusted`)."""
+    if t.dtype == dtype:
+        return t
+    if not cache_trusted():
+        return t.detach().to(dtype)
+    return _casts.get((t,), (dtype,), lambda: t.detach().to(dtype))
 
 
 def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
@@ -137,8 +125,8 @@ def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
     # No gradient (inference, decode): three launches on cached low-precision A and B.
     y = F.linear(x, weight, bias)
     dtype = y.dtype
-    s = F.linear(x if x.dtype is dtype else x.to(dtype), _cast_cache.get(lora_a, dtype))
-    b = _cast_cache.get(lora_b, dtype).t()
+    s = F.linear(x if x.dtype is dtype else x.to(dtype), _low_precision(lora_a, dtype))
+    b = _low_precision(lora_b, dtype).t()
     if y.dim() == 2:
         return y.addmm_(s, b, alpha=scaling)
     y.view(-1, y.shape[-1]).addmm_(s.view(-1, s.shape[-1]), b, alpha=scaling)
@@ -438,7 +426,7 @@ def _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backen
     """Validate the arguments (once per argument metadata) and pick the backend."""
     try:
         key = (op, backend, settings.backend_override(), settings.triton_interpret(), verification.generation(),
-               type(x), x.dtype, x.device, x.dim(), verification.shape_class(x.numel() // max(x.shape[-1], 1)),
+               type(x), x.dtype, x.device, x.dim(), x.numel() <= verification.DECODE_MAX_ROWS * x.shape[-1],
                x.shape[-1], _meta(weight), _meta(lora_a), _meta(lora_b), _meta(bias), type(scaling),
                scaling, type(dropout_p), dropout_p, torch.is_autocast_enabled(x.device.type))
     except (AttributeError, IndexError, TypeError, RuntimeError):

@@ -112,8 +112,7 @@ def kernel_hash(backend: str) -> str | None:
 # loading
 
 
-def _source() -> Path:
-    override = settings.verified_records()
+def _source(override: str | None) -> Path:
     return Path(override).expanduser() if override else RECORDS_DIR
 
 
@@ -145,15 +144,18 @@ def load_records(source: Path) -> list[dict]:
     return records
 
 
-_state: dict[str, object] = {"source": None, "records": None, "generation": 0}
+_UNREAD = object()
+_state: dict[str, object] = {"override": _UNREAD, "records": None, "generation": 0}
 _found: dict[tuple, Verdict] = {}
 
 
 def _records() -> list[dict]:
-    source = _source()
-    if _state["source"] != source:
-        _state.update(source=source, records=load_records(source) if source != RECORDS_DIR or source.is_dir()
-                      else [], generation=int(_state["generation"]) + 1)  # type: ignore[call-overload]
+    override = settings.verified_records()  # a fast read: dispatch asks on every call
+    if override != _state["override"]:
+        source = _source(override)
+        records = load_records(source) if source != RECORDS_DIR or source.is_dir() else []
+        _state.update(override=override, records=records,
+                      generation=int(_state["generation"]) + 1)  # type: ignore[call-overload]
         _found.clear()
     return _state["records"]  # type: ignore[return-value]
 
@@ -166,7 +168,7 @@ def generation() -> int:
 
 def reload() -> None:
     """Forget the loaded records and every cached verdict (after editing a records file in place)."""
-    _state["source"] = None
+    _state["override"] = _UNREAD
     kernel_hash.cache_clear()
     _records()
 

@@ -220,7 +220,9 @@ def test_row_norms_are_cached_until_w_a_or_b_change(monkeypatch):
     fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
     assert len(calls) == 4
     # multi-process runs never cache: FSDP2 refills gathered parameters without a version bump
-    monkeypatch.setattr(op_module, "is_initialized", lambda: True)
+    from fastadapt.ops import _cache
+
+    monkeypatch.setattr(_cache, "is_initialized", lambda: True)
     for _ in range(2):
         fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
     assert len(calls) == 6

@@ -284,3 +284,32 @@ def test_lora_linear_group_with_dropout_biases_and_unused_members():
             assert g.abs().max() == 0  # unused member: zero gradient
         else:
             assert g.abs().sum() > 0 and norm_rel_err(g, w) < 1e-5
+
+
+def test_no_grad_path_sees_every_change_of_the_adapter(monkeypatch):
+    """The cached low-precision A/B of the no-grad torch path follow an optimizer step (version
+    counter), a ``.data`` swap (new storage, same version) and a new tensor; in a multi-process run
+    (where FSDP2 refills parameters in place) nothing is cached."""
+    from fastadapt.ops import _cache
+
+    x, w, a, b, _ = make(3, 40, 24, 4, dtype=torch.bfloat16, bias=False)
+
+    def run():
+        with torch.no_grad():
+            got = fa.ops.lora_linear(x, w, a, b, scaling=1.0, backend="torch")
+        want = lora_linear_ref(x.float(), w.float(), a.detach(), b.detach(), scaling=1.0)
+        assert rel_err(got, want) < 2e-2
+        return got
+
+    first = run()
+    with torch.no_grad():
+        a.mul_(2.0)  # in place: the version counter moves
+    assert not torch.equal(run(), first)
+    a.data = torch.zeros_like(a)  # new storage, version unchanged
+    zero = run()
+    with torch.no_grad():
+        torch.testing.assert_close(zero, x @ w.T)
+    monkeypatch.setattr(_cache, "is_initialized", lambda: True)
+    with torch.no_grad():
+        a.data.copy_(torch.ones_like(a))  # FSDP2-style refill: same storage, same version, new values
+    assert not torch.equal(run(), zero)
