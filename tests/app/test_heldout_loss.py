@@ -80,6 +80,7 @@ def test_loss_means_over_first_and_last_tenth():
     assert loss_means([])["first"] is None
 
 
+@pytest.mark.filterwarnings("ignore:r=32 > min")  # the paper's rank on a 48-wide tiny model
 def test_main_job_reports_heldout_loss(tmp_path, capsys):
     pytest.importorskip("accelerate")
     from fastadapt.app.main_job import run_main_job

@@ -16,6 +16,10 @@ removed and its ``#### 72`` line rewritten as ``The answer is 72.`` (the ending 
 math training data uses, and one :func:`fastadapt.app.answers.extract_number` reads);
 the record keeps the final answer in ``answer``.
 
+Held-out loss: :func:`load_solution_records` reads test problems *with* reference solutions
+(built-in ``gsm8k``: GSM8K test as GSM8K ships it) in the training record shape, so that a model's
+loss on them can be measured exactly as training measures it. Training refuses those files.
+
 Files are read with the standard ``json`` module rather than ``datasets.load_dataset``: it
 reads ``.gz`` directly, needs no cache folder, never touches the Hub, and lets errors name
 the file, the record and the field. :func:`to_hf_dataset` wraps records in a
