@@ -25,7 +25,7 @@ VARIANT_ORDER = (
     "peft_default", "fastadapt_series", "eager_series", "fastadapt_parallel", "eager_parallel",
     "triton", "cuda", "eager_bf16", "llm_adapters",
 )
-MODE_ORDER = ("forward", "backward", "fwd_bwd", "step")
+MODE_ORDER = ("forward", "decode", "backward", "fwd_bwd", "step")
 
 # Issue-4 targets (H100/H200, bf16): the point they are stated at, and fwd+bwd limits per shape.
 KERNEL_TARGET_POINT = {"r": 16, "M": 8192, "dropout": 0.1}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import benchlib
 import pytest
 import torch
-from test_bench_lora_linear import DROPOUTS, MODES, SHAPES, _run, run_smoke
+from test_bench_lora_linear import DROPOUTS, MODES, SHAPES, _run, modes_for, run_smoke
 
 DORA_VARIANTS = ("peft_default", "peft_bf16", "addmm", "fastadapt", "fastadapt_fused", "fastadapt_lora")
 M_DEFAULT = (16, 8192)
@@ -35,7 +35,7 @@ def _cases():
     cases = []
     for K, N in SHAPES:
         for M in (*M_DEFAULT, *M_FULL):
-            for mode in MODES:
+            for mode in modes_for(M):
                 full = [pytest.mark.full] if M in M_FULL else []
                 cases.append(pytest.param("frozen", mode, M, K, N, 0, 0.0, marks=full,
                                           id=f"{mode}-K{K}xN{N}-M{M}-frozen"))

@@ -16,7 +16,9 @@ Variants (the baselines of shared/PERF.md), all bf16 activations and base weight
 ``F.linear`` (goal: within 1.5× of the hand-written one).
 
 Modes: ``forward`` (a training forward: graph built), ``backward`` (``autograd.grad`` of a
-retained graph: dX and the adapter gradients, never the frozen weight's), ``fwd_bwd``.
+retained graph: dX and the adapter gradients, never the frozen weight's), ``fwd_bwd``, and at
+M ≤ 16 ``decode`` (a forward under ``torch.no_grad()``: what generation runs, the torch backend's
+cached path included).
 
 Default run: r=16 at every M (incl. the target M=8192), dropout 0 and 0.1, all three shapes.
 ``--bench-full`` adds r ∈ {8, 64} at M ∈ {1, 16, 512, 4096, 16384} (the issue's whole sweep).
@@ -43,6 +45,11 @@ RANKS = (8, 16, 64)
 DEFAULT_RANK = 16
 DROPOUTS = (0.0, 0.1)
 MODES = ("forward", "backward", "fwd_bwd")
+DECODE_M = 16  # up to this M a case also runs the ``decode`` mode (no-grad forward)
+
+
+def modes_for(M: int) -> tuple[str, ...]:
+    return (*MODES, "decode") if M <= DECODE_M else MODES
 LORA_VARIANTS = ("peft_default", "peft_bf16", "addmm", "fastadapt", "fastadapt_epilogue", "fastadapt_fused")
 GROUP_SHAPES = {"qkv": (4096, (4096, 4096, 4096)), "gate_up": (4096, (11008, 11008))}
 GROUP_M_DEFAULT = (16, 8192)
@@ -149,6 +156,8 @@ def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: floa
 def _mode_fn(st: _Set, mode: str):
     if mode == "forward":
         return lambda: st.fwd(st.x)
+    if mode == "decode":
+        return torch.no_grad()(lambda: st.fwd(st.x))
     if mode == "fwd_bwd":
         return lambda: torch.autograd.grad(st.fwd(st.x), st.inputs, st.dys)
     if mode == "backward":
@@ -167,6 +176,7 @@ def _flops_bytes(mode: str, M: int, K: int, Ns, r: int, lora: bool) -> tuple[flo
     bwd_b = 2 * (M * sum_n + K * sum_n + M * K + (M * K if lora else 0))  # dA needs X once more
     return {
         "forward": (fwd_f, fwd_b),
+        "decode": (fwd_f, fwd_b),
         "backward": (bwd_f, bwd_b),
         "fwd_bwd": (fwd_f + bwd_f, fwd_b + bwd_b),
     }[mode]
@@ -195,7 +205,9 @@ def _ref_ms(suite, ref_key, mode, M, K, Ns, device, cpu_iters) -> tuple[float, b
 
 
 def _run(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, device, rounds, cpu_iters, dora=False):
-    forced = variant.removeprefix("fastadapt_") if variant in ("fastadapt_epilogue", "fastadapt_fused") else None
+    # every fastadapt variant pinned: what a verification record would pick must not relabel a case
+    forced = {"fastadapt": "addmm", "fastadapt_group": "addmm", "fastadapt_lora": "addmm",
+              "fastadapt_epilogue": "epilogue", "fastadapt_fused": "fused"}.get(variant)
     saved = os.environ.get("FASTADAPT_LORA_VARIANT")
     if forced is not None:
         os.environ["FASTADAPT_LORA_VARIANT"] = forced
@@ -272,7 +284,7 @@ def _lora_cases():
     cases = []
     for K, N in SHAPES:
         for M in sorted({*M_SWEEP, M_TARGET}):
-            for mode in MODES:
+            for mode in modes_for(M):
                 cases.append(pytest.param("frozen", mode, M, K, N, 0, 0.0, id=f"{mode}-K{K}xN{N}-M{M}-frozen"))
                 for r in RANKS:
                     if M == M_TARGET and r != DEFAULT_RANK:
@@ -290,7 +302,7 @@ def _group_cases():
     for name in GROUP_SHAPES:
         for M in sorted({*GROUP_M_DEFAULT, *GROUP_M_FULL}):
             marks = [pytest.mark.full] if M in GROUP_M_FULL else []
-            for mode in MODES:
+            for mode in modes_for(M):
                 cases.append(pytest.param(name, "frozen", mode, M, 0.0, marks=marks, id=f"{mode}-{name}-M{M}-frozen"))
                 for p in DROPOUTS:
                     for variant in GROUP_VARIANTS:

@@ -58,6 +58,10 @@ BUDGET=${GPU_CHECK_BUDGET_S:-540}
 START=$SECONDS
 
 export TRITON_INTERPRET=0 FASTADAPT_AUTOTUNE=0 FASTADAPT_REQUIRE_CUDA_EXT=1
+# no committed record may steer a LoRA variant while this run measures them (the records step
+# points FASTADAPT_VERIFIED at the records it writes)
+FASTADAPT_VERIFIED=$(mktemp -d)
+export FASTADAPT_VERIFIED
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # one cache for the extension, shared by every step, the tests (conftest) and their subprocesses
 export FASTADAPT_CACHE_DIR=${FASTADAPT_CACHE_DIR:-/tmp/fastadapt-gpu-check-cache}
@@ -90,7 +94,8 @@ run_step() {
   fi
   log "$name: start (limit ${limit}s): $*"
   local t0=$SECONDS rc
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  # SIGINT first: pytest still writes its junit XML and benchmark JSON for what finished
+  timeout -s INT --kill-after=30 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
   SECS[$name]=$(( SECONDS - t0 ))
   if (( rc == 0 )); then STATUS[$name]=ok
@@ -107,6 +112,8 @@ SLUG=$(echo "$GPU" | tr '[:upper:]' '[:lower:]' | sed -E 's/^nvidia //; s/[^a-z0
 SLUG=nvidia-$SLUG
 log "GPU: $GPU (arch $ARCH) -> $SLUG; out: $OUT; budget ${BUDGET}s"
 
+# the steps that are shell functions run as `bash -c <name>` under timeout (a program, not a function)
+export PY OUT SLUG ARCH
 install() {
   FASTADAPT_SKIP_CUDA_BUILD=1 $PY -m pip install --no-deps --no-build-isolation -e . \
     || FASTADAPT_SKIP_CUDA_BUILD=1 $PY -m pip install --no-deps -e .
@@ -123,14 +130,15 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
-run_step install install
-run_step build build
+export -f install build
+run_step install bash -c install
+run_step build bash -c build
 # the tests must find the extension built above: same cache dir, same arch list (part of its key)
 export TORCH_CUDA_ARCH_LIST=$ARCH
 run_step correctness $PY -m pytest -q -p no:cacheprovider -m gpu -k "not compute_sanitizer" \
   tests/gpu tests/kernels tests/ops --junitxml="$OUT/junit.xml"
 # LoRA: 3 shapes; DoRA: the 4096² shape only (what it costs over LoRA and PEFT's DoRA)
-LORA_SEL="((fwd_bwd and M8192 and (r16 or frozen)) or (forward and (M1- or M16-) and (p0- or frozen))) and (not test_dora_linear or K4096xN4096-)"
+LORA_SEL="((fwd_bwd and M8192 and (r16 or frozen)) or (decode and (M1- or M16-) and (p0- or frozen))) and (not test_dora_linear or K4096xN4096-)"
 run_step bench-lora $PY -m pytest -q -p no:cacheprovider bench/test_bench_lora_linear.py bench/test_bench_dora_linear.py -k "$LORA_SEL" \
   --benchmark-json="$OUT/bench-lora.json"
 run_step bench-adapters $PY -m pytest -q -p no:cacheprovider bench/test_bench_bottleneck_adapter.py \
@@ -143,14 +151,19 @@ records() {
     --bench "$OUT/bench-lora.json" "$OUT/bench-adapters.json" --out "$OUT/verified-$SLUG.json" || return 1
   # the records just written must turn auto on where they say (fastadapt backends reads them)
   FASTADAPT_VERIFIED="$OUT/verified-$SLUG.json" $PY -m fastadapt backends
-  $PY bench/report.py "$OUT" --out "$OUT/report.md" --no-plots
+  local measured
+  measured=$(find "$OUT" -maxdepth 1 -name 'bench-*.json' -size +0 | sort)
+  [[ -n "$measured" ]] || { echo "no benchmark JSON: no report.md"; return 1; }
+  # shellcheck disable=SC2086  # one path per word
+  $PY bench/report.py $measured --out "$OUT/report.md" --no-plots
 }
-run_step records records
+export -f records
+run_step records bash -c records
 
 if (( BUDGET - (SECONDS - START) >= 90 )); then
   left=$(( BUDGET - (SECONDS - START) - 10 ))
   log "sanitizer: start (limit ${left}s)"
-  timeout --kill-after=10 "$left" $PY -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_kernels.py \
+  timeout -s INT --kill-after=30 "$left" $PY -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_kernels.py \
     -k compute_sanitizer >>"$LOG" 2>&1 && STATUS[sanitizer]=ok || STATUS[sanitizer]="FAILED or cut short"
 else
   STATUS[sanitizer]="not run (under 90 s left)"

@@ -38,11 +38,12 @@ BENCH = {
     "lora_linear_group": ("addmm", {"fastadapt_group": ("triton", "addmm")}),
     "dora_linear": ("addmm", {"fastadapt": ("triton", "addmm"), "fastadapt_fused": ("triton", "fused")}),
     "bottleneck_adapter": ("eager_bf16", {"triton": ("triton", "default"), "cuda": ("cuda", "default")}),
-    "parallel_adapter": ("eager_bf16", {"triton": ("triton", "default"), "cuda": ("cuda", "default")}),
+    # the parallel adapter joins its up-projection to the frozen GEMM like LoRA: the default join
+    "parallel_adapter": ("eager_bf16", {"triton": ("triton", "addmm"), "cuda": ("cuda", "default")}),
     "lora_merge": ("torch", {"cuda": ("cuda", "default")}),
 }
-#: training shapes are judged on forward + backward, decode on the forward
-MODE = {"batch": ("fwd_bwd",), "decode": ("forward",), "any": ("merge",)}
+#: training shapes are judged on forward + backward, decode on the no-grad forward
+MODE = {"batch": ("fwd_bwd",), "decode": ("decode",), "any": ("merge",)}
 
 
 def _backend_of_test(classname: str) -> str | None:
@@ -82,7 +83,12 @@ def read_bench(paths: list[Path]) -> dict[tuple, list[float]]:
     """{(op, backend, class, variant): [torch ms / fused ms per measured case]}."""
     times: dict[tuple, float] = {}
     for path in paths:
-        for bench in json.loads(path.read_text()).get("benchmarks", []):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:  # a step cut short may leave an empty file: what it measured is lost, say so
+            print(f"gpu_records: {path} is not benchmark JSON (empty: its step was cut short?); skipped")
+            continue
+        for bench in data.get("benchmarks", []):
             info = bench.get("extra_info", {})
             if info.get("suite") in BENCH and info.get("median_ms"):
                 times[(info["suite"], info.get("case"), info.get("mode"), info.get("variant"))] = (

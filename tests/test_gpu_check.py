@@ -59,11 +59,11 @@ def test_lora_bench_selection_covers_every_record_key():
     for shape in ("K4096xN4096", "K4096xN11008", "K11008xN4096"):
         for variant in ("frozen", "addmm", "fastadapt", "fastadapt_epilogue", "fastadapt_fused", "peft_default"):
             assert any(f"fwd_bwd-{shape}-M8192" in i and i.endswith(f"-{variant}]") for i in ids), (shape, variant)
-            assert any(f"forward-{shape}-M1-" in i and i.endswith(f"-{variant}]") for i in ids), (shape, variant)
+            assert any(f"decode-{shape}-M1-" in i and i.endswith(f"-{variant}]") for i in ids), (shape, variant)
     assert any("fwd_bwd-qkv-M8192" in i and "fastadapt_group" in i for i in ids)
     dora = [i for i in ids if "test_dora_linear" in i]
     assert any("fwd_bwd-K4096xN4096-M8192-r16-p0.1-fastadapt_fused" in i for i in dora)
-    assert any("forward-K4096xN4096-M16-r16-p0-peft_default" in i for i in dora)
+    assert any("decode-K4096xN4096-M16-r16-p0-peft_default" in i for i in dora)
     assert not any("K4096xN11008" in i for i in dora)
     assert not any("M4096-" in i or "M16384" in i or "-r8-" in i or "-r64-" in i for i in ids)
     assert len(ids) < 160  # the step's estimate assumes about this many cases
@@ -110,8 +110,8 @@ LORA_ROWS = [
     ("lora_linear", "K4096xN4096-M8192-r16-p0.1", "fwd_bwd", "fastadapt", 8192, 1.6),
     ("lora_linear", "K4096xN4096-M8192-r16-p0.1", "fwd_bwd", "fastadapt_fused", 8192, 1.25),
     ("lora_linear", "K4096xN4096-M8192-r16-p0.1", "forward", "fastadapt_fused", 8192, 0.1),  # other mode
-    ("lora_linear", "K4096xN4096-M1-r16-p0", "forward", "addmm", 1, 0.05),
-    ("lora_linear", "K4096xN4096-M1-r16-p0", "forward", "fastadapt", 1, 0.04),
+    ("lora_linear", "K4096xN4096-M1-r16-p0", "decode", "addmm", 1, 0.05),
+    ("lora_linear", "K4096xN4096-M1-r16-p0", "decode", "fastadapt", 1, 0.04),
 ]
 
 
@@ -147,3 +147,27 @@ def test_written_records_load_and_decide(tmp_path, monkeypatch):
     path.write_text(json.dumps(records))
     assert verification.load_records(path) == records
     assert gpu_records.DECODE_MAX_ROWS == verification.DECODE_MAX_ROWS
+
+
+def test_every_fused_bench_variant_can_meet_its_correctness_case():
+    """Each (suite, bench variant) maps to a key the GPU harness has a case for, else no record
+    could ever be written for it."""
+    sys.path.insert(0, str(REPO / "tests" / "gpu"))
+    import test_fused_ops_gpu as harness
+
+    keys = {(c.op, c.backend, c.variant) for c in harness.cases()}
+    for suite, (_, fused) in gpu_records.BENCH.items():
+        for backend, join in fused.values():
+            assert (suite, backend, join) in keys, (suite, backend, join)
+
+
+def test_parallel_and_series_records(tmp_path):
+    results = {_case("parallel_adapter", "triton", "batch", "addmm", p): "pass" for p in (0, 0.1)}
+    results |= {_case("bottleneck_adapter", "triton", "batch", "default", p): "pass" for p in (0, 0.1)}
+    rows = [("parallel_adapter", "parallel M=8192", "fwd_bwd", "eager_bf16", 8192, 2.0),
+            ("parallel_adapter", "parallel M=8192", "fwd_bwd", "triton", 8192, 1.0),
+            ("bottleneck_adapter", "series M=8192", "fwd_bwd", "eager_bf16", 8192, 3.0),
+            ("bottleneck_adapter", "series M=8192", "fwd_bwd", "triton", 8192, 1.0)]
+    records = {r["op"]: r for r in _build(tmp_path, results, rows)}
+    assert records["parallel_adapter"]["variant"] == "addmm" and records["parallel_adapter"]["speedup_over_torch"] == 2
+    assert "variant" not in records["bottleneck_adapter"] and records["bottleneck_adapter"]["speedup_over_torch"] == 3

@@ -98,23 +98,24 @@ def decide(
 
 
 def _auto(op: str, device: torch.device, available: dict, rows: int | None) -> Decision:
-    """The first fused backend that can run here and is verified for it; else torch, with why not."""
+    """The first fused backend verified for this call that can run here; else torch, with why not.
+    The record comes first: asking whether the CUDA backend can run may build the extension
+    (minutes), which only a verified backend is worth."""
     why = []
-    for name, usable in available.items():
-        if name == "torch":
-            continue
-        if not usable(device):
-            why.append(_not_usable(name, device))
-            continue
+    fused = [name for name in available if name != "torch"]
+    for name in fused:
         verdict = verification.find(op, name, device, rows)
-        if verdict.verified:
+        if not verdict.verified:
+            why.append(verdict.reason)
+        elif not available[name](device):
+            why.append(_not_usable(name, device))
+        else:
             return Decision(name, verdict.reason, verdict.record)
-        why.append(verdict.reason)
     reason = "; ".join(why) or f"{op} has no fused backend"
     gpu = verification.device_name(device)
-    if gpu is not None and any(available[n](device) for n in available if n != "torch"):
+    if gpu is not None and fused:
         key = (op, gpu, verification.shape_class(rows), verification.generation())
-        if key not in _warned:  # once per op, GPU and shape class: a training run logs it once
+        if key not in _warned:  # once per op, GPU, shape class and set of records: a run logs it once
             _warned.add(key)
             logger.warning("fastadapt: %s runs the torch path on %s: %s. `fastadapt backends` explains; "
                            "FASTADAPT_BACKEND=triton forces the fused kernels.", op, key[1], reason)

@@ -79,33 +79,38 @@ def _cuda_name(index: int) -> str:
 # kernel hashes
 
 
-def _hash_files(files: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(b"\0")
-        h.update(f.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+#: The op-layer files that compose kernels into ops (launch order, variants, backward): a change to
+#: them can break a verified backend as surely as a kernel edit. Dispatch, records and the torch
+#: twins are not in it.
+_OPS = Path(__file__).resolve().parent
+_OP_FILES = ("_cache.py", "_inputs.py", "_library.py", "bottleneck_adapter.py", "dora_linear.py", "lora_linear.py",
+             "lora_merge.py", "parallel_adapter.py")
 
 
 @functools.cache
 def kernel_hash(backend: str) -> str | None:
-    """A hash of the sources a fused backend runs: the Triton kernels (``kernels/*.py``, installed as
-    ``fastadapt.kernels``) or the CUDA sources (``csrc/``); None when they are not on disk (a wheel
-    ships no csrc/, so its prebuilt extension cannot be matched to a record)."""
+    """A hash of the sources a fused backend runs: its kernels — the Triton kernels (``kernels/*.py``,
+    installed as ``fastadapt.kernels``) or the CUDA sources and build flags (``csrc/``,
+    ``fastadapt/_cuda_build.py``) — and the op files that call them (:data:`_OP_FILES`). None when
+    the kernels are not on disk (a wheel ships no csrc/, so its prebuilt extension cannot be matched
+    to a record)."""
     if backend == "triton":
         spec = importlib.util.find_spec("fastadapt.kernels")  # the folder, without importing triton
         if spec is None or not spec.submodule_search_locations:
             return None
-        root = Path(next(iter(spec.submodule_search_locations)))
-        files = list(root.glob("*.py"))
+        kernels = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py"))
     elif backend == "cuda":
-        root = _CSRC
-        files = [p for p in root.rglob("*") if p.suffix in _CSRC_SUFFIXES] if root.is_dir() else []
+        kernels = sorted(p for p in _CSRC.rglob("*") if p.suffix in _CSRC_SUFFIXES) if _CSRC.is_dir() else []
+        if kernels:
+            kernels.append(_OPS.parent / "_cuda_build.py")
     else:
         raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
-    return _hash_files(files, root) if files else None
+    if not kernels:
+        return None
+    h = hashlib.sha256()
+    for f in [*kernels, *(_OPS / name for name in _OP_FILES)]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def test_stale_kernel_hash_turns_it_off(fake_gpu, tmp_path, monkeypatch):
 
 
 def test_a_kernel_edit_after_the_run_makes_the_record_stale(fake_gpu, tmp_path, monkeypatch):
-    """The hash covers the kernel sources: an edited kernel file is unverified again."""
+    """The hash covers the kernel sources and the op files that call them: an edit to either makes
+    the backend unverified again."""
     kernels = tmp_path / "kernels"
     kernels.mkdir()
     (kernels / "k.py").write_text("x = 1\n")
@@ -91,10 +92,20 @@ def test_a_kernel_edit_after_the_run_makes_the_record_stale(fake_gpu, tmp_path, 
     spec.submodule_search_locations = [str(kernels)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
     verification.kernel_hash.cache_clear()
+    ops = tmp_path / "ops"
+    ops.mkdir()
+    for name in verification._OP_FILES:
+        (ops / name).write_text("# op\n")
+    monkeypatch.setattr(verification, "_OPS", ops)
+    verification.kernel_hash.cache_clear()
     before = verification.kernel_hash("triton")
     (kernels / "k.py").write_text("x = 2\n")
     verification.kernel_hash.cache_clear()
-    assert verification.kernel_hash("triton") != before
+    after_kernel = verification.kernel_hash("triton")
+    assert after_kernel != before
+    (ops / "lora_linear.py").write_text("# the op composes the kernels differently\n")
+    verification.kernel_hash.cache_clear()
+    assert verification.kernel_hash("triton") != after_kernel
 
 
 def test_slower_than_torch_other_gpu_other_op_stay_off(fake_gpu, tmp_path, monkeypatch):
@@ -161,3 +172,18 @@ def test_missing_records_path_is_an_error(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("FASTADAPT_VERIFIED")
         verification.reload()
+
+
+def test_no_record_never_asks_whether_a_backend_can_run(fake_gpu, tmp_path, monkeypatch):
+    """Asking the CUDA backend may build the extension (minutes): only a verified backend is asked."""
+    write_records(tmp_path, monkeypatch)
+    asked = []
+    available = {"cuda": lambda d: asked.append("cuda") or True, "triton": lambda d: asked.append("triton") or True}
+    assert dispatch.decide("bottleneck_adapter", "auto", torch.device("cpu"), available=available, rows=80).backend \
+        == "torch"
+    assert asked == []
+    write_records(tmp_path, monkeypatch, record(op="bottleneck_adapter", backend="cuda",
+                                                kernel_hash=verification.kernel_hash("cuda")))
+    assert dispatch.decide("bottleneck_adapter", "auto", torch.device("cpu"), available=available, rows=80).backend \
+        == "cuda"
+    assert asked == ["cuda"]
