@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,21 +30,28 @@ logger = logging.getLogger(__name__)
 _KINDS = ("tmp", "new", "old")
 
 
+#: This machine, in temporaries' names: a process id means something on its own host only (a
+#: folder shared between machines or containers must not lose another host's live temporaries).
+HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def temp_path(target: Path, kind: str) -> Path:
-    """A fresh name beside ``target`` for a temporary of ``kind``, tagged with this process id."""
+    """A fresh name beside ``target`` for a temporary of ``kind``, tagged with this host and process."""
     assert kind in _KINDS, kind
-    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+    return target.with_name(f".{target.name}.{kind}-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-#: Temporaries of earlier versions carry no process id (``tempfile`` names): stale once untouched this long.
+#: Temporaries of earlier versions carry no process id (``tempfile`` names), and another host's
+#: processes cannot be asked: stale once untouched this long.
 LEGACY_STALE_AFTER_S = 24 * 3600
 
 
 def _temporaries(target: Path) -> list[tuple[Path, str, int | None]]:
     """``(path, kind, pid)`` of every temporary of ``target``, also those earlier versions named
-    ``.<name>.old-<pid>``, ``.<name>.export-<random>`` (a folder) and ``.<name>.<random>.tmp`` (pid None)."""
+    ``.<name>.old-<pid>``, ``.<name>.export-<random>`` (a folder) and ``.<name>.<random>.tmp``; pid
+    None where it cannot be checked here (no pid, or another host's)."""
     name = re.escape(target.name)
-    ours = re.compile(rf"\.{name}\.({'|'.join(_KINDS)})-(\d+)(?:-[0-9a-f]+)?")
+    ours = re.compile(rf"\.{name}\.({'|'.join(_KINDS)})-(?:([0-9a-f]{{8}})-)?(\d+)(?:-[0-9a-f]+)?")
     legacy = re.compile(rf"\.{name}\.(?:export-[a-z0-9_]{{8}}|[a-z0-9_]{{8}}\.tmp)")
     try:
         entries = list(target.parent.iterdir())
@@ -51,7 +60,8 @@ def _temporaries(target: Path) -> list[tuple[Path, str, int | None]]:
     found: list[tuple[Path, str, int | None]] = []
     for entry in entries:
         if m := ours.fullmatch(entry.name):
-            found.append((entry, m.group(1), int(m.group(2))))
+            here = m.group(2) in (None, HOST)
+            found.append((entry, m.group(1), int(m.group(3)) if here else None))
         elif legacy.fullmatch(entry.name):
             found.append((entry, "new" if "export-" in entry.name else "tmp", None))
     return found

@@ -108,8 +108,11 @@ def test_the_next_write_cleans_stale_temporaries_and_nothing_else(tmp_path):
     folder = tmp_path / "adapter"
     folder.mkdir()
     dead, alive = _dead_pid(), os.getppid()
-    stale = [folder / f".adapter_model.safetensors.tmp-{dead}-0a1b2c3d", folder / f".adapter_config.json.tmp-{dead}-00ff"]
-    kept = [folder / f".adapter_model.safetensors.tmp-{alive}-0a1b2c3d",  # a live writer's
+    host, other = _files.HOST, "0123abcd" if _files.HOST != "0123abcd" else "4567cdef"
+    stale = [folder / f".adapter_model.safetensors.tmp-{host}-{dead}-0a1b2c3d",
+             folder / f".adapter_config.json.tmp-{dead}-00ff"]  # no host: this host's (as written before)
+    kept = [folder / f".adapter_model.safetensors.tmp-{host}-{alive}-0a1b2c3d",  # a live writer's
+            folder / f".adapter_config.json.tmp-{other}-{dead}-0a1b2c3d",  # another host's: its pid means nothing here
             folder / ".adapter_model.safetensors.backup", folder / "notes.txt", folder / ".hidden"]
     legacy_old = folder / ".adapter_model.safetensors.k2j_9x0a.tmp"  # an earlier version's (no pid), 2 days old
     legacy_new = folder / ".adapter_model.safetensors.q8w7e6r5.tmp"  # the same, just written: maybe live

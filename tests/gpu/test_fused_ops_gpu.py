@@ -111,37 +111,43 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
         As = [rnd(8, k, scale=k**-0.5, dt=torch.float32) for _ in sizes]
         Bs = [rnd(size, 8, scale=0.1, dt=torch.float32) for size in sizes]
         dys = [dy[:, :size] if size <= n else rnd(m, size) for size in sizes]
+        biases = [None if i == 1 else rnd(size) for i, size in enumerate(sizes)]  # the group: with and without
         params = [*As, *Bs]
 
         def run(xx, ps, backend):
             a_s, b_s = ps[:len(sizes)], ps[len(sizes):]
             if case.op == "lora_linear":
-                return [fa.ops.lora_linear(xx, ws[0], a_s[0], b_s[0], scaling=2.0, dropout_p=p, backend=backend)]
-            return fa.ops.lora_linear_group(xx, ws, list(a_s), list(b_s), scaling=2.0, dropout_p=p, backend=backend)
+                return [fa.ops.lora_linear(xx, ws[0], a_s[0], b_s[0], scaling=2.0, bias=biases[0], dropout_p=p,
+                                           backend=backend)]
+            return fa.ops.lora_linear_group(xx, ws, list(a_s), list(b_s), scaling=2.0, biases=biases, dropout_p=p,
+                                            backend=backend)
 
         def formula(xx, ps, keep, dt):
             a_s, b_s = ps[:len(sizes)], ps[len(sizes):]
             xd = xx if keep is None else xx * keep.to(dt)
-            return [xx @ w.to(dt).T + 2.0 * ((xd @ a.to(dt).T) @ b.to(dt).T) for w, a, b in zip(ws, a_s, b_s)]
+            return [xx @ w.to(dt).T + (0 if c is None else c.to(dt)) + 2.0 * ((xd @ a.to(dt).T) @ b.to(dt).T)
+                    for w, a, b, c in zip(ws, a_s, b_s, biases)]
     elif case.op == "dora_linear":
         w = rnd(n, k, scale=k**-0.5)
         a, b = rnd(8, k, scale=k**-0.5, dt=torch.float32), rnd(n, 8, scale=0.1, dt=torch.float32)
         mag = (w.float().norm(dim=1) * (1 + 0.1 * torch.rand(n, generator=g).to(device))).float()
+        bias = rnd(n)
         dys = [dy]
         params = [a, b, mag]
 
         def run(xx, ps, backend):
-            return [fa.ops.dora_linear(xx, w, *ps, scaling=2.0, dropout_p=p, backend=backend)]
+            return [fa.ops.dora_linear(xx, w, *ps, scaling=2.0, bias=bias, dropout_p=p, backend=backend)]
 
         def formula(xx, ps, keep, dt):
-            """PEFT's DoRA: y = x Wᵀ + (g - 1) ⊙ x_d Wᵀ + g ⊙ s (x_d Aᵀ) Bᵀ, g = m / ‖W + s B A‖ (detached)."""
+            """PEFT's DoRA: y = x Wᵀ + b + (g - 1) ⊙ x_d Wᵀ + g ⊙ s (x_d Aᵀ) Bᵀ, g = m / ‖W + s B A‖ (detached)."""
             a_, b_, m_ = ps
             wd = w.to(dt)
             nt = torch.float64 if dt == torch.float64 else torch.float32  # the op forms norms in fp32
             norm = (w.to(nt) + 2.0 * (b_.to(nt) @ a_.to(nt))).norm(dim=1).to(dt).detach()
             gain = m_.to(dt) / norm
             xd = xx if keep is None else xx * keep.to(dt)
-            return [xx @ wd.T + (gain - 1) * (xd @ wd.T) + gain * (2.0 * ((xd @ a_.to(dt).T) @ b_.to(dt).T))]
+            lora = gain * (2.0 * ((xd @ a_.to(dt).T) @ b_.to(dt).T))
+            return [xx @ wd.T + bias.to(dt) + (gain - 1) * (xd @ wd.T) + lora]  # the bias is not rescaled
     else:
         b_dim = 64
         wd, scaling = rnd(b_dim, k, scale=k**-0.5, dt=torch.float32), torch.tensor([0.75], device=device)
