@@ -27,9 +27,10 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
+from fastadapt.ops import verification
+
 REPO = Path(__file__).resolve().parents[1]
 CASE_TEST = re.compile(r"test_op_matches_float64\[(?P<op>\w+)-(?P<backend>\w+)-(?P<cls>\w+)-(?P<variant>\w+)-p[\d.]+\]")
-DECODE_MAX_ROWS = 64  # verification.DECODE_MAX_ROWS (checked by tests/test_gpu_check.py)
 
 #: bench suite -> (torch-path variant, {bench variant: (backend, join variant)}, mode per shape class)
 BENCH = {
@@ -74,9 +75,8 @@ def read_junit(paths: list[Path]) -> tuple[dict[tuple, list[bool]], dict[str, li
 
 
 def shape_class(suite: str, rows: int | None) -> str:
-    if suite == "lora_merge":
-        return "any"
-    return "decode" if rows is not None and rows <= DECODE_MAX_ROWS else "batch"
+    """The record's shape class of a bench case: the dispatch's own rule (a merge has no rows)."""
+    return "any" if suite == "lora_merge" else verification.shape_class(rows) or "batch"
 
 
 def read_bench(paths: list[Path]) -> dict[tuple, list[float]]:
@@ -148,8 +148,6 @@ def main(argv=None) -> int:
 
     import torch
     import triton
-
-    from fastadapt.ops import verification
 
     if not torch.cuda.is_available():
         print("gpu_records: no CUDA device: records name a GPU, none written", file=sys.stderr)

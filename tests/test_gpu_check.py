@@ -146,7 +146,8 @@ def test_written_records_load_and_decide(tmp_path, monkeypatch):
     path = tmp_path / "verified.json"
     path.write_text(json.dumps(records))
     assert verification.load_records(path) == records
-    assert gpu_records.DECODE_MAX_ROWS == verification.DECODE_MAX_ROWS
+    rows = verification.DECODE_MAX_ROWS
+    assert [gpu_records.shape_class("lora_linear", m) for m in (1, rows, rows + 1)] == ["decode", "decode", "batch"]
 
 
 def test_every_fused_bench_variant_can_meet_its_correctness_case():

@@ -56,7 +56,7 @@ from ._inputs import autocast_inputs, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import register_op, resolve_backend, triton_usable
 from .lora_linear import _validate as _validate_lora
-from .lora_linear import frozen_plus_rank, selected_variant
+from .lora_linear import frozen_plus_rank, keep_scale, selected_variant
 from .reference import dora_apply, dora_merge_ref, dora_norm_ref, dora_weight_sq
 
 __all__ = ["dora_linear", "dora_merge", "dora_norm", "selected_backend"]
@@ -251,7 +251,7 @@ def dora_linear_bwd(
     side = dy.new_empty((m, n)) if need_dx or need_dw else None  # dZ, or (g - 1) ⊙ dY with dropout
     dora = kernels.DoraScale(magnitude.contiguous(), norm, dropout)
     ds, db, dm = kernels.dy_pass(dy, s, lora_b, dora=dora, z=z, side=side)
-    keep = _keep_scale(dropout_p)
+    keep = keep_scale(dropout_p)
     dx = dy.new_empty(0)
     if need_dx:
         dx = frozen_plus_rank(side, weight.t(), ds, lora_a.t(), scale=scaling,
@@ -264,12 +264,6 @@ def dora_linear_bwd(
         dw = dw.to(weight.dtype)
     da = kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, bits=mask)
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dm.to(magnitude.dtype), dw
-
-
-def _keep_scale(dropout_p: float) -> float:
-    from fastadapt.kernels._common import keep_scale
-
-    return keep_scale(dropout_p)
 
 
 def _setup_context(ctx, inputs, output):

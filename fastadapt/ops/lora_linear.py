@@ -151,11 +151,10 @@ def _bits_or_none(bits: torch.Tensor) -> torch.Tensor | None:
     return bits if bits.numel() else None
 
 
-def _keep_scale(scaling: float, dropout_p: float) -> float:
-    """scaling/(1-p) for the realised dropout probability of the stored mask (a multiple of 1/65536)."""
-    from fastadapt.kernels._common import keep_scale
-
-    return scaling * keep_scale(dropout_p)
+def keep_scale(dropout_p: float) -> float:
+    """1/(1-p) for the realised dropout probability of the stored mask (a multiple of 1/65536): the
+    kernels' own rule (``kernels/_common.py``), for the ops that pass it to them."""
+    return _kernels().keep_scale(dropout_p)
 
 
 def frozen_plus_rank(a, weight, s, b, *, bias=None, scale=1.0, bits=None, variant: str) -> torch.Tensor:
@@ -217,7 +216,7 @@ def lora_linear_bwd(
     kernels = _kernels()
     mask = _bits_or_none(bits)
     ds, db = kernels.lora_dy_pass(dy, s, lora_b)
-    scale = _keep_scale(scaling, dropout_p)
+    scale = scaling * keep_scale(dropout_p)
     if need_dx:
         dx = frozen_plus_rank(dy, weight.t(), ds, lora_a.t(), scale=scale, bits=mask,
                               variant=selected_variant(dy.shape[0], dy.device))
@@ -367,7 +366,7 @@ def lora_linear_group_bwd(
         dbs.append(db.to(b.dtype))
     ds_cat = torch.cat(ds_parts, dim=1)
     a_cat = torch.cat(list(lora_as))
-    scale = _keep_scale(scaling, dropout_p)
+    scale = scaling * keep_scale(dropout_p)
     live = [(dy, w) for dy, w in zip(dys, weights) if dy.numel()]
     if need_dx and live:
         (dy0, w0), rest = live[0], live[1:]

@@ -27,7 +27,7 @@ from ._inputs import autocast_inputs, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, cuda_usable, scaling_tensor
 from .dispatch import register_op, triton_usable
-from .lora_linear import _keep_scale, frozen_plus_rank, selected_variant
+from .lora_linear import frozen_plus_rank, keep_scale, selected_variant
 from .reference import BOTTLENECK_ACTIVATIONS, activation_grad, parallel_adapter_ref
 
 __all__ = ["parallel_adapter", "selected_backend"]
@@ -152,7 +152,7 @@ def parallel_adapter_bwd(
         ds = torch.zeros(1, dtype=torch.float32, device=dy.device)
     dH = dS * activation_grad(hf, activation) * scaling  # fp32 (M, b)
     if need_dx:
-        dx = frozen_plus_rank(dy, weight.t(), dH, w_down.t(), scale=_keep_scale(1.0, dropout_p), bits=mask,
+        dx = frozen_plus_rank(dy, weight.t(), dH, w_down.t(), scale=keep_scale(dropout_p), bits=mask,
                               variant=selected_variant(dy.shape[0], dy.device, op="parallel_adapter"))
     else:
         dx = dy.new_empty(0)
