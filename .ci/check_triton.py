@@ -11,7 +11,8 @@ entry points (``JITFunction.run``, ``Autotuner.run``) swapped for recorders and 
 recorded Triton launch is bound with Triton's own launch-time binder (arguments equal to 1 become
 constants, pointer alignment is read as at a real launch) and compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (Triton's own ptxas);
-``cuobjdump -res-usage`` of the cubin gives registers and local memory (spills). The launches also feed the model in
+``cuobjdump -res-usage`` of the cubin gives registers and the stack frame, where ptxas spills (counted as
+spills when the SASS stores to it: STL/LDL). The launches also feed the model in
 ``bench/perf_model.py`` (bytes moved, FLOPs, launches) for ``predicted_over_frozen``.
 
 Records (``--json``), a list of:
@@ -597,8 +598,8 @@ def _spec_key(spec: dict) -> str:
 
 
 def compile_one(spec: dict, sass_dir: Path | None = None) -> dict:
-    """Compile one spec for sm_90a (in a worker process); registers and local memory (spills) of the
-    cubin from ``cuobjdump -res-usage``, shared memory from the compiled metadata."""
+    """Compile one spec for sm_90a (in a worker process); registers and spills (the stack frame the
+    SASS stores to) of the cubin from ``cuobjdump``, shared memory from the compiled metadata."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -625,7 +626,11 @@ def compile_one(spec: dict, sass_dir: Path | None = None) -> dict:
         fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
         # static SASS size: a proxy for per-tile integer work (e.g. Philox) next to the MMAs
         n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
-        return {"ok": True, "registers": int(fields["REG"]), "spill_bytes": int(fields["LOCAL"]),
+        # ptxas spills into the stack frame (cuobjdump's LOCAL stays 0 for them): a frame that the
+        # code stores to and loads from with STL/LDL is spill traffic, counted here as spill bytes
+        local_traffic = re.search(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass) is not None
+        spill = max(int(fields["LOCAL"]), int(fields["STACK"]) if local_traffic else 0)
+        return {"ok": True, "registers": int(fields["REG"]), "spill_bytes": spill,
                 "stack_bytes": int(fields["STACK"]), "shared_bytes": int(kernel.metadata.shared),
                 "sass_instructions": n_sass,
                 "seconds": round(time.time() - started, 1)}

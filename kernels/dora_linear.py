@@ -120,8 +120,10 @@ def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
         BLOCK_N, BLOCK_K, num_warps, num_stages = 32, 32, 4, 1
     else:
         # Memory-bound on W: 32-row blocks give N/32 programs (128 at N=4096, about one per SM),
-        # a wide K tile per load; the (BLOCK_N, BLOCK_R) fp32 W Aᵀ accumulator stays small.
-        BLOCK_N, BLOCK_K, num_warps, num_stages = 32, 128, 4, 3
+        # a wide K tile per load; the (BLOCK_N, BLOCK_R) fp32 W Aᵀ accumulator stays small — with
+        # twice the threads from a 64-wide rank tile on (4 warps spill there: offline compile).
+        BLOCK_N, BLOCK_K, num_stages = 32, 128, 3
+        num_warps = 8 if R > 32 else 4
     with device_ctx(weight):
         _dora_norm_kernel[(triton.cdiv(N, BLOCK_N),)](
             weight, lora_a, lora_b, aat, norm,

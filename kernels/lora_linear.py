@@ -304,10 +304,12 @@ def lora_shrink(
         BLOCK_M, BLOCK_K, num_warps, num_stages = 32, 32, 4, 1
     else:
         # Memory-bound on X: a wide K tile per load; fewer rows when the rank tile is wide, to keep
-        # the (BLOCK_M, BLOCK_R) fp32 accumulator in registers (offline compile: no spill).
+        # the (BLOCK_M, BLOCK_R) fp32 accumulator in registers, and twice the threads where the mask
+        # (Philox, packing) or a wide rank tile would otherwise spill (offline compile: no spill).
         BLOCK_M = 64 if BLOCK_R <= 64 else 32
         BLOCK_K = 128 if BLOCK_R <= 64 else 64
-        num_warps, num_stages = 4, 3
+        num_warps = 8 if has_dropout or BLOCK_R > 64 else 4
+        num_stages = 3 if BLOCK_R <= 64 else 2
     bits_ptr, stride_bits = _bits_args(bits, s)
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(R, BLOCK_R),)
     with device_ctx(x):
@@ -572,7 +574,9 @@ def lora_gemm(
                 BLOCK_R=pow2_block(R, cap=64), DOT_PRECISION=dot_precision(a.dtype), INTERPRET=interpreting())
     with device_ctx(a):
         if interpreting() or not tune:
-            first = _gemm_configs()[0]
+            # untuned: the classic Hopper tile, or with the mask's unpacking in the K loop the
+            # 128x128 one (128x256 spills ~2 KiB/thread there: offline compile)
+            first = _gemm_configs()[2 if bits is not None else 0]
             cfg = _INTERP_GEMM_META if interpreting() else first.kwargs
             launch = {"num_warps": 4, "num_stages": 1} if interpreting() else {
                 "num_warps": first.num_warps, "num_stages": first.num_stages}
@@ -696,16 +700,17 @@ def _lora_ds_kernel(
              mask=mask_m[:, None] & mask_r[None, :])
 
 
-def dy_pass_plan(M: int, N: int, R: int) -> dict:
+def dy_pass_plan(M: int, N: int, R: int, *, dora: bool = False) -> dict:
     """How ``lora_dy_pass`` splits the work (shape-only, so the offline report sees the real plan):
     ``one_pass`` with its blocks, row splits and partial-buffer bytes, or the two-pass plan."""
     if interpreting():
         block_m, block_n = 32, 32
     else:
         # Wide column blocks mean fewer dS partials (one per block); the (BLOCK_N, BLOCK_R) dB
-        # accumulator and the (BLOCK_M, BLOCK_N) dY tile stay in registers (offline compile: no spill).
+        # accumulator and the (BLOCK_M, BLOCK_N) dY tile stay in registers — with DoRA's z tile and
+        # epilogue too at half the width (offline compile: no spill).
         block_m = 64
-        block_n = 256 if R <= 16 else (128 if R <= 32 else 64)
+        block_n = 256 if R <= 16 and not dora else (128 if R <= 32 else 64)
     block_r = pow2_block(R, cap=64)
     if R <= ONE_PASS_MAX_RANK:
         n_blocks = triton.cdiv(N, block_n)
@@ -760,7 +765,7 @@ def dy_pass(
             side.zero_()
         return (torch.zeros((M, R), device=dy.device, dtype=torch.float32),
                 torch.zeros((N, R), device=dy.device, dtype=torch.float32), dm)
-    plan = dy_pass_plan(M, N, R)
+    plan = dy_pass_plan(M, N, R, dora=dora is not None)
     common = dict(DOT_PRECISION=dot_precision(dy.dtype), INTERPRET=interpreting(),
                   num_warps=4 if interpreting() else 8, num_stages=1 if interpreting() else 3)
     with device_ctx(dy):
