@@ -456,11 +456,12 @@ def _fused_config(R: int) -> dict:
 
 def _split_config(M: int, R: int, dtype: torch.dtype) -> dict:
     """Split kernels: row blocks of up to 64 (16 at decode sizes), bottleneck chunks and K steps of
-    up to 64, 128-wide output columns (a 64 × 128 fp32 accumulator over 4 warps)."""
+    up to 64, 128-wide output columns (a 64 × 128 fp32 accumulator over 4 warps; fp32 operands:
+    64-wide over 8 warps, their FMA-emulated dots spill at 4)."""
     fp32 = dtype == torch.float32
     return dict(BLOCK_M=pow2_block(M, cap=64), BLOCK_K=64, BLOCK_R=pow2_block(R, cap=SPLIT_BLOCK_R),
                 BLOCK_N=64 if fp32 else 128,
-                num_warps=4, num_stages=1 if interpreting() else (2 if fp32 else 3))
+                num_warps=8 if fp32 else 4, num_stages=1 if interpreting() else (2 if fp32 else 3))
 
 
 def bottleneck_fwd(

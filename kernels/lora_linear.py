@@ -579,7 +579,8 @@ def lora_gemm(
             first = _gemm_configs()[2 if bits is not None else 0]
             cfg = _INTERP_GEMM_META if interpreting() else first.kwargs
             launch = {"num_warps": 4, "num_stages": 1} if interpreting() else {
-                "num_warps": first.num_warps, "num_stages": first.num_stages}
+                # a rank tile of 64 pipelines its S and B tiles too: 3-4 stages pass sm_90's 227 KiB
+                "num_warps": first.num_warps, "num_stages": 2 if meta["BLOCK_R"] >= 64 else first.num_stages}
             grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
             _lora_gemm_kernel[grid](*args, **meta, **cfg, **launch)
         else:
@@ -700,7 +701,7 @@ def _lora_ds_kernel(
              mask=mask_m[:, None] & mask_r[None, :])
 
 
-def dy_pass_plan(M: int, N: int, R: int, *, dora: bool = False) -> dict:
+def dy_pass_plan(M: int, N: int, R: int, *, dora: bool = False, fp32: bool = False) -> dict:
     """How ``lora_dy_pass`` splits the work (shape-only, so the offline report sees the real plan):
     ``one_pass`` with its blocks, row splits and partial-buffer bytes, or the two-pass plan."""
     if interpreting():
@@ -708,9 +709,9 @@ def dy_pass_plan(M: int, N: int, R: int, *, dora: bool = False) -> dict:
     else:
         # Wide column blocks mean fewer dS partials (one per block); the (BLOCK_N, BLOCK_R) dB
         # accumulator and the (BLOCK_M, BLOCK_N) dY tile stay in registers — with DoRA's z tile and
-        # epilogue too at half the width (offline compile: no spill).
+        # epilogue, or fp32's FMA-emulated dots, at half the width (offline compile: no spill).
         block_m = 64
-        block_n = 256 if R <= 16 and not dora else (128 if R <= 32 else 64)
+        block_n = 256 if R <= 16 and not (dora or fp32) else (128 if R <= 32 else 64)
     block_r = pow2_block(R, cap=64)
     if R <= ONE_PASS_MAX_RANK:
         n_blocks = triton.cdiv(N, block_n)
@@ -765,7 +766,7 @@ def dy_pass(
             side.zero_()
         return (torch.zeros((M, R), device=dy.device, dtype=torch.float32),
                 torch.zeros((N, R), device=dy.device, dtype=torch.float32), dm)
-    plan = dy_pass_plan(M, N, R, dora=dora is not None)
+    plan = dy_pass_plan(M, N, R, dora=dora is not None, fp32=dy.dtype == torch.float32)
     common = dict(DOT_PRECISION=dot_precision(dy.dtype), INTERPRET=interpreting(),
                   num_warps=4 if interpreting() else 8, num_stages=1 if interpreting() else 3)
     with device_ctx(dy):
