@@ -352,7 +352,6 @@ def _smoke_cases():
 
 @pytest.mark.e2e
 @pytest.mark.smoke
-@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("variant,ckpt", _smoke_cases())
 def test_smoke_e2e(benchmark, monkeypatch, variant, ckpt):
     _run(benchmark, monkeypatch, name="smoke", widths=SMOKE, layers=1, batch=1, seq=16, ckpt=ckpt, variant=variant,

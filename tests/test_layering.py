@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "kernels" / "fastadapt_kernels"  # the package fastadapt.kernels (pyproject's package-dir)
 
 #: Bottom to top. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, ...]] = [
@@ -29,11 +30,11 @@ LAYERS: list[tuple[str, ...]] = [
 
 def _module_files() -> dict[str, Path]:
     files = {}
-    for path in sorted((ROOT / "fastadapt").rglob("*.py")) + sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((ROOT / "fastadapt").rglob("*.py")) + sorted(KERNELS.glob("*.py")):
         rel = path.relative_to(ROOT).with_suffix("")
         parts = list(rel.parts)
-        if parts[0] == "kernels":
-            parts = ["fastadapt", *parts]
+        if parts[0] == "kernels":  # kernels/fastadapt_kernels/<op>.py installs as fastadapt.kernels.<op>
+            parts = ["fastadapt", "kernels", *parts[2:]]
         if parts[-1] == "__init__":
             parts = parts[:-1]
         files[".".join(parts)] = path

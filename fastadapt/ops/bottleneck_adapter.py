@@ -9,7 +9,7 @@ It serves both placements: input side ``W (x + s·A(x)) + c`` (the op, then the 
 output side ``h + s·A(h)`` (the frozen linear, then the op on h).
 
 Backends:
-- ``"triton"``: ``kernels/bottleneck_adapter.py`` (at training sizes one kernel per 64-row block,
+- ``"triton"``: ``kernels/fastadapt_kernels/bottleneck_adapter.py`` (at training sizes one kernel per 64-row block,
   the M × b intermediate on chip; two kernels on 2-D grids at small M), custom ops
   ``fastadapt::bottleneck_adapter_fwd/_bwd``. Saved for backward: x, the pre-activation ``hidden``
   (M × b), the weights in x's dtype (cast once per call from fp32 master copies) and, with dropout,

@@ -19,7 +19,7 @@ forward recomputes them (one pass over W per layer and forward).
 
 **Triton backend**: custom ops ``fastadapt::dora_norm``, ``dora_linear_fwd``, ``dora_linear_bwd``
 (fakes and registered autograd: no graph break under ``torch.compile(fullgraph=True)``), built on
-LoRA's kernels (``kernels/dora_linear.py``)::
+LoRA's kernels (``kernels/fastadapt_kernels/dora_linear.py``)::
 
     forward, p = 0   S = s·x Aᵀ                            lora_shrink
                      P = x Wᵀ                              cuBLAS

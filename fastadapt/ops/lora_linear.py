@@ -153,7 +153,7 @@ def _bits_or_none(bits: torch.Tensor) -> torch.Tensor | None:
 
 def keep_scale(dropout_p: float) -> float:
     """1/(1-p) for the realised dropout probability of the stored mask (a multiple of 1/65536): the
-    kernels' own rule (``kernels/_common.py``), for the ops that pass it to them."""
+    kernels' own rule (``kernels/fastadapt_kernels/_common.py``), for the ops that pass it to them."""
     return _kernels().keep_scale(dropout_p)
 
 

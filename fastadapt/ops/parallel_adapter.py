@@ -2,7 +2,7 @@
 ``y = x Wᵀ (+ bias) + s·up(act(down(dropout(x))))``.
 
 Triton backend: the LoRA extra-K structure with the activation applied to S (custom ops
-``fastadapt::parallel_adapter_fwd/_bwd``, LoRA kernels from ``kernels/lora_linear.py``)::
+``fastadapt::parallel_adapter_fwd/_bwd``, LoRA kernels from ``kernels/fastadapt_kernels/lora_linear.py``)::
 
     forward   H, mask = drop(x) W_downᵀ         lora_shrink (one pass over x; the mask drawn once,
                                                 kept packed), H saved (M × b)

@@ -89,7 +89,7 @@ _OP_FILES = ("_cache.py", "_inputs.py", "_library.py", "bottleneck_adapter.py", 
 
 @functools.cache
 def kernel_hash(backend: str) -> str | None:
-    """A hash of the sources a fused backend runs: its kernels — the Triton kernels (``kernels/*.py``,
+    """A hash of the sources a fused backend runs: its kernels — the Triton kernels (``kernels/fastadapt_kernels/*.py``,
     installed as ``fastadapt.kernels``) or the CUDA sources and build flags (``csrc/``,
     ``fastadapt/_cuda_build.py``) — and the op files that call them (:data:`_OP_FILES`). None when
     the kernels are not on disk (a wheel ships no csrc/, so its prebuilt extension cannot be matched

@@ -1,4 +1,4 @@
-"""Layer-1 tests of kernels/dora_linear.py and the DoRA side of LoRA's kernels: every launcher vs a
+"""Layer-1 tests of kernels/fastadapt_kernels/dora_linear.py and the DoRA side of LoRA's kernels: every launcher vs a
 float64 torch reference, in the interpreter on CPU (TRITON_INTERPRET=1), at small odd shapes, outputs
 poisoned with NaN first (the fixture of test_lora_linear_kernels). Low precision: error ≤ 2× the
 same computation by torch in that dtype plus one output ulp (``assert_matches``)."""

@@ -1,4 +1,4 @@
-"""Layer-1 tests of kernels/lora_linear.py: every launcher vs a float64 torch reference.
+"""Layer-1 tests of kernels/fastadapt_kernels/lora_linear.py: every launcher vs a float64 torch reference.
 
 Runs the Triton kernels on CPU through the interpreter (TRITON_INTERPRET=1, set below before
 triton is imported). Shapes are small and odd on purpose (M in {1, 3, 17, 129}, K/N not multiples

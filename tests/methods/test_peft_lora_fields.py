@@ -75,7 +75,8 @@ SUPPORTED: dict[str, list[dict]] = {
     "use_rslora": [{"use_rslora": True}, {"arch": "gpt2", "use_rslora": True, "init_lora_weights": "pissa"}],
     "init_lora_weights": [
         {"init_lora_weights": False}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": "orthogonal"},
-        {"init_lora_weights": "eva"}, {"init_lora_weights": "mica"}, {"init_lora_weights": "pissa"},
+        {"init_lora_weights": "eva"}, {"init_lora_weights": "mica"}, {"init_lora_weights": "nora"},
+        {"init_lora_weights": "pissa"},
         {"init_lora_weights": "olora"}, {"arch": "gpt2", "init_lora_weights": "pissa"},
         {"init_lora_weights": "pissa", "use_rslora": True, "r": 3},
     ],
@@ -84,6 +85,7 @@ SUPPORTED: dict[str, list[dict]] = {
     "loftq_config": [{"json": {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}}],
     "eva_config": [{"eva_config": peft.EvaConfig(rho=1.0)}],
     "corda_config": [{"corda_config": lora_config_module.CordaConfig()}],
+    "astra_config": [{"astra_config": lora_config_module.AstraConfig()}],  # kept by PEFT unless init_lora_weights='astra'
     "lora_ga_config": [{"lora_ga_config": peft.LoraGAConfig()}],
     "qalora_group_size": [{"qalora_group_size": 8}],
     "runtime_config": [{"json": {"runtime_config": {"ephemeral_gpu_offload": True}}}],  # PEFT never saves it
@@ -113,7 +115,7 @@ REFUSED: dict[str, list] = {
     "use_bdlora": [{"target_modules_bd_a": ["q_proj"]}],
     "arrow_config": [{"top_k": 2}],
     "kasa_config": [{"beta": 1e-4}],
-    "init_lora_weights": ["pissa_niter_4", "corda", "loftq", "lora_ga"],
+    "init_lora_weights": ["pissa_niter_4", "corda", "astra", "loftq", "lora_ga"],
 }
 
 #: refused configurations PEFT builds offline, to refuse a real PEFT folder and not only an edited one

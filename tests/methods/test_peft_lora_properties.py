@@ -23,7 +23,7 @@ CANDIDATES = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
-INITS = [True, False, "gaussian", "orthogonal", "eva", "mica", "pissa", "olora"]
+INITS = [True, False, "gaussian", "orthogonal", "eva", "mica", "nora", "pissa", "olora"]
 
 
 @st.composite

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import logits_and_grads, norm_rel_err, randomize_adapters, rel_err
+from helpers import enable_activation_checkpointing, logits_and_grads, norm_rel_err, randomize_adapters, rel_err
 from test_lora_linear import fused_gemm  # noqa: F401  (the fixture: every LoRA variant; addmm runs DoRA's forward as epilogue)
 from tiny_models import tiny_model, tokens
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -286,7 +286,7 @@ def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(monkeypatc
     for mode in ("plain", "checkpointed"):
         model = _dora_llama(targets=["q_proj", "down_proj"], dropout=0.3)
         if mode == "checkpointed":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
         torch.manual_seed(7)
         grads[mode] = logits_and_grads(model, ids)[1]
     assert any(n.endswith("lora_magnitude_vector") for n in grads["plain"])

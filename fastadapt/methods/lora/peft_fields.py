@@ -29,6 +29,7 @@ IGNORED: dict[str, str] = {
     "loftq_config": "read only by init_lora_weights='loftq' (refused)",
     "eva_config": "EVA's data-driven initialisation of A; the trained A and B are in the file",
     "corda_config": "read only by init_lora_weights='corda' (refused)",
+    "astra_config": "read only by init_lora_weights='astra' (refused)",
     "lora_ga_config": "read only by init_lora_weights='lora_ga' (refused)",
     "qalora_group_size": "read only with use_qalora (refused)",
     "runtime_config": "PEFT's runtime options (offloading)",
@@ -64,7 +65,7 @@ REFUSED: dict[str, tuple[Any, str]] = {
 CAUSAL_TASK_TYPES = (None, "CAUSAL_LM")
 
 #: ``init_lora_weights`` values whose files hold the whole adapter: the base weight is untouched.
-PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica", "nora")
 #: Inits that subtract ``scaling·B0·A0`` from the base weight, which PEFT recomputes from the base
 #: weight at load (deterministically): loaded exactly as the rank-2r LoRA ``[A; A0]``, ``[B, -B0]``
 #: that PEFT's own conversion (``path_initial_model_for_weight_conversion``) writes.
@@ -73,6 +74,8 @@ RESIDUAL_INITS = ("pissa", "olora")
 REFUSED_INITS: dict[str, str] = {
     "pissa_niter_": "the randomized SVD PEFT recomputes at load subtracts a different residual on every load",
     "corda": "the residual subtracted from the base weight came from calibration data that is not in the folder",
+    "astra": "the residual subtracted from the base weight came from calibration data (output-activation "
+             "eigenvectors) that is not in the folder",
     "lora_ga": "the residual subtracted from the base weight came from gradients that are not in the folder",
     "loftq": "the base weight was replaced by its quantized residual, which is not in the folder",
 }

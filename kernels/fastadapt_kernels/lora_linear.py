@@ -29,7 +29,7 @@ Backward
                       (two reads of dY, no partials).
     ``lora_grad_a``   dA = scale · dSᵀ (mask ⊙ x), fp32, from the stored mask.
 
-DoRA (``kernels/dora_linear.py``) reuses these launches with a ``DoraScale`` (g = magnitude / norm):
+DoRA (``kernels/fastadapt_kernels/dora_linear.py``) reuses these launches with a ``DoraScale`` (g = magnitude / norm):
 ``lora_rank`` / ``lora_gemm`` then end in DoRA's epilogue (``_dora_store``: z kept, y = g ⊙ z + bias),
 ``dy_pass`` multiplies dY by g and also yields d magnitude and dX's GEMM input from the same read,
 and ``lora_shrink`` can write dropout(x). On LoRA's launches the ``DORA`` / ``STORE_*`` constexprs
@@ -108,7 +108,7 @@ def _bits_args(bits: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Ten
 
 
 class DoraScale(NamedTuple):
-    """What turns a LoRA launch into its DoRA twin (``kernels/dora_linear.py``): the column scale
+    """What turns a LoRA launch into its DoRA twin (``kernels/fastadapt_kernels/dora_linear.py``): the column scale
     g = magnitude / norm, and whether the output takes PEFT's dropout form (``_dora_store``)."""
 
     magnitude: torch.Tensor  # (N,), any float dtype

@@ -7,7 +7,7 @@ The op (wired up in ``fastadapt/ops/dora_linear.py``), as PEFT computes it (``tu
     p > 0:  y = x Wᵀ (+ bias) + (g - 1) ⊙ (x_d Wᵀ) + g ⊙ (S Bᵀ)      S = s · x_d Aᵀ,  x_d = dropout(x)
 
 (PEFT's dropout form needs the base product of the dropped input as well: a second GEMM.)
-This module is layer 1; what it adds to LoRA's kernels (``kernels/lora_linear.py``):
+This module is layer 1; what it adds to LoRA's kernels (``kernels/fastadapt_kernels/lora_linear.py``):
 
 ``dora_norm``       norm (N,) fp32 from ‖W_n + s B_n A‖² = ‖W_n‖² + 2s B_n·(W_n Aᵀ) + s² B_n (A Aᵀ) B_nᵀ:
                     one pass over W (‖W_n‖² and W Aᵀ from the same tile loads), A Aᵀ (R×R) given.
