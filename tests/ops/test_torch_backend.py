@@ -16,7 +16,6 @@ from helpers import enable_activation_checkpointing, norm_rel_err, randomize_ada
 from tiny_models import tiny_model, tokens
 
 import fastadapt as fa
-from fastadapt.methods import adapter_modules
 from fastadapt.ops import _dropout, dispatch, torch_backend
 
 lora_op = importlib.import_module("fastadapt.ops.lora_linear")  # the module, not the function
@@ -355,14 +354,13 @@ def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(method, us
         assert norm_rel_err(grads["checkpointed"][n], g) < 1e-5, n
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "series", "parallel"])
-def test_torch_compile_fullgraph_no_graph_break(method):
+def _patched_layer(method: str, dropout: float):
     model = tiny_model("llama").train()
     if method in ("lora", "dora"):
-        fa.patch(model, method, r=4, targets="all-linear", dropout=0.1)
+        fa.patch(model, method, r=4, targets="all-linear", dropout=dropout)
         randomize_adapters(model, scale=0.1)
     else:
-        fa.patch(model, method, bottleneck=5, dropout=0.1, scaling="learned")
+        fa.patch(model, method, bottleneck=5, dropout=dropout, scaling="learned")
     layer = model.model.layers[0]
     x = torch.randn(2, 9, model.config.hidden_size, requires_grad=True)
     emb = model.model.rotary_emb(x, torch.arange(9)[None])
@@ -371,9 +369,54 @@ def test_torch_compile_fullgraph_no_graph_break(method):
         out = layer(h, position_embeddings=emb)
         return out[0] if isinstance(out, tuple) else out
 
+    return model, step, x
+
+
+def _step_grads(model, step, x, seed=0):
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(seed)
+    y = step(x)
+    (y * dy).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("method", ["lora", "dora", "series", "parallel"])
+def test_torch_compile_fullgraph_equals_eager(method, backend):
+    """No graph break, and with dropout the same numbers as eager: the masks are drawn inside the
+    ops (opaque to the compiler), so they are eager's; what backward keeps is the ops' saved set."""
+    if backend == "inductor" and method in ("dora", "series"):
+        pytest.skip("inductor's C++ compile is slow on 2 cores: LoRA (q/k/v, o, the MLP) and parallel cover it")
+    model, step, x = _patched_layer(method, 0.3)
+    y0, g0 = _step_grads(model, step, x)  # eager first: the backend decision is made (and cached) outside
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    torch.compile(step, fullgraph=True, backend="aot_eager")(x).sum().backward()
-    trained = [p for _, m in adapter_modules(model) for p in m.parameters() if p.requires_grad]
-    grads = [p.grad for p in trained if p.grad is not None]
-    assert grads and sum(g.abs().sum() for g in grads) > 0
+    y1, g1 = _step_grads(model, torch.compile(step, fullgraph=True, backend=backend), x)
+    assert rel_err(y1, y0) < 1e-5
+    assert g0 and g0.keys() == g1.keys()
+    for n, g in g0.items():
+        assert g.abs().sum() > 0 and norm_rel_err(g1[n], g) < 1e-5, n
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schemas, fakes (shapes, dtypes, strides) and autograd registrations
+    against the real ops, with dropout and without, for each op."""
+    case = Case("dora", m=5, k=16, n=12, r=2, lead=(2,), train_base=True)
+    x, w, c, a, b, mag = case.x, case.weight, case.bias, case.a, case.b, case.magnitude
+    norm = fa.ops.dora_norm(w, a, b, scaling=SCALING, backend="torch")
+    wd, wu = a, torch.randn(16, 2, requires_grad=True)
+    s = torch.tensor([0.5], requires_grad=True)
+    ops = torch.ops.fastadapt
+    for p in (0.0, 0.3):
+        samples = [
+            (ops.lora_linear_torch_fwd, (x, w, a, b, c, SCALING, p, torch.float32, True)),
+            (ops.dora_linear_torch_fwd, (x, w, a, b, mag, norm, c, SCALING, p, torch.float32, True, True)),
+            (ops.dora_linear_torch_fwd, (x, w, a, b, mag, norm, None, SCALING, p, torch.float32, False, True)),
+            (ops.bottleneck_torch_fwd, (x, wd, wu, s, None, None, None, 0.0, "silu", p, torch.float32, True)),
+            (ops.bottleneck_torch_fwd, (x, wd, b, None, None, w, c, 1.5, "tanh", p, torch.float32, True)),
+        ]
+        for op, args in samples:
+            # the masks are random: opcheck's repeated calls must draw the same one
+            torch.manual_seed(0)
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
