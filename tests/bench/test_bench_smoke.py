@@ -36,7 +36,8 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     # every kernel-level variant and mode; end to end: the floor, fastadapt and PEFT (the rest is
     # the same code path; `pytest bench/` on CPU runs them all)
     select = ("test_smoke_lora_linear or (test_smoke_dora_linear and fwd_bwd) or "
-              "(test_smoke_e2e and ckptoff and (frozen or fastadapt_lora or peft_default))")
+              "(test_smoke_e2e and ckptoff and (frozen or fastadapt_lora or peft_default)) or "
+              "(test_smoke_saved_memory and (frozen or lora-p0.1 or series))")
     cmd = [sys.executable, "-m", "pytest", str(BENCH), "-q", "-p", "no:cacheprovider", "-m", "smoke",
            "--bench-smoke", "-k", select, f"--benchmark-json={out_json}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -58,9 +59,15 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     assert {i["variant"] for i in e2e} == {"frozen", "fastadapt_lora", "peft_default"}
     for i in infos:
         assert i["median_ms"] > 0
-        if i["variant"] != "frozen":
+        if i["variant"] != "frozen" and i["suite"] != "saved_memory":  # bytes, not times, there
             assert i["ref_ms"] > 0 and i["ratio_to_ref"] > 0
     assert all(i["tokens_per_s"] > 0 and i["trainable_params"] >= 0 for i in e2e)
+    # saved for backward (tiny model): with dropout fastadapt keeps less than PEFT, and the series
+    # adapter's dropout costs at most a bit per element of its inputs
+    memory = {(i["method"], i["dropout"], i["variant"]): i for i in infos if i["suite"] == "saved_memory"}
+    assert memory[("lora", 0.1, "fastadapt_lora")]["saved_ratio_to_peft"] < 0.6
+    assert memory[("lora", 0.1, "reference_lora")]["saved_ratio_to_peft"] == pytest.approx(1.0)
+    assert memory[("series", 0.1, "fastadapt_series")]["goal_saved_met"] is True
 
     report = tmp_path / "cpu" / "report.md"
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out_json.parent), "--out", str(report)],
@@ -68,6 +75,7 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = report.read_text()
     assert "### lora_linear · fwd_bwd" in text and "### End to end" in text and "CPU smoke run" in text
+    assert "### Saved for backward" in text and "| fastadapt_lora |" in text
     if _has_matplotlib():
         assert (report.parent / "smoke_e2e_tokens.png").stat().st_size > 0
         assert (report.parent / "smoke_lora_linear_fwd_bwd_pct.png").stat().st_size > 0
