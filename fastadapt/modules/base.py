@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from .quantized import dequantized_weight, quantized_kind
+from .quantized import base_forward, dequantized_weight, quantized_kind
 
 
 def conv1d_type() -> type | None:
@@ -109,6 +109,10 @@ class AdapterModule(nn.Module):
         """``"4bit"`` / ``"8bit"`` while the base is a bitsandbytes quantized layer
         (``modules/quantized.py``), else None."""
         return quantized_kind(self.base_layer)
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``base_layer(x)`` (a quantized base through ``quantized.base_forward``)."""
+        return self.base_layer(x) if self.quantized is None else base_forward(self.base_layer, x)
 
     def base_weight_nk(self) -> torch.Tensor:
         """The frozen weight as (out_features, in_features) — a view for ``Conv1D``; for a quantized

@@ -109,9 +109,9 @@ class BottleneckLinear(AdapterModule):
         kw = {"activation": self.activation, "scaling": self.scaling_value(), "dropout_p": p}
         wd, wu = self.adapter_down.weight, self.adapter_up.weight
         if self.position == "input":
-            return self.base_layer(bottleneck_adapter(x, wd, wu, **kw))
+            return self.base_output(bottleneck_adapter(x, wd, wu, **kw))
         if self.position == "output":
-            return bottleneck_adapter(self.base_layer(x), wd, wu, **kw)
+            return bottleneck_adapter(self.base_output(x), wd, wu, **kw)
         if self.quantized is not None:
             return quantized.parallel_forward(self.base_layer, x, wd, wu, **kw)
         return parallel_adapter(x, self.base_weight_nk(), wd, wu, bias=self.base_layer.bias, **kw)

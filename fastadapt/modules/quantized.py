@@ -155,6 +155,26 @@ def merge_refusal(name: str, module: nn.Module) -> str:
 # -- the frozen product of each adapter kind ------------------------------------------------------
 
 
+def base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The quantized layer's output ``x deq(W)ᵀ + bias``. 4-bit: the lean dequantizing matmul, not
+    bitsandbytes' forward, whose CPU inference path repacks the weight in place (and fails on widths
+    that are not a multiple of 32); 8-bit: the layer's own forward."""
+    if quantized_kind(base) == "4bit":
+        return frozen_4bit_linear(x, weight_4bit(base), base.bias)
+    return base(x)
+
+
+class Dequantizing(nn.Module):
+    """A quantized layer computed through :func:`base_forward` (for measuring a quantized model)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return base_forward(self.layer, x)
+
+
 def frozen_product(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x deq(W)ᵀ`` without bias, in x's dtype (4-bit: the lean dequantizing matmul; 8-bit: the
     layer's own int8 matmul, its bias taken off again as PEFT's DoRA does)."""
@@ -191,4 +211,26 @@ def parallel_forward(base: nn.Module, x: torch.Tensor, w_down: torch.Tensor, w_u
                      **options: Any) -> torch.Tensor:
     """A parallel bottleneck adapter beside a quantized base: ``base(x) + s·up(act(down(x)))``, the
     series op with the base's output as its residual."""
-    return bottleneck_adapter(x, w_down, w_up, residual=base(x), **options)
+    return bottleneck_adapter(x, w_down, w_up, residual=base_forward(base, x), **options)
+
+
+@torch.no_grad()
+def requantized_like(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A new ``Linear4bit`` holding ``weight`` (out, in) quantized as ``module`` was (quant type,
+    block size, double quantization, storage, compute dtype), sharing its bias: what a merge into
+    4-bit storage writes. Only 4-bit bases (8-bit: an error naming it)."""
+    if quantized_kind(module) != "4bit":
+        raise ValueError(f"a quantized export re-quantizes 4-bit bases; this base is {describe(module)}")
+    import bitsandbytes as bnb
+
+    state = _quant_state(module)
+    out = type(module)(module.in_features, module.out_features, bias=module.bias is not None,
+                       compute_dtype=module.compute_dtype, compress_statistics=state.nested,
+                       quant_type=state.quant_type, quant_storage=module.weight.quant_storage, device="meta")
+    out.weight = bnb.nn.Params4bit(weight.to(device="cpu", dtype=state.dtype), requires_grad=False,
+                                   compress_statistics=state.nested, quant_type=state.quant_type,
+                                   blocksize=state.blocksize, quant_storage=module.weight.quant_storage,
+                                   module=out).to(module.weight.device)
+    out.bias = module.bias
+    out.train(module.training)
+    return out
