@@ -219,7 +219,7 @@ def lora_gemm_4bit(
     if M == 0 or n_out == 0:
         return out
     absmax2, code2, offset, nested_blocksize = nested if nested is not None else (absmax, code, 0.0, 256)
-    cfg = dict(_INTERP_META if interpreting() else (config or gemm_4bit_config(M, trans_w=trans_w)))
+    cfg = dict(config or (_INTERP_META if interpreting() else gemm_4bit_config(M, trans_w=trans_w)))
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     aligned = k % 2 == 0 and k % blocksize == 0
     bits_ptr, stride_bits = _bits_args(bits, out)
