@@ -128,14 +128,18 @@ class Weight4bit:
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """deq(W) (N, K) in ``dtype``: ``code[q] · scale`` in fp32, rounded once (what bitsandbytes'
-        ``dequantize_4bit`` computes)."""
+        ``dequantize_4bit`` computes). One gather per byte from a 256-entry table of value pairs."""
         n, k = self.shape
         numel = n * k
-        p = self.packed.reshape(-1)
-        q = torch.stack((p >> 4, p & 15), dim=1).reshape(-1)[:numel].long()
-        vals = self.code[q]
-        scales = self.scales().repeat_interleave(self.blocksize)[:numel]
-        return (vals * scales).reshape(n, k).to(dtype)
+        pairs = torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), dim=1)  # byte -> (hi, lo)
+        vals = pairs[self.packed.reshape(-1).int()].reshape(-1)[:numel]
+        scales = self.scales()
+        full = numel - numel % self.blocksize
+        head = vals[:full].view(-1, self.blocksize)
+        head.mul_(scales[: head.shape[0], None])
+        if full < numel:
+            vals[full:].mul_(scales[-1])
+        return vals.reshape(n, k).to(dtype)
 
 
 def dequantize_4bit(weight: Weight4bit, dtype: torch.dtype = torch.float32, *, backend: str = "auto") -> torch.Tensor:
