@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .methods import adapter_modules, get_method, require_state
-from .modules.quantized import dequantized_linear, merge_refusal
+from .methods.targets import parent_and_attr
+from .modules.quantized import dequantized_linear, merge_refusal, quantized_kind
 
 
 def merge(model: nn.Module, *, keep_original: bool = False, dequantize: bool = False) -> nn.Module:
@@ -69,12 +70,14 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def dequantize_bases(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+def dequantize_bases(model: nn.Module, dtype: torch.dtype | None = None, *, all_layers: bool = False) -> list[str]:
     """Replace the quantized base (bitsandbytes ``Linear4bit``/``Linear8bitLt``) of every adapter
-    module by a frozen ``nn.Linear`` holding its dequantized weight, in ``dtype`` (default: the
-    dtype of the model's input embeddings, the dtype its activations run in). The adapted output is
-    unchanged up to that dtype's rounding of the weight (none for a 4-bit base whose compute dtype
-    it is). Returns the names of the modules changed."""
+    module — and with ``all_layers`` every other quantized linear too — by a frozen ``nn.Linear``
+    holding its dequantized weight, in ``dtype`` (default: the dtype of the model's input
+    embeddings, the dtype its activations run in). A 4-bit layer's output is unchanged up to that
+    dtype's rounding of the weight (none when it is the compute dtype); an 8-bit layer's changes by
+    LLM.int8()'s quantization of the activations, which the dequantized layer does not do. Returns
+    the names of the modules changed."""
     model = distributed.unwrap(model)
     require_state(model)
     if dtype is None:
@@ -85,6 +88,12 @@ def dequantize_bases(model: nn.Module, dtype: torch.dtype | None = None) -> list
         if module.quantized is not None:
             module.base_layer = dequantized_linear(module.base_layer, dtype)
             changed.append(name)
+    if all_layers:
+        for name, module in list(model.named_modules()):
+            if quantized_kind(module) is not None:
+                parent, attr = parent_and_attr(model, name)
+                setattr(parent, attr, dequantized_linear(module, dtype))
+                changed.append(name)
     return changed
 
 

@@ -244,6 +244,9 @@ def _add_export(sub, common) -> None:
     _add_output(p, "output folder (must be empty or absent unless --overwrite); --out is the same flag")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="dtype of the written weights (default: the base model's)")
+    p.add_argument("--quantize", choices=list(QUANTIZE), default=None,
+                   help="the adapter was trained on this quantized base (train --quantize): load the base so, "
+                        "merge into its dequantized weights (the export is full precision)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.set_defaults(func=cmd_export)
 
@@ -437,7 +440,12 @@ def cmd_export(args, parser) -> int:
     check_model(args.model)
     check_adapter(args.adapter, mergeable=True)
     check_empty_output(args.output, args.overwrite)
-    model, tokenizer = load_model(args.model)
+    if args.quantize is not None:
+        try:
+            require_bitsandbytes(f"--quantize {args.quantize}")
+        except ImportError as e:
+            raise CliError(f"--quantize: {e}") from e
+    model, tokenizer = load_model(args.model, quantize=args.quantize)
     fa.load_adapter(model, args.adapter)
     check = merge_export_and_check(model, tokenizer, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported merged model to {check.path} (merge check {check.merge_diff:.1e}, "

@@ -112,7 +112,7 @@ class Weight4bit:
 
     def kernel_args(self) -> dict:
         """Keyword arguments of the Triton launchers."""
-        nested = (self.nested_absmax, self.nested_code, float(self.nested_offset), self.nested_blocksize) \
+        nested = (self.nested_absmax, self.nested_code, self.nested_offset.reshape(1), self.nested_blocksize) \
             if self.nested else None
         return {"shape": tuple(self.shape), "blocksize": self.blocksize, "nested": nested}
 
@@ -261,7 +261,8 @@ def _frozen_plus_rank(a, weight: Weight4bit, s, b, *, trans_w: bool, bias=None, 
     if selected_variant(a.shape[0], a.device) == "fused":
         return _kernels().lora_gemm_4bit(a, weight.packed, weight.code, weight.absmax, s, b, trans_w=trans_w,
                                          scale=scale, bias=bias, bits=bits, **weight.kernel_args())
-    w = dequantize_4bit(weight, a.dtype, backend="triton")  # frozen_plus_rank multiplies by its argument's ᵀ
+    w = _kernels().dequantize_4bit(weight.packed, weight.code, weight.absmax, dtype=a.dtype, **weight.kernel_args())
+    # frozen_plus_rank multiplies by its argument's transpose
     return frozen_plus_rank(a, w.t() if trans_w else w, s, b, bias=bias, scale=scale, bits=bits, variant="addmm")
 
 

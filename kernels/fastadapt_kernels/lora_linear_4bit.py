@@ -41,7 +41,7 @@ __all__ = ["dequantize_4bit", "lora_gemm_4bit"]
 
 
 @triton.jit
-def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, mask,
+def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, mask,
                   NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
     """fp32 scales of the blocks ``blocks`` (any shape): absmax[b], or with double quantization
     code2[q2_b] · absmax2[b // NESTED_BLOCKSIZE] + offset (bitsandbytes' order of operations)."""
@@ -49,13 +49,13 @@ def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, mask,
         q2 = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
         c2 = tl.load(code2_ptr + q2, mask=mask, other=0.0)
         a2 = tl.load(absmax2_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return c2 * a2 + offset
+        return c2 * a2 + tl.load(offset_ptr)
     return tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
 
 
 @triton.jit
 def _dequant_tile(
-    packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+    packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     offs_n, k0, N, K,
     COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, NESTED: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
@@ -77,7 +77,7 @@ def _dequant_tile(
         offs_p = tl.arange(0, PARTS)
         blocks = ((row0 + k0) // BLOCKSIZE)[:, None] + offs_p[None, :]
         mask_p = mask_n[:, None] & ((k0 + offs_p * BLOCKSIZE) < K)[None, :]
-        scales = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, mask_p, NESTED, NESTED_BLOCKSIZE)
+        scales = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, mask_p, NESTED, NESTED_BLOCKSIZE)
         vals = tl.reshape(vals, (offs_n.shape[0], PARTS, BLOCK_K // PARTS)) * scales[:, :, None]
         vals = tl.reshape(vals, (offs_n.shape[0], BLOCK_K))
     else:
@@ -86,7 +86,7 @@ def _dequant_tile(
         flat = row0[:, None] + offs_k.to(tl.int64)[None, :]
         byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
         q = (byte >> ((1 - (flat % 2)) * 4).to(tl.int32)) & 15
-        scales = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, flat // BLOCKSIZE, mask,
+        scales = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, mask,
                                NESTED, NESTED_BLOCKSIZE)
         vals = tl.where(mask, tl.load(code_ptr + q) * scales, 0.0)
     return to_dtype(vals, COMPUTE, INTERPRET)
@@ -94,14 +94,15 @@ def _dequant_tile(
 
 @triton.jit
 def _lora_gemm_4bit_kernel(
-    a_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, s_ptr, b_ptr, bias_ptr, bits_ptr, out_ptr,
+    a_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, s_ptr, b_ptr, bias_ptr, bits_ptr,
+    out_ptr,
     M, N_OUT, RED, R, WN, WK,
     stride_am, stride_ak,
     stride_sm, stride_sr,
     stride_bn, stride_br,
     stride_om, stride_on,
     stride_bits_m,
-    scale, offset,
+    scale,
     TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SCALED: tl.constexpr,
     ALIGNED: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -126,11 +127,11 @@ def _lora_gemm_4bit_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if TRANS_W:
             # the tile W[k0 : k0+BLOCK_K, n-block]: W's rows are the reduction here
-            w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+            w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                               k0 + offs_k, pid_n * BLOCK_N, WN, WK, compute, ALIGNED, NESTED, BLOCKSIZE,
                               NESTED_BLOCKSIZE, BLOCK_N, INTERPRET)
         else:
-            w = tl.trans(_dequant_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+            w = tl.trans(_dequant_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                        offs_n, k0, WN, WK, compute, ALIGNED, NESTED, BLOCKSIZE,
                                        NESTED_BLOCKSIZE, BLOCK_K, INTERPRET))
         acc = mma(a, w, acc, DOT_PRECISION, INTERPRET)
@@ -218,7 +219,7 @@ def lora_gemm_4bit(
     out = _common.alloc((M, n_out), dtype=a.dtype, device=a.device)
     if M == 0 or n_out == 0:
         return out
-    absmax2, code2, offset, nested_blocksize = nested if nested is not None else (absmax, code, 0.0, 256)
+    absmax2, code2, offset, nested_blocksize = nested if nested is not None else (absmax, code, code, 256)
     cfg = dict(config or (_INTERP_META if interpreting() else gemm_4bit_config(M, trans_w=trans_w)))
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     aligned = k % 2 == 0 and k % blocksize == 0
@@ -226,14 +227,15 @@ def lora_gemm_4bit(
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     with device_ctx(a):
         _lora_gemm_4bit_kernel[grid](
-            a, packed, code, absmax, absmax2, code2, s, lora_b, bias if bias is not None else out, bits_ptr, out,
+            a, packed, code, absmax, absmax2, code2, offset, s, lora_b, bias if bias is not None else out, bits_ptr,
+            out,
             M, n_out, red, R, n, k,
             a.stride(0), a.stride(1),
             s.stride(0), s.stride(1),
             lora_b.stride(0), lora_b.stride(1),
             out.stride(0), out.stride(1),
             stride_bits,
-            float(scale), float(offset),
+            float(scale),
             TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_MASK=bits is not None, SCALED=scale != 1.0,
             ALIGNED=aligned, NESTED=nested is not None, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
             DOT_PRECISION=dot_precision(a.dtype), INTERPRET=interpreting(), BLOCK_R=pow2_block(R, cap=64),
@@ -244,13 +246,13 @@ def lora_gemm_4bit(
 
 @triton.jit
 def _dequantize_4bit_kernel(
-    packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, N, K, offset,
+    packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
     ALIGNED: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, offs_n, k0, N, K,
+    w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
                       out_ptr.dtype.element_ty, ALIGNED, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE, BLOCK_K, INTERPRET)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w,
@@ -273,12 +275,12 @@ def dequantize_4bit(
     out = _common.alloc((n, k), dtype=dtype, device=packed.device)
     if n == 0 or k == 0:
         return out
-    absmax2, code2, offset, nested_blocksize = nested if nested is not None else (absmax, code, 0.0, 256)
+    absmax2, code2, offset, nested_blocksize = nested if nested is not None else (absmax, code, code, 256)
     block_n, block_k = (16, 32) if interpreting() else (32, 256)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     with device_ctx(packed):
         _dequantize_4bit_kernel[grid](
-            packed, code, absmax, absmax2, code2, out, n, k, float(offset),
+            packed, code, absmax, absmax2, code2, offset, out, n, k,
             ALIGNED=k % 2 == 0 and k % blocksize == 0, NESTED=nested is not None, BLOCKSIZE=blocksize,
             NESTED_BLOCKSIZE=nested_blocksize, INTERPRET=interpreting(), BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=4,

@@ -62,7 +62,8 @@ def quantized(n, k, *, quant_type="nf4", nested=True, blocksize=64, seed=0):
     ref = bnb_dequantize(packed, state)
     args = {"packed": packed.reshape(-1), "code": state.code.float(), "absmax": state.absmax.reshape(-1)}
     kw = {"shape": (n, k), "blocksize": blocksize,
-          "nested": (state.state2.absmax, state.state2.code.float(), float(state.offset), state.state2.blocksize)
+          "nested": (state.state2.absmax, state.state2.code.float(), state.offset.reshape(1).float(),
+                     state.state2.blocksize)
           if nested else None}
     return ref, args, kw
 
