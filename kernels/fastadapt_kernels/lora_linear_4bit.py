@@ -49,8 +49,10 @@ def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, mask,
         q2 = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
         c2 = tl.load(code2_ptr + q2, mask=mask, other=0.0)
         a2 = tl.load(absmax2_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return c2 * a2 + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+        scales = c2 * a2 + tl.load(offset_ptr)
+    else:
+        scales = tl.load(absmax_ptr + blocks, mask=mask, other=0.0).to(tl.float32)
+    return scales  # one return: the compiler types every return of a function alike
 
 
 @triton.jit
