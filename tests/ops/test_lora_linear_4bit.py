@@ -4,10 +4,10 @@ weight; odd shapes, a 3-D input, a bias. The Triton backend runs in the interpre
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-
-import importlib
 
 op = importlib.import_module("fastadapt.ops.lora_linear_4bit")
 
