@@ -929,6 +929,7 @@ def qlora_report(records: list, problems: list, device: perf_model.Device, *, co
     bf16 base; the default path's kernels compiled for sm_90a (spills, registers) — predictions."""
     w4 = importlib.import_module("fastadapt.ops.lora_linear_4bit")
     per_elem = 12.0  # thread-instructions per dequantized element, replaced by the SASS figure below
+    compiled: dict[str, dict] = {}
     if compile_kernels:
         rec_d, _ = _qlora_record(8192, 4096, 4096, "dequantize")
         deq = next(x for x in rec_d.launches if isinstance(x, TritonLaunch) and x.name == "_dequantize_4bit_kernel")
@@ -970,7 +971,8 @@ def qlora_report(records: list, problems: list, device: perf_model.Device, *, co
                 for part, recd in (("fwd", fwd_rec), ("bwd", bwd_rec)):
                     for launch in (x for x in recd.launches if isinstance(x, TritonLaunch)):
                         for spec in compile_specs(launch, False):
-                            res = compile_one(spec)
+                            key = _spec_key(spec)
+                            res = compiled[key] = compiled.get(key) or compile_one(spec)  # each distinct once
                             records.append({"op": "lora_linear_4bit", "scenario": rec["scenario"], "variant": variant,
                                             "pass": part, "kernel": spec["kernel"], "config": spec["config"],
                                             "default": True, **{k: v for k, v in res.items() if k != "seconds"}})
