@@ -24,6 +24,7 @@ from .io import (
 from .methods import PatchState, get_method, get_state, require_state
 from .methods.targets import parent_and_attr
 from .modules.base import AdapterModule
+from .ops import invalidate_caches
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if method.convert_tensors is not None:
             tensors = method.convert_tensors(model, tensors, saved, where)
         (method.load_tensors or load_adapter_tensors)(model, tensors, where)
+        invalidate_caches()  # whatever a method's loader wrote, and however: nothing derived survives
     except BaseException:
         if patched_here:
             unpatch(model)
