@@ -30,9 +30,9 @@ The rules (docs/kernels.md, "Values derived from parameters"):
    ``p.data = t``, ``.to()``, ``.half()``,       the identity of every source: the object (weakly
    ``load_state_dict(assign=True)``, a module    referenced), its storage address, shape, strides,
    swapped in                                    dtype and device
-   ``fa.load_adapter`` into a patched model,     :func:`invalidate` (called by ``io`` and the
-   ``fa.merge`` / ``fa.unmerge``, a method's     modules), besides the counters they move
-   own merge/unmerge
+   ``fa.load_adapter`` into a patched model,     :func:`invalidate` (called by ``fa.load_adapter``
+   ``fa.merge`` / ``fa.unmerge``, a module's     and the modules' merge/unmerge), besides the
+   own merge/unmerge                             counters they move
    FSDP2's resharding and refills, DDP's         no cache at all in a multi-process run: FSDP2
    broadcast                                     refills gathered parameters in place without a
                                                  version bump (measured: a DoRA run trained 3 %
@@ -48,6 +48,13 @@ The rules (docs/kernels.md, "Values derived from parameters"):
 
 Casts of A and B to the activation dtype are *not* cached: comparing A and B costs what casting them
 costs (both read r × (in + out) elements; bench/NOTES.md, "Caches"), so there is nothing to save.
+
+Not values derived from parameters, so not kept here: ``lora_linear``'s memo of validated arguments
+(keyed on every property it checks — types, shapes, dtypes, devices, scaling, dropout, autocast,
+switches — all re-read on every call, never a value), ``modules.base``'s verdict on whether a
+Linear subclass's forward is the linear map (a property of its code), and the shared-input group's
+hand-over of sibling outputs within one forward (keyed on the input object, the adapters' version
+counters and :func:`generation`).
 """
 
 from __future__ import annotations
@@ -114,7 +121,8 @@ class InferenceCache:
     module docstring). One entry per set of source objects and ``extra``: a changed value replaces
     its entry. Holds the sources weakly; the snapshots of ``watched`` tensors are exact copies."""
 
-    #: more entries than this: the ones whose sources were freed are dropped
+    #: more entries than this: the ones whose sources were freed are dropped (normally a source's
+    #: weakref callback drops its entries when it is freed)
     PRUNE_AT = 1024
 
     def __init__(self) -> None:
@@ -142,11 +150,13 @@ class InferenceCache:
             return entry.value
         value = compute()
         if len(self._entries) >= self.PRUNE_AT:
-            self._entries = {k: e for k, e in self._entries.items() if all(r() is not None for r in e.refs)}
-        self._entries[key] = _Entry(
-            refs=tuple(weakref.ref(b) for b in bases), layouts=layouts, versions=versions, generation=_generation,
-            snapshots=tuple(t.detach().clone() for t in watched), value=value)
-        return value
+            for dead in [k for k, e in self._entries.items() if any(r() is None for r in e.refs)]:
+                del self._entries[dead]
 
-    def clear(self) -> None:
-        self._entries.clear()
+        def forget(_ref, entries=self._entries, key=key) -> None:  # a source was freed: so are its copies
+            entries.pop(key, None)
+
+        self._entries[key] = _Entry(
+            refs=tuple(weakref.ref(b, forget) for b in bases), layouts=layouts, versions=versions,
+            generation=_generation, snapshots=tuple(t.detach().clone() for t in watched), value=value)
+        return value
