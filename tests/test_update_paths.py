@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model, tokens
 from update_paths import (
     UPDATE_PATHS,
     VARIANTS,
@@ -19,6 +20,8 @@ from update_paths import (
     fresh_copy,
     train_forward,
 )
+
+import fastadapt as fa
 
 ORDERS = ("train-then-eval", "eval-train-eval")
 
@@ -66,8 +69,6 @@ def test_no_stale_value_after_update(path, variant, order, tmp_path):
 
 
 def _dataset(n: int, seq: int = 10, seed: int = 3):
-    from tiny_models import tokens
-
     return [{"input_ids": row, "labels": row} for row in tokens(n, seq, seed=seed)]
 
 
@@ -128,3 +129,32 @@ def test_trainer_resume_with_dora_equals_an_uninterrupted_run(tmp_path):
         if p.requires_grad:
             assert not torch.equal(want[name], start[name]), f"{name} did not train: the comparison would be vacuous"
             torch.testing.assert_close(p, want[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_dora_trained_with_fused_adamw_follows_peft(tmp_path):
+    """The issue's repro: DoRA on the tiny LLaMA (r 4, q/v/down), 5 fused-AdamW steps from PEFT's own
+    initial adapter — the losses are PEFT's, and the trained model evaluates like a fresh one."""
+    peft = pytest.importorskip("peft")
+    ids = tokens(4, 16)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]))
+    theirs.save_pretrained(tmp_path)
+    ours = fa.load_adapter(tiny_model("llama"), tmp_path)
+
+    def train(model):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+        losses = []
+        for _ in range(5):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    want, got = train(theirs), train(ours)
+    assert len(set(want)) == 5
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=0)
+    variant = next(v for v in VARIANTS if v.name == "dora-fp32")
+    assert torch.equal(eval_logits(ours, variant), eval_logits(fresh_copy(ours, variant), variant))
