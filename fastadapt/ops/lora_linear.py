@@ -27,8 +27,9 @@ The torch backend (what ``auto`` runs without a GPU verification record) trains 
 ``torch_backend.lora_linear``: the reference's function in torch operations, keeping x, S and the
 mask at 1 bit per element (drawn as ``F.dropout`` draws it) — no dropped copy, no byte mask.
 Without gradients (inference, decode) it runs as three launches — base GEMM, rank projection,
-``addmm_`` with the scaling as alpha — on low-precision copies of A and B cached until the
-parameters change. ``backend="reference"`` runs ``reference.lora_linear_ref`` (plain autograd).
+``addmm_`` with the scaling as alpha — on A and B cast to the activation dtype per call (no
+cache: ``_cache``'s module docstring says why). ``backend="reference"`` runs
+``reference.lora_linear_ref`` (plain autograd).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import torch.nn.functional as F
 
 from .. import _checks, settings
 from . import torch_backend, verification
-from ._cache import VersionedCache, cache_trusted
 from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import decide, register_op, triton_usable
@@ -109,17 +109,10 @@ def selected_variant(m: int, device: torch.device, *, op: str = "lora_linear") -
 # -- torch backend --------------------------------------------------------------------------------
 
 
-_casts = VersionedCache()
-
-
 def _low_precision(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, the copy cached until ``t`` changes (its version counter, storage or
-    identity) where version counters can be trusted (:func:`._cache.cache_trusted`)."""
-    if t.dtype == dtype:
-        return t
-    if not cache_trusted():
-        return t.detach().to(dtype)
-    return _casts.get((t,), (dtype,), lambda: t.detach().to(dtype))
+    """``t`` in ``dtype``, cast on every call: checking a cached copy for freshness reads as much as
+    casting does (``_cache``'s module docstring; bench/NOTES.md, "Caches")."""
+    return t if t.dtype == dtype else t.detach().to(dtype)
 
 
 def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
@@ -128,7 +121,8 @@ def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
         or (bias is not None and bias.requires_grad))
     if grad or dropout_p > 0 or torch.compiler.is_compiling():  # the training path: no cache is read
         return torch_backend.lora_linear(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
-    # No gradient (inference, decode): three launches on cached low-precision A and B.
+    # No gradient (inference, decode): the base GEMM, the rank projection, addmm_ with the scaling
+    # as alpha, on A and B cast to the activation dtype.
     y = F.linear(x, weight, bias)
     dtype = y.dtype
     s = F.linear(x if x.dtype is dtype else x.to(dtype), _low_precision(lora_a, dtype))
