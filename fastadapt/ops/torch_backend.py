@@ -36,7 +36,7 @@ from . import _dropout
 from ._library import custom_op, register_autograd
 from .reference import BOTTLENECK_ACTIVATIONS
 
-__all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "parallel_adapter"]
+__all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "lora_rank", "parallel_adapter"]
 
 _SixTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -196,6 +196,71 @@ def lora_linear(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout
     keep = _requires_grad(x, weight, lora_a, lora_b, bias)
     return lora_linear_torch_fwd(x, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p),
                                  compute_dtype(x), keep)[0]
+
+
+# -- the LoRA term alone, beside a frozen product formed elsewhere (a quantized base) -------------
+#
+# ``scaling · (drop(x) Aᵀ) Bᵀ`` (``lora_linear_4bit.rank_term``'s, PEFT's bnb layers'), products in
+# the compute dtype: saved x, S = drop(x) Aᵀ (M × r), the mask bits, the parameters.
+
+
+def _rank_fwd_fake(x, lora_a, lora_b, scaling, dropout_p, dtype, keep_bits):
+    lead = x.shape[:-1]
+    return (x.new_empty((*lead, lora_b.shape[0]), dtype=dtype), x.new_empty((*lead, lora_a.shape[0]), dtype=dtype),
+            x.new_empty(_bits_shape(x, dropout_p, keep_bits), dtype=torch.uint8))
+
+
+@custom_op("lora_rank_torch_fwd", fake=_rank_fwd_fake)
+def lora_rank_torch_fwd(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout_p: float,
+                        dtype: torch.dtype, keep_bits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (scaling · (drop(x) Aᵀ) Bᵀ, S = drop(x) Aᵀ, the packed mask or empty), in ``dtype``."""
+    with _no_autocast(x):
+        xd, bits = _drop(x, dropout_p, keep_bits)
+        s = F.linear(xd.to(dtype), lora_a.to(dtype))
+        return F.linear(s, lora_b.to(dtype)) * scaling, s, bits
+
+
+def _rank_bwd_fake(dy, x, lora_a, lora_b, s, bits, scaling, dropout_p, need_x):
+    return x.new_empty(x.shape) if need_x else _empty(x), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+@custom_op("lora_rank_torch_bwd", fake=_rank_bwd_fake)
+def lora_rank_torch_bwd(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                        s: torch.Tensor, bits: torch.Tensor, scaling: float, dropout_p: float, need_x: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx or empty, d lora_a, d lora_b) in the parameters' dtypes: plain autograd's gradients."""
+    with _no_autocast(x):
+        dtype = s.dtype
+        g = _rows(dy.to(dtype) * scaling)
+        db = (g.t() @ _rows(s)).to(lora_b.dtype)
+        ds = g @ lora_b.to(dtype)
+        factor = _factor(bits, x, x.dtype, dropout_p)
+        da = (ds.t() @ _rows(_times(x, factor).to(dtype))).to(lora_a.dtype)
+        dx = _times((ds @ lora_a.to(dtype)).to(x.dtype).view(x.shape), factor) if need_x else None
+    return _grad_or_empty(dx, x), da, db
+
+
+def _rank_setup(ctx, inputs, output):
+    x, lora_a, lora_b, scaling, dropout_p, _, _ = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, *output[1:])
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _rank_backward(ctx, dy, _ds, _dbits):
+    x, lora_a, lora_b, s, bits = ctx.saved_tensors
+    need_x, need_a, need_b = ctx.needs_input_grad[:3]
+    dx, da, db = lora_rank_torch_bwd(dy, x, lora_a, lora_b, s, bits, ctx.scaling, ctx.dropout_p, bool(need_x))
+    return _none(dx), da if need_a else None, db if need_b else None, None, None, None, None
+
+
+register_autograd(lora_rank_torch_fwd, backward=_rank_backward, setup_context=_rank_setup)
+
+
+def lora_rank(x, lora_a, lora_b, *, scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """``lora_linear_4bit.rank_term``'s function (in x's dtype, or the autocast dtype; A, B cast to
+    it), keeping x, S and the mask bits for backward."""
+    keep = _requires_grad(x, lora_a, lora_b)
+    return lora_rank_torch_fwd(x, lora_a, lora_b, float(scaling), float(dropout_p), compute_dtype(x), keep)[0]
 
 
 # -- DoRA: saved x, S, the norms, one M × N product (or none), the mask bits, the parameters -------

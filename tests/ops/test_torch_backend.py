@@ -17,6 +17,7 @@ from tiny_models import tiny_model, tokens
 
 import fastadapt as fa
 from fastadapt.ops import _dropout, dispatch, torch_backend
+from fastadapt.ops.lora_linear_4bit import rank_term
 
 lora_op = importlib.import_module("fastadapt.ops.lora_linear")  # the module, not the function
 SCALING = 1.7
@@ -222,6 +223,28 @@ def test_saves_x_itself_and_one_bit_per_element(op, autocast):
     assert case.a.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype,autocast", PRECISIONS, ids=PRECISION_IDS)
+def test_rank_term_beside_a_quantized_base_is_the_references_and_keeps_bits(dtype, autocast):
+    """``lora_linear_4bit.rank_term`` (the LoRA term beside a 4-bit or 8-bit base): the lean op's
+    outputs and gradients equal plain autograd's bit for bit (same mask), from x, S and the bits."""
+    case = Case("lora", dtype=dtype, m=64, k=48, n=40, r=4, lead=())
+
+    def run(backend):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return rank_term(case.x, case.a, case.b, scaling=SCALING, dropout_p=0.2, backend=backend)
+
+    y, saved = _saved_during(lambda: run("torch"))
+    y_ref = run("reference")
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    leaves = [case.x_full, case.a, case.b]
+    for got, want in zip(case.grads(y, leaves), case.grads(y_ref, leaves)):
+        assert got.abs().sum() > 0 and torch.equal(got, want)
+    params = {t.untyped_storage().data_ptr() for t in (case.a, case.b, case.x)}
+    others = sorted((tuple(t.shape), t.dtype) for t in saved if t.untyped_storage().data_ptr() not in params)
+    assert others == sorted([((64, 4), y.dtype), ((math.ceil(64 * 48 / 8),), torch.uint8)])
+
+
 def test_dora_recompute_keeps_no_product():
     case = Case("dora", m=64, k=48, n=40, r=4, lead=())
     norm = fa.ops.dora_norm(case.weight, case.a, case.b, scaling=SCALING, backend="torch")
@@ -415,6 +438,7 @@ def test_custom_ops_pass_opcheck():
             (ops.dora_linear_torch_fwd, (x, w, a, b, mag, norm, None, SCALING, p, torch.float32, False, True)),
             (ops.bottleneck_torch_fwd, (x, wd, wu, s, None, None, None, 0.0, "silu", p, torch.float32, True)),
             (ops.bottleneck_torch_fwd, (x, wd, b, None, None, w, c, 1.5, "tanh", p, torch.float32, True)),
+            (ops.lora_rank_torch_fwd, (x, a, b, SCALING, p, torch.bfloat16, True)),
         ]
         for op, args in samples:
             # the masks are random: opcheck's repeated calls must draw the same one
