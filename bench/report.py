@@ -188,6 +188,20 @@ def e2e_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def cpu_e2e_table(records: list[dict]) -> list[str]:
+    """test_e2e_embedded_interleaved: the step-time ratio to the compared variant beside the A/A
+    ratio (the noise of that run), and the peak RSS of the 20-step runs."""
+    lines = ["| case | variant | vs | step ms | vs ms | ratio | A/A | goal | peak RSS MiB | vs MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        rss = r.get("peak_rss_bytes") or {}
+        mib = [f"{rss[v] / 2**20:,.0f}" if rss.get(v) else "-" for v in (r["variant"], r["ref_variant"])]
+        lines.append(f"| {r['case']} | {r['variant']} | {r['ref_variant']} | {_ms(r['median_ms'])} | "
+                     f"{_ms(r['ref_ms'])} | {r['ratio_to_ref']:.3f} | {r['aa_ratio']:.3f} | "
+                     f"{_check(r.get('goal_met'))} | {mib[0]} | {mib[1]} |")
+    return lines
+
+
 def saved_memory_table(records: list[dict]) -> list[str]:
     """test_bench_saved_memory.py: MiB over the frozen model per count, the ratio to PEFT, the goal."""
     lines = ["| case | variant | saved, MiB over frozen | × PEFT | held, MiB over frozen | × PEFT | goal |",
@@ -391,7 +405,12 @@ def build_report(files: list[Path], out: Path, *, plots: bool = True, command: s
                 lines += ["### Saved for backward (bytes autograd keeps after one training forward)", "",
                           *saved_memory_table(srecs), ""]
                 continue
-            if suite == "e2e":
+            cpu = [r for r in srecs if suite == "e2e" and "aa_ratio" in r]
+            if cpu:
+                lines += ["### CPU training step and peak RSS, interleaved rounds with an A/A run", "",
+                          *cpu_e2e_table(cpu), ""]
+                srecs = [r for r in srecs if r not in cpu]
+            if suite == "e2e" and srecs:
                 lines += ["### End to end (tokens/s, step time, peak memory)", "", *e2e_table(srecs), ""]
                 if plt is not None and (p := plot_tokens(plt, srecs, out.parent / f"{stem}_e2e_tokens.png")):
                     lines += [f"![tokens/s]({p.name})", ""]
