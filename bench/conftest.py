@@ -90,7 +90,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     env = _environment()
     tr.section("fastadapt bench summary")
-    gpu = (env.get("gpu") or {}).get("name", "no GPU (smoke numbers mean nothing)")
+    gpu = (env.get("gpu") or {}).get("name", "no GPU (CPU)")
     tr.write_line(f"{gpu} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda_runtime']} | "
                   f"commit {env['git']['commit']} | {env['date_utc']}")
     kernel = [r for r in rows if r.get("suite") in ("lora_linear", "lora_linear_group")]

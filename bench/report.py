@@ -121,7 +121,7 @@ def _case_sort_key(case: str, recs: list[dict]):
 
 
 def env_line(env: dict) -> str:
-    gpu = (env.get("gpu") or {}).get("name") or "no GPU (CPU smoke run: numbers mean nothing)"
+    gpu = (env.get("gpu") or {}).get("name") or "no GPU (CPU)"  # a smoke run says so below
     git = env.get("git") or {}
     commit = git.get("commit") or "unknown"
     dirty = " (uncommitted changes)" if git.get("dirty") else ""
