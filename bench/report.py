@@ -190,15 +190,23 @@ def e2e_table(records: list[dict]) -> list[str]:
 
 def cpu_e2e_table(records: list[dict]) -> list[str]:
     """test_e2e_embedded_interleaved: the step-time ratio to the compared variant beside the A/A
-    ratio (the noise of that run), and the peak RSS of the 20-step runs."""
-    lines = ["| case | variant | vs | step ms | vs ms | ratio | A/A | goal | peak RSS MiB | vs MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    ratio (the noise of that run)."""
+    lines = ["| case | variant | vs | step ms | vs ms | ratio | A/A | goal |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        rss = r.get("peak_rss_bytes") or {}
-        mib = [f"{rss[v] / 2**20:,.0f}" if rss.get(v) else "-" for v in (r["variant"], r["ref_variant"])]
         lines.append(f"| {r['case']} | {r['variant']} | {r['ref_variant']} | {_ms(r['median_ms'])} | "
                      f"{_ms(r['ref_ms'])} | {r['ratio_to_ref']:.3f} | {r['aa_ratio']:.3f} | "
-                     f"{_check(r.get('goal_met'))} | {mib[0]} | {mib[1]} |")
+                     f"{_check(r.get('goal_met'))} |")
+    return lines
+
+
+def peak_rss_table(records: list[dict]) -> list[str]:
+    """test_peak_rss_embedded: peak resident memory of each training run, fresh processes."""
+    lines = ["| case | variant | peak RSS MiB | vs | peak RSS MiB | difference MiB | steps |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        rss = r["peak_rss_bytes"]
+        lines.append(f"| {r['case']} | {r['variant']} | {rss[r['variant']] / 2**20:,.0f} | {r['ref_variant']} | "
+                     f"{rss[r['ref_variant']] / 2**20:,.0f} | {r['peak_rss_delta_mib']:+,.0f} | {r['rss_steps']} |")
     return lines
 
 
@@ -389,7 +397,7 @@ def build_report(files: list[Path], out: Path, *, plots: bool = True, command: s
             lines += ["No records.", ""]
             continue
         measured_anywhere = [r for r in records if (r["suite"] == "saved_memory" and not r["case"].startswith("tiny"))
-                             or (r["suite"] == "e2e" and "-cpu-" in r["case"])]
+                             or (r["suite"] in ("e2e", "peak_rss") and "-cpu-" in r["case"])]
         if not (env.get("gpu") or {}).get("name") and len(measured_anywhere) < len(records):
             lines += ["> CPU smoke run: these numbers only prove the code runs (no targets checked).", ""]
         stem = path.stem
@@ -404,6 +412,9 @@ def build_report(files: list[Path], out: Path, *, plots: bool = True, command: s
             if suite == "saved_memory":
                 lines += ["### Saved for backward (bytes autograd keeps after one training forward)", "",
                           *saved_memory_table(srecs), ""]
+                continue
+            if suite == "peak_rss":
+                lines += ["### Peak RSS of a training run (fresh process per variant)", "", *peak_rss_table(srecs), ""]
                 continue
             cpu = [r for r in srecs if suite == "e2e" and "aa_ratio" in r]
             if cpu:

@@ -153,18 +153,23 @@ def test_report_on_tiny_gpu_json(tmp_path, monkeypatch, capsys, plots):
 
 
 def test_report_renders_the_cpu_rounds(tmp_path):
-    """test_e2e_embedded_interleaved's records: the ratio beside the A/A ratio, and peak RSS."""
+    """test_e2e_embedded_interleaved's records (the ratio beside the A/A ratio) and
+    test_peak_rss_embedded's."""
     report = _report_module()
-    info = {"suite": "e2e", "case": "smollm2-135m-cpu-b2x128-lora-p0.1", "mode": "step", "variant": "fastadapt_lora",
-            "ref_variant": "peft_lora", "median_ms": 900.0, "ref_ms": 1000.0, "ratio_to_ref": 0.9, "aa_ratio": 1.03,
-            "goal_met": True, "peak_rss_bytes": {"fastadapt_lora": 1536 * 2**20, "peft_lora": 2048 * 2**20}}
+    case = "smollm2-135m-cpu-b2x128-lora-p0.1"
+    step = {"suite": "e2e", "case": case, "mode": "step", "variant": "fastadapt_lora", "ref_variant": "peft_lora",
+            "median_ms": 900.0, "ref_ms": 1000.0, "ratio_to_ref": 0.9, "aa_ratio": 1.03, "goal_met": True}
+    rss = {"suite": "peak_rss", "case": case, "mode": "train", "variant": "fastadapt_lora", "ref_variant": "peft_lora",
+           "median_ms": 900.0, "peak_rss_bytes": {"fastadapt_lora": 1536 * 2**20, "peft_lora": 2048 * 2**20},
+           "peak_rss_delta_mib": -512.0, "rss_steps": 20}
     src = tmp_path / "cpu" / "e2e_cpu.json"
     src.parent.mkdir()
     src.write_text(json.dumps({"fastadapt": {"torch": "2.13.0", "git": {"commit": "abc123"}}, "machine_info": {},
-                               "benchmarks": [_bench("test_e2e_embedded_interleaved[lora-0.1]", **info)]}))
+                               "benchmarks": [_bench("test_e2e_embedded_interleaved[lora-0.1]", **step),
+                                              _bench("test_peak_rss_embedded[lora]", **rss)]}))
     out = tmp_path / "cpu" / "report.md"
     assert report.main([str(src.parent), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| smollm2-135m-cpu-b2x128-lora-p0.1 | fastadapt_lora | peft_lora | 900.0 | 1000.0 | 0.900 | 1.030 | met " \
-           "| 1,536 | 2,048 |" in text
+    assert f"| {case} | fastadapt_lora | peft_lora | 900.0 | 1000.0 | 0.900 | 1.030 | met |" in text
+    assert f"| {case} | fastadapt_lora | 1,536 | peft_lora | 2,048 | -512 | 20 |" in text
     assert "CPU smoke run" not in text and "### End to end" not in text
