@@ -54,6 +54,10 @@ class DoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.router is not None:  # named adapters: a mixed batch, or the active one in its slot
+            y = self.router.forward(self, x)
+            if y is not None:
+                return y
         return dora_linear(
             x,
             self.base_weight_nk(),

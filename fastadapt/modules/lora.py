@@ -62,6 +62,10 @@ class LoraLinear(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.router is not None:  # named adapters: a mixed batch, or the active one in its slot
+            y = self.router.forward(self, x)
+            if y is not None:
+                return y
         if self.group is not None and self.group.usable(x):
             return self.group.output(self, x)
         return lora_linear(

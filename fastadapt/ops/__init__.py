@@ -6,20 +6,25 @@ from .bottleneck_adapter import bottleneck_adapter
 from .dora_linear import dora_linear, dora_merge, dora_norm
 from .lora_linear import lora_linear, lora_linear_group
 from .lora_merge import lora_delta, lora_merge
+from .lora_mixed import bottleneck_mixed, lora_mixed
 from .parallel_adapter import parallel_adapter
 from .reference import (
     bottleneck_adapter_ref,
+    bottleneck_mixed_ref,
     dora_linear_ref,
     dora_merge_ref,
     dora_norm_ref,
     lora_linear_ref,
     lora_merge_ref,
+    lora_mixed_ref,
     parallel_adapter_ref,
 )
 
 __all__ = [
     "bottleneck_adapter",
     "bottleneck_adapter_ref",
+    "bottleneck_mixed",
+    "bottleneck_mixed_ref",
     "dora_linear",
     "dora_linear_ref",
     "dora_merge",
@@ -33,6 +38,8 @@ __all__ = [
     "lora_linear_ref",
     "lora_merge",
     "lora_merge_ref",
+    "lora_mixed",
+    "lora_mixed_ref",
     "parallel_adapter",
     "parallel_adapter_ref",
 ]
