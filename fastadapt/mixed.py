@@ -121,10 +121,13 @@ def make_plan(model: nn.Module, adapter_names, *, expand: bool = False) -> RowPl
     if unknown:
         raise ValueError(f"adapter_names names adapter(s) {unknown} that the model does not hold; it holds {known} "
                          f"(and {BASE!r} for the base model)")
+    if getattr(state.config, "method", None) == "prefix":
+        raise ValueError(PREFIX_ERROR)
     for name, module in wrapped_modules(model):
         if getattr(module, "merged", False):
             raise ValueError(f"adapter_names= cannot run on a merged model ({name!r} is merged): call "
                              "fa.unmerge(model) first")
+    router_of(model)
     return RowPlan(tuple(adapter_names), state.active, expand=expand)
 
 
@@ -136,20 +139,30 @@ def known_adapters(model: nn.Module) -> list[str]:
     return list(state.named) if state.named else [state.active]
 
 
+PREFIX_ERROR = ("prefix tuning has no named adapters or mixed batches: its virtual tokens join every row's "
+                "attention, so one batch cannot give rows different prefixes; use LoRA, DoRA, series or parallel "
+                "adapters")
+
+
+def install(model: nn.Module, state) -> None:
+    """What ``fa.patch`` installs on every patched model: the hooks that carry ``adapter_names``
+    from ``model(...)`` and ``model.generate(...)`` to the layers (their handles go to ``state.hooks``,
+    which ``fa.unpatch`` removes). The adapter modules route through the router only once a mixed
+    batch or a named adapter needs it (:func:`router_of`): until then their forward is untouched."""
+    router = state.router = Router()
+    state.hooks.append(model.register_forward_pre_hook(_take_names(model, router), with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_restore(router), always_call=True))
+    model.generate = types.MethodType(_generate_with_names, model)
+    state.hooks.append(_Attribute(model, "generate"))
+
+
 def router_of(model: nn.Module) -> Router:
-    """The model's router, installed on first use: set on every adapter module, with the hooks that
-    carry ``adapter_names`` from ``model(...)`` and ``model.generate(...)`` to it."""
+    """The model's router, set on every adapter module (those wrapped since too)."""
     state = get_state(model)
-    if state.router is None:
-        if getattr(state.config, "method", None) == "prefix":
-            raise ValueError("prefix tuning has no named adapters or mixed batches: its virtual tokens join every "
-                             "row's attention, so one batch cannot give rows different prefixes; use LoRA, DoRA, "
-                             "series or parallel adapters")
-        router = state.router = Router()
-        state.hooks.append(model.register_forward_pre_hook(_take_names(model, router), with_kwargs=True))
-        state.hooks.append(model.register_forward_hook(_restore(router), always_call=True))
-        model.generate = types.MethodType(_generate_with_names, model)
-        state.hooks.append(_Attribute(model, "generate"))
+    if getattr(state.config, "method", None) == "prefix":
+        raise ValueError(PREFIX_ERROR)
+    if state.router is None:  # a model patched before the hooks existed (unpickled): install them now
+        install(model, state)
     router = state.router
     for _, module in wrapped_modules(model):
         module.router = router
@@ -196,4 +209,4 @@ class _Attribute:
         self.obj.__dict__.pop(self.name, None)
 
 
-__all__ = ["BASE", "RowPlan", "Router", "known_adapters", "make_plan", "router_of"]
+__all__ = ["BASE", "PREFIX_ERROR", "RowPlan", "Router", "install", "known_adapters", "make_plan", "router_of"]

@@ -66,6 +66,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         state.active = adapter_name
         state.named = {adapter_name: _record(model, adapter_name, state.config, path,
                                              [n for n, _ in adapter_modules(model)])}
+        if get_method(state.method).targets is not None:
+            router_of(model).serving = True  # a named adapter is a slot: hot-swaps need no recompile
         return model
     if adapter_name in _names(state):
         raise ValueError(f"adapter_name {adapter_name!r} is already loaded (the model holds {_names(state)}): "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, mixed
 from .io import (
     load_adapter_tensors,
     options_record,
@@ -83,6 +83,7 @@ def patch(model: nn.Module, method: str, *, preset: str | None = None, **options
         base_requires_grad=(params, flags),
     )
     _install_model_hooks(model, state)
+    mixed.install(model, state)  # adapter_names= in model(...) and model.generate(...)
     model.fastadapt_state = state
     logger.info("patched %d modules with %s", len(names), impl.name)
     return model
