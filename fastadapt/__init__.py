@@ -14,7 +14,7 @@ import logging
 from . import distributed, ops
 from .export import export
 from .io import save_adapter
-from .merge import merge, summary, unmerge
+from .merge import dequantize_bases, merge, summary, unmerge
 from .methods.dora import DoraConfig
 from .methods.lora import LoraConfig
 from .models import load_model
@@ -33,6 +33,7 @@ __all__ = [
     "LoraLinear",
     "active_adapter",
     "delete_adapter",
+    "dequantize_bases",
     "distributed",
     "export",
     "hotswap_adapter",

@@ -84,8 +84,8 @@ class Router:
         if plan is not None:
             return slot_forward(module, x, plan)
         if not module.active:
-            return module.base_layer(x)
-        if self.serving and not torch.is_grad_enabled():
+            return module.base_output(x)
+        if self.serving and not torch.is_grad_enabled() and module.quantized is None:
             return slot_forward(module, x, None)
         return None
 
@@ -127,6 +127,10 @@ def make_plan(model: nn.Module, adapter_names, *, expand: bool = False) -> RowPl
         if getattr(module, "merged", False):
             raise ValueError(f"adapter_names= cannot run on a merged model ({name!r} is merged): call "
                              "fa.unmerge(model) first")
+        if getattr(module, "quantized", None) is not None:
+            raise ValueError(f"adapter_names= does not run on a quantized (4-bit/8-bit) base yet ({name!r} is "
+                             f"{module.quantized}): load the model unquantized for mixed batches, or switch the "
+                             "active adapter with fa.set_adapter")
     router_of(model)
     return RowPlan(tuple(adapter_names), state.active, expand=expand)
 

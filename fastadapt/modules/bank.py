@@ -395,7 +395,7 @@ def slot_forward(module: AdapterModule, x: torch.Tensor, plan) -> torch.Tensor:
     if banked is not None and not banked.used:
         banked = None
     if active is None and banked is None:
-        return module.base_layer(x)
+        return module.base_output(x)
     lead = x.shape
     x3 = x.reshape(lead[0], -1, lead[-1])
 
@@ -416,8 +416,8 @@ def slot_forward(module: AdapterModule, x: torch.Tensor, plan) -> torch.Tensor:
     if module.position == "input":
         banks, rows = sources(x3.dtype)
         x_in = bottleneck_mixed(x3, banks, rows, activation=module.activation)
-        return module.base_layer(x_in.reshape(lead))
-    h = module.base_layer(x3)
+        return module.base_output(x_in.reshape(lead))
+    h = module.base_output(x3)
     banks, rows = sources(h.dtype)
     out = bottleneck_mixed(h, banks, rows, activation=module.activation)
     return out.reshape(*lead[:-1], out.shape[-1])

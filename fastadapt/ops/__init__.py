@@ -5,6 +5,7 @@ from ._cache import invalidate as invalidate_caches
 from .bottleneck_adapter import bottleneck_adapter
 from .dora_linear import dora_linear, dora_merge, dora_norm
 from .lora_linear import lora_linear, lora_linear_group
+from .lora_linear_4bit import Weight4bit, lora_linear_4bit
 from .lora_merge import lora_delta, lora_merge
 from .lora_mixed import bottleneck_mixed, lora_mixed
 from .parallel_adapter import parallel_adapter
@@ -21,6 +22,7 @@ from .reference import (
 )
 
 __all__ = [
+    "Weight4bit",
     "bottleneck_adapter",
     "bottleneck_adapter_ref",
     "bottleneck_mixed",
@@ -35,6 +37,7 @@ __all__ = [
     "lora_delta",
     "lora_linear",
     "lora_linear_group",
+    "lora_linear_4bit",
     "lora_linear_ref",
     "lora_merge",
     "lora_merge_ref",
