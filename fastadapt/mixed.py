@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .methods import get_state, wrapped_modules
-from .modules.bank import slot_forward
+from .modules.bank import active_scaling, slot_forward
 from .ops.lora_mixed import SlotRows
 
 #: the name a row gives to run the base model alone, as in PEFT
@@ -170,6 +170,10 @@ def router_of(model: nn.Module) -> Router:
     router = state.router
     for _, module in wrapped_modules(model):
         module.router = router
+        # what a compiled forward reads, made before it is traced: guards on instance state, not on
+        # a lazily created attribute or the scaling's float (a hot-swap would recompile)
+        module.active = bool(module.active)
+        active_scaling(module)
     return router
 
 

@@ -12,8 +12,10 @@
 Adapters of one model share a method (LoRA, DoRA, series or parallel); ranks, alphas, scalings and
 target modules may differ. The active adapter's tensors are the modules' parameters; the others live
 in each module's bank (``fastadapt.modules.bank``: slots, sized to the largest rank each held, so a
-hot-swap with a rank that fits changes no shape and ``torch.compile`` does not recompile; a larger
-rank grows the slot once). Prefix tuning has no named adapters (refused by name).
+hot-swap of the active adapter with a rank that fits changes no shape and a compiled forward does not
+recompile; a larger rank grows the slot once. A compiled *mixed* batch specialises on the banked
+adapters' ranks and scalings, which its segmented math uses as numbers: swapping a banked adapter for
+one of another rank or alpha re-specialises those graphs once). Prefix tuning has no named adapters (refused by name).
 """
 
 from __future__ import annotations
@@ -165,8 +167,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 def hotswap_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str) -> nn.Module:
     """Replace the weights of the loaded adapter ``adapter_name`` by the adapter at ``path``, in place:
     no module is swapped and, while its rank fits the slots (the largest rank each held), no tensor
-    changes shape — a compiled model does not recompile (scalings live in tensors). A larger rank
-    grows the slots once. The new adapter must have the same method and target the same modules or a
+    changes shape — a compiled forward of the active adapter does not recompile (its scaling lives in
+    a tensor; a compiled mixed batch re-specialises on a banked adapter's new rank or alpha). A larger
+    rank grows the slots once. The new adapter must have the same method and target the same modules or a
     subset of them (the others then add nothing for it); its rank, alpha or scaling may differ."""
     model = distributed.unwrap(model)
     state = require_state(model)

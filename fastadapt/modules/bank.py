@@ -7,7 +7,8 @@ the module's bank (inference only: never trained, written only through ``fa`` ca
 reads both (``fa.ops.lora_mixed``). Adapters are *slots*: a slot is sized to the largest rank that
 was ever put into it, an adapter of a smaller rank fills its first rows (the rest stay zero), and a
 larger one grows the slot once; so hot-swapping adapters of rank ≤ the slot's size changes no tensor
-shape and ``torch.compile`` does not recompile (scalings live in tensors too).
+shape and a compiled forward of the active adapter does not recompile (its scaling lives in a tensor;
+a compiled mixed batch specialises on the banked adapters' ranks and scalings, see ``fa.hotswap_adapter``).
 
 Roles of a module's tensors, as saved (``<module>.<role>``): LoRA ``lora_A.weight`` (r, in) and
 ``lora_B.weight`` (out, r), DoRA also ``lora_magnitude_vector`` (out,); bottleneck adapters
