@@ -1,10 +1,10 @@
 """Op-level GPU correctness, one test per verification-record key (op, backend, shape class, variant).
 
-``scripts/gpu-check.sh`` runs this file and ``scripts/gpu_records.py`` reads its JUnit result: a
-record is written only for a key whose test passed here (and whose backend's kernel-level GPU tests
-passed). Every case compares the op (forward and every gradient) with a float64 reference that uses
-the same dropout mask; the tolerance is twice the error of the same computation in eager PyTorch in
-the op's dtype, plus a little slack (DESIGN.md's rule). The CPU test ``tests/ops/test_gpu_harness.py``
+``scripts/gpu-check.sh`` runs this file and ``scripts/gpu_records.py`` reads its results: a record is
+written only for a key whose test passed here (and for which no GPU test that checks the same op and
+backend failed: ``gpu_records.TEST_OPS``). Every case compares the op (forward and every gradient)
+with a float64 reference that uses the same dropout mask; the tolerance is twice the error of the
+same computation in eager PyTorch in the op's dtype, plus a little slack (DESIGN.md's rule). The CPU test ``tests/ops/test_gpu_harness.py``
 runs the Triton cases of this harness in the interpreter at small sizes, so the harness itself is
 tested where there is no GPU.
 """
@@ -87,10 +87,10 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
     slack = {torch.bfloat16: 2e-3, torch.float16: 5e-4, torch.float32: 1e-5}[dtype]
     k, n = width
     m = rows
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
 
     if case.op == "lora_merge":
         w = rnd(n, k, scale=k**-0.5)
@@ -130,7 +130,7 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
     elif case.op == "dora_linear":
         w = rnd(n, k, scale=k**-0.5)
         a, b = rnd(8, k, scale=k**-0.5, dt=torch.float32), rnd(n, 8, scale=0.1, dt=torch.float32)
-        mag = (w.float().norm(dim=1) * (1 + 0.1 * torch.rand(n, generator=g).to(device))).float()
+        mag = (w.float().norm(dim=1) * (1 + 0.1 * torch.rand(n, generator=g, device=device))).float()
         bias = rnd(n)
         dys = [dy]
         params = [a, b, mag]
@@ -178,7 +178,7 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
     torch.manual_seed(seed_state)
     outs = run(inputs[0], inputs[1:], case.backend)
     got_grads = torch.autograd.grad(outs, inputs, dys)
-    keep = _mask(seed_state, m, k, p, device)
+    keep = _mask(seed_state, m, k, p, x.device)  # the generator the op drew from: its input's device
 
     def reference(dt):
         ins = [t.detach().to(dt).requires_grad_() for t in inputs]
@@ -196,12 +196,21 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
         _compare(name, got, same, exact, slack)
 
 
+#: FASTADAPT_TINY_SHAPES (the CPU rehearsal of scripts/gpu-check.sh): the sizes and dtype of
+#: tests/ops/test_gpu_harness.py, which the Triton interpreter runs in seconds
+TINY_ROWS, TINY_WIDTH = {"decode": 16, "batch": 70}, (48, 40)
+
+
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
 def test_op_matches_float64(case, monkeypatch):
+    from fastadapt import settings
+
     if case.backend == "cuda":
         from fastadapt.ops import _native
 
         if not _native.native_available():
             pytest.fail(f"the CUDA extension is unavailable: {_native.native_load_error()}")
-    check_case(case, torch.device("cuda"), 1 if case.shape_class == "any" else ROWS[case.shape_class], WIDTH,
-               monkeypatch=monkeypatch)
+    tiny = settings.flag("FASTADAPT_TINY_SHAPES")
+    rows, width = (TINY_ROWS, TINY_WIDTH) if tiny else (ROWS, WIDTH)
+    check_case(case, torch.device("cuda"), 1 if case.shape_class == "any" else rows[case.shape_class], width,
+               dtype=torch.float32 if tiny else torch.bfloat16, monkeypatch=monkeypatch)
