@@ -178,6 +178,8 @@ PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 NINJA_BIN=$("$PY" -c 'import ninja, sys; print(ninja.BIN_DIR)' 2>/dev/null) && PATH="$NINJA_BIN:$PATH"
 export PATH
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FASTADAPT_AUTOTUNE=0 FASTADAPT_REQUIRE_CUDA_EXT=1
+# no network there: never wait on a name lookup (models are built from configs, packages installed offline)
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1
 # no committed record may steer a LoRA variant while this run measures them
 export FASTADAPT_VERIFIED=$WORK/no-records
 mkdir -p "$FASTADAPT_VERIFIED"

@@ -12,8 +12,8 @@ files of a manual run. A record is written for an (op, backend, shape class) whe
   it was run with (a skip or a missing result is not a pass),
 - no GPU test that :data:`TEST_OPS` maps to that (op, backend) failed — a test blocks exactly the ops
   it checks, so a CUDA-backend failure never blocks a Triton op and one op's failure never blocks
-  another's; a failing test the map does not know blocks every record (``tests/test_gpu_check.py``
-  keeps the map complete), and
+  another's; a failing test under ``tests/`` that the map does not know blocks every record
+  (``tests/test_gpu_check.py`` keeps the map complete; a failed benchmark only measured nothing), and
 - the benchmark measured it beside the torch path on the same cases (``speedup_over_torch`` is the
   geometric mean of torch time ÷ fused time over those cases).
 For the LoRA ops the variant with the best speedup among the correct ones is recorded. An op or
@@ -21,13 +21,15 @@ backend not in :data:`BENCH` is never recorded, so ``auto`` keeps it on the torc
 a record only while it is faster than torch and its kernel hash is current.
 
 The commit comes from the stamp file written on the dev machine before the lease (the device copy has
-no ``.git``); records refuse to be written when the tree's kernel hashes differ from the stamp's.
+no ``.git``): the commit, a dirty flag, the files that travel with a digest of their contents, and the
+kernel hashes. Records refuse to be written for a tree that is not the stamped one.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -161,8 +163,8 @@ def verdicts(outcomes: dict[str, str]) -> tuple[dict[tuple, list[bool]], dict[tu
         if m:
             cases[(m["op"], m["backend"], m["cls"], m["variant"])].append(outcome == "passed")
             continue
-        if outcome != "failed":
-            continue
+        if outcome != "failed" or not nodeid.startswith("tests/"):
+            continue  # a benchmark that failed measured nothing: no ratio, so no record, and no verdict
         ops = ops_of_test(nodeid)
         if ops is None:
             unknown.append(nodeid)
@@ -239,12 +241,25 @@ def kernel_hashes() -> dict[str, str | None]:
     return {b: verification.kernel_hash(b) for b in ("triton", "cuda")}
 
 
+def tree_digest(root: Path, files: list[str]) -> str:
+    """sha256 over the named files' paths and contents (a missing file counts as changed)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        path = root / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"\1missing") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def stamp(path: Path = STAMP) -> dict:
     """Write the stamp for this checkout: HEAD, whether the tree differs from it (tracked changes or
-    untracked files, which travel to the device too), and the kernel hashes of the tree."""
+    untracked files, which travel to the device too), the files that travel and a digest of them, and
+    the kernel hashes."""
     head = _git("rev-parse", "HEAD").strip()
     changes = [line for line in _git("status", "--porcelain").splitlines() if not line.endswith(path.name)]
+    files = [f for f in _git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+             if f and f != path.name and (REPO / f).is_file()]
     data = {"commit": head, "dirty": bool(changes), "kernel_hash": kernel_hashes(),
+            "tree_digest": tree_digest(REPO, files), "files": files,
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "by": "bash scripts/gpu-check.sh --stamp"}
     from fastadapt import _files
@@ -269,6 +284,12 @@ def read_stamp(path: Path = STAMP) -> dict:
     if data.get("kernel_hash") != now:
         raise ValueError(f"{path} was written for kernel hashes {data.get('kernel_hash')}, this tree has {now}: "
                          "the kernels changed since; run `bash scripts/gpu-check.sh --stamp` again")
+    files = data.get("files")
+    if not isinstance(files, list) or tree_digest(REPO, files) != data.get("tree_digest"):
+        missing = [f for f in files or [] if not (REPO / f).is_file()][:3]
+        why = f" ({missing} missing)" if missing else ""
+        raise ValueError(f"{path}: the files of {REPO} are not the ones stamped{why}: the tree changed since (or "
+                         "the stamp was committed); run `bash scripts/gpu-check.sh --stamp` again")
     return data
 
 

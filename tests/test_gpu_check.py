@@ -203,8 +203,9 @@ def test_records_need_every_dropout_case_and_a_measurement():
     # the shared LoRA kernels block every op built on them
     ("tests/kernels/test_lora_linear_kernels.py::test_gpu_real_shapes[1-bf16]",
      {("lora_linear", "triton", "batch"), ("parallel_adapter", "triton", "batch")}),
-    # a failure no row of the map knows could be any op's
+    # a failure no row of the map knows could be any op's; a failed benchmark only measured nothing
     ("tests/gpu/test_new_thing.py::test_x", ALL_KEYS),
+    ("bench/test_bench_lora_linear.py::test_lora_linear_group[fwd_bwd-qkv-M8192-r16-p0-fastadapt_group]", set()),
 ])
 def test_a_failing_test_blocks_exactly_the_ops_it_checks(failing, lost):
     records = _build(ALL_PASSING | {failing: "failed"}, LORA_ROWS + ADAPTER_ROWS)
@@ -284,6 +285,13 @@ def test_the_stamp_names_this_commit_and_refuses_a_changed_tree(tmp_path, monkey
     path.write_text(json.dumps(edited))
     with pytest.raises(ValueError, match="the kernels changed since"):
         gpu_records.read_stamp(path)
+    path.write_text(json.dumps(dict(data, tree_digest="0" * 16)))  # any file edited after stamping
+    with pytest.raises(ValueError, match="not the ones stamped"):
+        gpu_records.read_stamp(path)
+    path.write_text(json.dumps(dict(data, files=[*data["files"], "gone.py"])))
+    with pytest.raises(ValueError, match="gone.py"):
+        gpu_records.read_stamp(path)
+    assert "scripts/gpu-check.sh" in data["files"] and path.name not in data["files"]
     path.write_text(json.dumps(dict(data, commit="unknown")))
     with pytest.raises(ValueError, match="40-hex"):
         gpu_records.read_stamp(path)

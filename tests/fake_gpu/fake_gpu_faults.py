@@ -22,7 +22,12 @@ def pytest_configure(config):
         import fastadapt.ops
 
         real = getattr(fastadapt.ops, op)
-        setattr(fastadapt.ops, op, lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
+
+        def wrong(*args, **kwargs):
+            out = real(*args, **kwargs)
+            return [y * 1.01 for y in out] if isinstance(out, (list, tuple)) else out * 1.01
+
+        setattr(fastadapt.ops, op, wrong)
 
 
 @pytest.hookimpl(tryfirst=True)
