@@ -207,7 +207,7 @@ log "GPU: $GPU (arch $ARCH) -> $SLUG; commit $FASTADAPT_BENCH_COMMIT$([[ $DIRTY 
 # -- the steps (each a function run as `bash -c NAME` under its cap) ---------------------------------
 
 import_check() {  # fastadapt.kernels imports from THIS tree (from outside it: not via the cwd), and the
-  # tree is what the stamp says (its kernel hashes)
+  # tree is the stamped one (the files it lists, their digest, the kernel hashes)
   (cd / && "$PY" - "$REPO" <<'EOF'
 import os, sys
 import fastadapt, fastadapt.kernels

@@ -6,13 +6,13 @@ Everything else is real: the stamp written by the helper, the offline install (`
 --no-index --no-build-isolation``, with every index and proxy unreachable), the failing CUDA build, the
 steps' pytest runs and their streamed results, ``gpu_records.py`` on those files, the report.
 
-Planted faults (``tests/fake_gpu/fake_gpu_faults.py`` and one edited test module) must each cost exactly
-what they break: a wrong ``lora_linear_group`` blocks that op only (not lora_linear, on the same kernels);
-a test module that fails to collect (``tests/ops/test_dora_linear.py``) blocks dora_linear only and
-cancels no other test of its step; the failed CUDA build blocks the CUDA backend only; a benchmark stuck
-with SIGINT blocked (a series-adapter case) gets its step stopped at its cap by SIGKILL, and the records
-are still written from what that step finished (the series adapter's cases before it). A ``--resume``
-run then finishes only what was left, and the parallel adapter's record joins.
+Planted faults (``tests/fake_gpu/fake_gpu_faults.py``; the tree itself is the stamped one) must each
+cost exactly what they break: a wrong ``lora_linear_group`` blocks that op only (not lora_linear, on
+the same kernels); a test module that fails to collect (``tests/ops/test_dora_linear.py``) blocks
+dora_linear only and cancels no other test of its step; the failed CUDA build blocks the CUDA backend
+only; a benchmark stuck with SIGINT blocked (a series-adapter case) gets its step stopped at its cap by
+SIGKILL, and the records are still written from what that step finished (the series adapter's cases
+before it). A ``--resume`` run then finishes only what was left, and the parallel adapter's record joins.
 """
 
 from __future__ import annotations
@@ -104,8 +104,6 @@ def rehearsal(tmp_path_factory):
     tree, out = base / "tree", base / "out"
     tree.mkdir()
     _copy_tree(tree)
-    planted = tree / "tests" / "ops" / "test_dora_linear.py"
-    planted.write_text('raise ImportError("planted by tests/test_gpu_rehearsal.py")\n' + planted.read_text())
     # the helper writes the stamp on the dev machine (git); the copy then travels without .git
     subprocess.run([sys.executable, "scripts/gpu_records.py", "stamp", "--out", str(tree / "gpu-check-commit.json")],
                    cwd=REPO, check=True, capture_output=True, text=True)
@@ -115,7 +113,8 @@ def rehearsal(tmp_path_factory):
     env.update(
         PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=str(tree / "tests" / "fake_gpu"), FASTADAPT_FAKE_GPU="1",
         FASTADAPT_TINY_SHAPES="1", PYTEST_PLUGINS="fake_gpu_faults", FASTADAPT_FAKE_GPU_WRONG="lora_linear_group",
-        FASTADAPT_FAKE_GPU_HANG=HANG, FASTADAPT_BENCH_ROUNDS="1", GPU_CHECK_CAPS=CAPS,
+        FASTADAPT_FAKE_GPU_UNCOLLECTABLE="tests/ops/test_dora_linear.py", FASTADAPT_FAKE_GPU_HANG=HANG,
+        FASTADAPT_BENCH_ROUNDS="1", GPU_CHECK_CAPS=CAPS,
         GPU_CHECK_GRACE_S="3", OUT=str(out), FASTADAPT_CACHE_DIR=str(base / "cache"),
         TRITON_CACHE_DIR=str(base / "triton"), PIP_NO_INDEX="1", PIP_INDEX_URL=unreachable, PIP_FIND_LINKS="",
         http_proxy=unreachable, https_proxy=unreachable, HTTP_PROXY=unreachable, HTTPS_PROXY=unreachable,

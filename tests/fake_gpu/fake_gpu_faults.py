@@ -2,6 +2,9 @@
 
 - ``FASTADAPT_FAKE_GPU_WRONG=<op>``: ``fa.ops.<op>`` returns results 1% off — a wrong kernel that the
   op's GPU tests must catch, and whose records (only its) must not be written.
+- ``FASTADAPT_FAKE_GPU_UNCOLLECTABLE=<path>``: that test module fails to collect (as an import error
+  would: a newer dependency, a shadowed package) — its tests must block its ops only, and the rest of
+  the step must run.
 - ``FASTADAPT_FAKE_GPU_HANG=<text>``: every test whose node id contains ``<text>`` hangs with SIGINT
   blocked — a process stuck in a device call — so its step is stopped at its cap by SIGKILL, and what
   finished before must survive.
@@ -28,6 +31,14 @@ def pytest_configure(config):
             return [y * 1.01 for y in out] if isinstance(out, (list, tuple)) else out * 1.01
 
         setattr(fastadapt.ops, op, wrong)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if collector.nodeid and collector.nodeid == os.environ.get("FASTADAPT_FAKE_GPU_UNCOLLECTABLE"):
+        return pytest.CollectReport(collector.nodeid, "failed", "ImportError: planted by the GPU rehearsal", [])
+    return report
 
 
 @pytest.hookimpl(tryfirst=True)
