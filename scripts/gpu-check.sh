@@ -121,7 +121,7 @@ if (( PLAN )); then
   printf '%-13s %6s  %s\n' step cap_s what
   for n in "${RUN[@]}"; do
     what=$(field "$n" 4)
-    [[ $(field "$n" 3) == yes ]] && what="$what; then the records (within the cap)"
+    [[ $(field "$n" 3) == yes ]] && what="$what; then the records, once benchmarks exist (within the cap)"
     printf '%-13s %6s  %s\n' "$n" "$(cap_of "$n")" "$what"
   done
   echo "total: $PLANNED s (hard: a step is stopped at its cap, SIGINT then SIGKILL ${GRACE_S} s later, and keeps what it finished)"
@@ -363,6 +363,8 @@ summary() {
       printf '  %-13s %-26s %4ss of %ss\n' "$n" "${STATUS[$n]:-not run}" "${SECS[$n]:-0}" "$(cap_of "$n")"
     done
     "$PY" scripts/gpu_check.py show-records "$RECORDS"
+    # why the others are missing: the last records run's blocked ops
+    tac "$LOG" | awk '/^gpu_records: [0-9]+ test results/ { exit } /blocked by|does not say/' | tac | cut -c1-200
     echo
     grep -A 30 '^### Targets' "$OUT/report.md" 2>/dev/null | sed '/^### [^T]/,$d' | head -30
     echo "files: $(cd "$OUT" && ls | tr '\n' ' ')"
