@@ -38,6 +38,7 @@ STEPS=(
 SANITIZER_STEP="sanitizer|60|yes|compute-sanitizer (memcheck, racecheck) on the CUDA kernels"
 HARD_TOTAL=420  # tests/test_gpu_check.py holds the default plan to it
 REFRESH_S=12    # kept free at the end of a measuring step's cap for the records
+SUMMARY_S=3     # kept free at the end of the run for the summary
 GRACE_S=${GPU_CHECK_GRACE_S:-10}  # between SIGINT and SIGKILL, inside the cap
 
 # the tests and benchmarks of each step (tests/test_gpu_check.py checks that every GPU test is in one
@@ -124,7 +125,7 @@ if (( PLAN )); then
     [[ $(field "$n" 3) == yes ]] && what="$what; then the records, once benchmarks exist (within the cap)"
     printf '%-13s %6s  %s\n' "$n" "$(cap_of "$n")" "$what"
   done
-  echo "total: $PLANNED s (hard: a step is stopped at its cap, SIGINT then SIGKILL ${GRACE_S} s later, and keeps what it finished)"
+  echo "total: $PLANNED s (hard: the run ends within it; a step is stopped at its cap, SIGINT then SIGKILL ${GRACE_S} s later, and keeps what it finished)"
   [[ -n "${GPU_CHECK_CAPS:-}" ]] && echo "caps overridden by GPU_CHECK_CAPS=$GPU_CHECK_CAPS: not the lease's plan"
   (( SANITIZER )) || echo "not in the total: --sanitizer adds '$(echo "$SANITIZER_STEP" | cut -d'|' -f4)', capped at $(echo "$SANITIZER_STEP" | cut -d'|' -f2) s"
   "$PY" scripts/gpu_records.py covers 2>/dev/null || echo "covers: see scripts/gpu_records.py::BENCH"
@@ -139,6 +140,7 @@ if [[ ! -f "$STAMP_FILE" ]]; then
   echo "gpu-check: no gpu-check-commit.json: run \`bash scripts/gpu-check.sh --stamp\` in the checkout (with .git) before sending the tree; records must name the commit they measured" >&2
   exit 2
 fi
+START=$SECONDS  # the planned total counts from here: the probe and the summary are inside it
 # the device and the stamp's commit, in one interpreter start
 PROBE=$("$PY" - "$STAMP_FILE" <<'EOF'
 import json, sys
@@ -171,7 +173,6 @@ RESULTS=$OUT/results.jsonl
 [[ -n "$RESUME" ]] || { : >"$LOG"; : >"$RESULTS"; }
 touch "$LOG" "$RESULTS"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
-START=$SECONDS
 
 # the interpreter's own bin folder first (ninja, the console scripts), then ninja's if it is a package
 PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
@@ -319,7 +320,7 @@ has_bench() { grep -q '"bench": {' "$RESULTS" 2>/dev/null; }
 run_step() {
   local name=$1 fn=${1//-/_}
   local cap; cap=$(cap_of "$name")
-  local left=$(( PLANNED - (SECONDS - START) ))
+  local left=$(( PLANNED - (SECONDS - START) - SUMMARY_S ))  # the last step gives up the probe's time
   (( cap > left )) && cap=$left
   local deadline=$(( SECONDS + cap )) reserve=0
   if [[ $(field "$name" 3) == yes ]] && { [[ $name == bench-* ]] || has_bench; }; then reserve=$REFRESH_S; fi
@@ -364,7 +365,7 @@ summary() {
     done
     "$PY" scripts/gpu_check.py show-records "$RECORDS"
     # why the others are missing: the last records run's blocked ops
-    tac "$LOG" | awk '/^gpu_records: [0-9]+ test results/ { exit } /blocked by|does not say/' | tac | cut -c1-200
+    tac "$LOG" | awk '/^gpu_records: [0-9]+ test results/ { exit } /blocked by|does not say|no record:/' | tac | cut -c1-200
     echo
     grep -A 30 '^### Targets' "$OUT/report.md" 2>/dev/null | sed '/^### [^T]/,$d' | head -30
     echo "files: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -326,6 +326,20 @@ def cmd_records(args) -> int:
               "checks: no record written")
     for (op, backend), tests in sorted(blocked.items()):
         print(f"gpu_records: {op} ({backend}) blocked by {len(tests)} failed GPU test(s): {', '.join(tests[:3])}")
+    ratios = ratios_of(infos)
+    for op, backend in covers():
+        if any(r["op"] == op and r["backend"] == backend for r in records) or (op, backend) in blocked:
+            continue
+        mine = {key: ok for key, ok in cases.items() if key[:2] == (op, backend)}
+        failed = [f"{key[2]}-{key[3]}" for key, ok in mine.items() if not all(ok)]
+        if not mine:
+            why = "no op-level GPU test finished (its step did not run, or was stopped first)"
+        elif failed and len(failed) == len(mine):
+            why = f"its op-level GPU tests failed or were skipped ({', '.join(sorted(failed)[:4])})"
+        else:
+            why = "not measured beside the torch path" + ("" if any(k[:2] == (op, backend) for k in ratios) else
+                                                          " (its benchmarks did not run or finish)")
+        print(f"gpu_records: {op} ({backend}): no record: {why}")
     print(f"gpu_records: {len(records)} records -> {args.out}")
     for r in records:
         print(f"  {r['op']:<20} {r['backend']:<7} {r['shape_class']:<7} {r.get('variant', ''):<9} "
