@@ -21,7 +21,9 @@
 # bad usage or a missing/stale stamp, 3 when the install failed (nothing else can run).
 # The commit comes from gpu-check-commit.json (untracked, not ignored: it travels with the tree; the
 # device copy has no .git); the script refuses to start without it. After the run, on the dev
-# machine: bench/README.md, "After a GPU run".
+# machine: bench/README.md, "After a GPU run". Knobs for tests and the CPU rehearsal
+# (tests/test_gpu_rehearsal.py), never for a lease: GPU_CHECK_CAPS=STEP=SECONDS[,...] overrides caps,
+# GPU_CHECK_GRACE_S the SIGINT-to-SIGKILL grace (10), GPU_CHECK_XDIST the number of xdist workers.
 set -uo pipefail
 
 # name | cap (s) | records after it | what
