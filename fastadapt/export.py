@@ -93,7 +93,7 @@ def export(
     model = distributed.unwrap(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    path = Path(path)
+    path = _export_target(Path(path))
     if distributed.is_main_process():
         _files.clean_stale(path)  # temporaries of a killed export; a target it moved aside comes back
     if path.exists() and not path.is_dir():
@@ -120,6 +120,20 @@ def export(
     return path
 
 
+def _export_target(path: Path) -> Path:
+    """The folder an export replaces: a symlink is written through (the link stays and points to the
+    new export); the current folder, or one holding it, is refused (the export swaps in a new folder,
+    which would leave this process in a deleted one)."""
+    target = path.resolve() if path.is_symlink() else path
+    if target is not path and target.exists() and not target.is_dir():
+        raise FileExistsError(f"export path {str(path)!r} is a symlink to {str(target)!r}, which is not a directory")
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise ValueError(f"export path {str(path)!r} is the current directory or holds it: fa.export replaces the "
+                         "whole folder; export into a new folder, e.g. fa.export(model, 'merged')")
+    return target
+
+
 def _write_export(model, path: Path, state_dict, *, tokenizer, torch_dtype, max_shard_size) -> None:
     from transformers import PreTrainedModel
 
@@ -133,6 +147,7 @@ def _write_export(model, path: Path, state_dict, *, tokenizer, torch_dtype, max_
         _unshard_architectures(tmp / "config.json", model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _files.umask_modes(tmp)  # safetensors >= 0.8 writes weights 0600 whatever the umask
         _files.replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -167,6 +167,7 @@ def _converted_embedded(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _files.umask_modes(tmp)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,6 +199,13 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, **offline)
     except (OSError, ValueError):
         tokenizer = None
+    if tokenizer is not None and not tokenizer("Hello world")["input_ids"]:
+        # a folder without tokenizer files: transformers may still build its class with an empty
+        # vocabulary, which encodes every text to no tokens
+        tokenizer = None
+    if tokenizer is None:
+        logger.warning("%s has no tokenizer files: loaded without a tokenizer (an export of it holds none; "
+                       "copy the base model's tokenizer files in to use one)", name_or_path)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:

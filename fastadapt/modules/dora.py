@@ -22,6 +22,12 @@ class DoraLinear(LoraLinear):
 
     def __init__(self, base_layer: nn.Module, **options: Any) -> None:
         """``options``: LoraLinear's (``r``, ``alpha``, ``dropout``, ``rslora``, ``device``, ``dtype``)."""
+        if getattr(base_layer, "weight", None) is not None and base_layer.weight.device.type == "meta":
+            raise ValueError(
+                "DoRA initialises its magnitude from the base weight's row norms, but the weight is on the meta "
+                "device (no values yet): load the weights first (from_pretrained, or to_empty() then "
+                "load_state_dict), then patch"
+            )
         super().__init__(base_layer, **options)
         a = self.lora_A.weight
         self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=a.device, dtype=a.dtype))

@@ -9,7 +9,8 @@ from torch import nn
 
 from .. import _checks
 from ..distributed import is_dtensor
-from ..ops import lora_delta, lora_linear, lora_linear_group, lora_merge
+from ..ops import invalidate_caches, lora_delta, lora_linear, lora_linear_group, lora_merge
+from ..ops._cache import generation
 from ..ops.lora_linear import selected_backend
 from .base import AdapterModule, AdapterWeight
 
@@ -115,6 +116,7 @@ class LoraLinear(AdapterModule):
             raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
         w = self.base_layer.weight
         self._unmerged_weight = w.detach().clone() if keep_original else None
+        invalidate_caches()  # the base weight changes (the merge kernel moves no version counter)
         self._merge_op(sign=1, check_only=False)
         self.merged = True
 
@@ -124,6 +126,7 @@ class LoraLinear(AdapterModule):
         ``W - scaling · B A`` in fp32, within one rounding of the weight dtype of the original."""
         if not self.merged:
             raise RuntimeError("unmerge called on a LoraLinear that is not merged")
+        invalidate_caches()  # the base weight changes (the merge kernel moves no version counter)
         if self._unmerged_weight is not None:
             self.base_layer.weight.copy_(self._unmerged_weight)
             self._unmerged_weight = None
@@ -164,7 +167,9 @@ class SharedInputGroup:
         return selected_backend(x.device, rows=x.numel() // max(x.shape[-1], 1), op="lora_linear_group") == "triton"
 
     def _adapter_versions(self) -> tuple[int, ...]:
-        return tuple(w._version for m in self.members for w in (m.lora_A.weight, m.lora_B.weight))
+        # the pending outputs were computed in this forward; an optimizer step (fused ones move no
+        # version counter: the generation) or an in-place write in between makes them stale
+        return (generation(), *(w._version for m in self.members for w in (m.lora_A.weight, m.lora_B.weight)))
 
     def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         if x is self._x and id(member) in self._pending and self._versions == self._adapter_versions():

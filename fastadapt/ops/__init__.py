@@ -1,6 +1,7 @@
 """Functional ops (layer 3): ``fa.ops.lora_linear`` and friends, one file each, every one with a
 plain-PyTorch twin of the same signature in ``fastadapt.ops.reference``."""
 
+from ._cache import invalidate as invalidate_caches
 from .bottleneck_adapter import bottleneck_adapter
 from .dora_linear import dora_linear, dora_merge, dora_norm
 from .lora_linear import lora_linear, lora_linear_group
@@ -25,6 +26,7 @@ __all__ = [
     "dora_merge_ref",
     "dora_norm",
     "dora_norm_ref",
+    "invalidate_caches",
     "lora_delta",
     "lora_linear",
     "lora_linear_group",
