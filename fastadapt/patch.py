@@ -83,6 +83,11 @@ def patch(model: nn.Module, method: str, *, preset: str | None = None, **options
         base_requires_grad=(params, flags),
     )
     _install_model_hooks(model, state)
+    if getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False):
+        # transformers' Trainer refuses a quantized model unless it says adapters are attached
+        # (trainer_utils.validate_quantization_for_training): they are now.
+        model._hf_peft_config_loaded = True
+        state.hooks.append(_AttributeReset(model, "_hf_peft_config_loaded", False))
     model.fastadapt_state = state
     logger.info("patched %d modules with %s", len(names), impl.name)
     return model
@@ -166,6 +171,16 @@ def _unswap_adapter_modules(model: nn.Module) -> None:
         if name and isinstance(module, AdapterModule):
             parent, attr = parent_and_attr(model, name)
             setattr(parent, attr, module.base_layer)
+
+
+class _AttributeReset:
+    """A handle whose ``remove()`` (called by ``unpatch``) sets an attribute back."""
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name, self.value = obj, name, value
+
+    def remove(self) -> None:
+        setattr(self.obj, self.name, self.value)
 
 
 def _install_model_hooks(model: nn.Module, state: PatchState) -> None:

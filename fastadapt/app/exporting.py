@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..export import export, parse_dtype
-from ..merge import merge
+from ..export import export, parse_dtype, quantized_layers
+from ..merge import dequantize_bases, merge
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,16 @@ def merge_export_and_check(
     merged vs adapted logits within :data:`MERGE_TOLERANCE`, and the export reloaded with plain
     transformers vs the merged model within :data:`RELOAD_TOLERANCE`. Raises
     ``FloatingPointError`` on a mismatch (the export is left in place for inspection). The model
-    ends merged, its weights rounded to the written dtype."""
+    ends merged, its weights rounded to the written dtype. A quantized base is dequantized first
+    (``fa.dequantize_bases(all_layers=True)``): the checks then hold against that full-precision
+    model, which for a 4-bit base computes what the adapted 4-bit model computed."""
     from transformers import AutoModelForCausalLM
 
     model.eval()
+    if quantized_layers(model):
+        # A quantized base (QLoRA) is exported dequantized: the model becomes that full-precision model
+        # first, so both checks compare like with like (bitsandbytes' own CPU kernels round otherwise).
+        dequantize_bases(model, all_layers=True)
     device = next(model.parameters()).device
     batch = probe_batch(tokenizer, model.config.vocab_size, device)
     adapted = _logits(model, batch)

@@ -12,6 +12,7 @@ from ..distributed import is_dtensor
 from ..ops import invalidate_caches, lora_delta, lora_linear, lora_linear_group, lora_merge
 from ..ops._cache import generation
 from ..ops.lora_linear import selected_backend
+from . import quantized
 from .base import AdapterModule, AdapterWeight
 
 
@@ -62,6 +63,9 @@ class LoraLinear(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.quantized is not None:
+            return quantized.lora_forward(self.base_layer, x, self.lora_A.weight, self.lora_B.weight,
+                                          scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0)
         if self.group is not None and self.group.usable(x):
             return self.group.output(self, x)
         return lora_linear(
@@ -88,7 +92,7 @@ class LoraLinear(AdapterModule):
         weight's dtype). ``tensors``: this module's tensors by their names under it
         (``base_layer.weight``, ``lora_A.weight``, ...), e.g. gathered from shards; default: its own."""
         t = {**dict(self.named_parameters()), **(tensors or {})}
-        w = t["base_layer.weight"]
+        w = self.base_weight_nk() if self.quantized is not None else t["base_layer.weight"]
         delta = lora_delta(t["lora_A.weight"], t["lora_B.weight"], self.scaling, fan_in_fan_out=self.fan_in_fan_out)
         return (w.float() + delta).to(dtype or w.dtype)
 
@@ -112,6 +116,8 @@ class LoraLinear(AdapterModule):
         """
         if self.merged:
             return
+        if self.quantized is not None:
+            raise ValueError(quantized.merge_refusal(type(self).__name__, self.base_layer))
         if check and not self.merge_is_finite():
             raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
         w = self.base_layer.weight

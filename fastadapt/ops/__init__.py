@@ -5,6 +5,7 @@ from ._cache import invalidate as invalidate_caches
 from .bottleneck_adapter import bottleneck_adapter
 from .dora_linear import dora_linear, dora_merge, dora_norm
 from .lora_linear import lora_linear, lora_linear_group
+from .lora_linear_4bit import Weight4bit, lora_linear_4bit
 from .lora_merge import lora_delta, lora_merge
 from .parallel_adapter import parallel_adapter
 from .reference import (
@@ -18,6 +19,7 @@ from .reference import (
 )
 
 __all__ = [
+    "Weight4bit",
     "bottleneck_adapter",
     "bottleneck_adapter_ref",
     "dora_linear",
@@ -30,6 +32,7 @@ __all__ = [
     "lora_delta",
     "lora_linear",
     "lora_linear_group",
+    "lora_linear_4bit",
     "lora_linear_ref",
     "lora_merge",
     "lora_merge_ref",
