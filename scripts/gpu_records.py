@@ -63,6 +63,14 @@ def covers() -> list[tuple[str, str]]:
     return sorted({(op, backend) for op, (_, fused) in BENCH.items() for backend, _ in fused.values()})
 
 
+def not_covered() -> list[tuple[str, str]]:
+    """The fused (op, backend) pairs fastadapt registers that no run verifies (a kernel added without
+    a GPU harness case and a benchmark here): ``auto`` keeps them on the torch path."""
+    from fastadapt.ops import dispatch
+
+    return sorted({(op, b) for op, available in dispatch.OPS.items() for b in available} - set(covers()))
+
+
 def _ops(*names: str, backend: str) -> frozenset[tuple[str, str]]:
     return frozenset((name, backend) for name in names)
 
@@ -370,6 +378,11 @@ def cmd_covers(args) -> int:
         by_op[op].append(backend)
     print("covers: " + "; ".join(f"{op} ({', '.join(b)})" for op, b in by_op.items())
           + ". Any other op or backend gets no record: auto keeps it on the torch path.")
+    try:
+        others = "; ".join(f"{op} ({backend})" for op, backend in not_covered()) or "none"
+    except ImportError as exc:  # --plan on a machine without fastadapt installed
+        others = f"unknown here (fastadapt does not import: {exc})"
+    print(f"not covered (no GPU harness case and benchmark here; torch path under auto): {others}")
     return 0
 
 

@@ -256,6 +256,36 @@ def test_written_records_load_and_decide(tmp_path, monkeypatch):
     assert [gpu_records.shape_class("lora_linear", m) for m in (1, rows, rows + 1)] == ["decode", "decode", "batch"]
 
 
+def test_an_op_the_run_does_not_cover_stays_on_the_torch_path(tmp_path, monkeypatch):
+    """A fused op registered without a harness case and a benchmark here (the 4-bit QLoRA op) is named
+    as not covered, gets no record even from a run that reports it passing and measured, and ``auto``
+    keeps it on the torch path while the covered ops beside it get their fused backend."""
+    import torch
+
+    from fastadapt.ops import dispatch
+
+    uncovered = gpu_records.not_covered()
+    assert ("lora_linear_4bit", "triton") in uncovered
+    registered = {(op, b) for op, available in dispatch.OPS.items() for b in available}
+    assert set(gpu_records.covers()) <= registered and registered - set(gpu_records.covers()) == set(uncovered)
+    forged = _passing(("lora_linear_4bit", "triton", "batch", "default"))
+    infos = [_info("lora_linear_4bit", "K4096xN4096-M8192", "fwd_bwd", v, 8192, ms)
+             for v, ms in (("addmm", 2.0), ("torch", 2.0), ("triton", 1.0), ("fastadapt", 1.0))]
+    records = _build(ALL_PASSING | forged, LORA_ROWS + ADAPTER_ROWS + infos)
+    assert _keys(records) == ALL_KEYS
+    path = tmp_path / "verified.json"
+    path.write_text(json.dumps(records))
+    monkeypatch.setenv("FASTADAPT_VERIFIED", str(path))
+    monkeypatch.setattr(verification, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(verification, "kernel_hash", lambda backend: {"triton": "t1", "cuda": "c1"}[backend])
+    for op, want in (("lora_linear_4bit", "torch"), ("lora_linear", "triton")):  # a new FASTADAPT_VERIFIED: re-read
+        decision = dispatch.decide(op, "auto", torch.device("cuda"), available=dispatch.OPS[op], rows=8192)
+        assert decision.backend == want, (op, decision.reason)
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_records.py"), "covers"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "not covered" in out and "lora_linear_4bit (triton)" in out.split("not covered")[1]
+
+
 def test_every_fused_bench_variant_can_meet_its_correctness_case():
     """Each (suite, bench variant) maps to a key the GPU harness has a case for, else no record
     could ever be written for it."""
