@@ -103,6 +103,7 @@ def rehearsal(tmp_path_factory):
     base = tmp_path_factory.mktemp("rehearsal")
     tree, out = base / "tree", base / "out"
     tree.mkdir()
+    head = _git("rev-parse", "HEAD").strip()  # what the copy is (HEAD may move while the rehearsal runs)
     _copy_tree(tree)
     # the helper writes the stamp on the dev machine (git); the copy then travels without .git
     subprocess.run([sys.executable, "scripts/gpu_records.py", "stamp", "--out", str(tree / "gpu-check-commit.json")],
@@ -128,7 +129,16 @@ def rehearsal(tmp_path_factory):
     env["GPU_CHECK_CAPS"] = CAPS.replace("bench-rest=40", "bench-rest=300")
     second = subprocess.run(["bash", "scripts/gpu-check.sh", "--resume", "--only", "bench-rest"], cwd=tree, env=env,
                             capture_output=True, text=True, timeout=600)
-    return {"tree": tree, "out": out, "env": env, "first": first, "second": second, **after_first}
+    # a tree edited after its stamp: the install step refuses it, and the run stops there (exit 3)
+    readme = tree / "README.md"
+    text = readme.read_text()
+    readme.write_text(text + "\nedited after the stamp\n")
+    stale = subprocess.run(["bash", "scripts/gpu-check.sh", "--only", "correct-lora"], cwd=tree,
+                           env={**env, "OUT": str(base / "out-stale")}, capture_output=True, text=True, timeout=300)
+    readme.write_text(text)
+    return {"tree": tree, "out": out, "env": env, "head": head, "first": first, "second": second, "stale": stale,
+            "stale_rows": _rows(base / "out-stale" / "results.jsonl"),
+            "stale_log": (base / "out-stale" / "gpu-check.log").read_text(), **after_first}
 
 
 def test_every_step_runs_and_says_how_it_ended(rehearsal):
@@ -175,7 +185,7 @@ def test_a_step_stopped_at_its_cap_keeps_what_it_finished(rehearsal):
 
 def test_records_name_the_stamped_commit_and_the_measured_kernels(rehearsal, monkeypatch):
     stamp = json.loads((rehearsal["tree"] / "gpu-check-commit.json").read_text())
-    assert stamp["commit"] == _git("rev-parse", "HEAD").strip()
+    assert stamp["commit"] == rehearsal["head"]
     # the kernel hashes of the measured tree, as its own interpreter computes them
     measured = subprocess.run(["python3", "-c", "from fastadapt.ops import verification as v; "
                                "print(v.kernel_hash('triton'), v.kernel_hash('cuda'))"],
@@ -207,3 +217,12 @@ def test_resume_finishes_only_what_was_left(rehearsal):
     assert {b["fullname"] for b in rehearsal["bench_rest"]["benchmarks"]} < merged
     again = json.loads((rehearsal["out"] / "verified-nvidia-rehearsal.json").read_text())
     assert {(r["op"], r["backend"], r["shape_class"]) for r in again} == AFTER_RESUME
+
+
+def test_a_tree_that_is_not_the_stamped_one_stops_at_the_install(rehearsal):
+    stale = rehearsal["stale"]
+    assert stale.returncode == 3, stale.stdout[-3000:] + stale.stderr[-3000:]
+    assert "not the ones stamped" in rehearsal["stale_log"] and "install failed" in stale.stdout
+    assert [r["step"] for r in rehearsal["stale_rows"] if r.get("event") == "step"] == ["install"]  # nothing after it
+    assert not any(r.get("nodeid") for r in rehearsal["stale_rows"])
+
