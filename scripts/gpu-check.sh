@@ -30,8 +30,8 @@ set -uo pipefail
 STEPS=(
   "install|30|no|python3 -m pip install --no-index --no-deps --no-build-isolation -e . (no CUDA build), then import fastadapt.kernels from this tree and check the stamp, or stop at once"
   "build|90|no|the CUDA extension, once, for this GPU's arch only (ninja, MAX_JOBS=nproc), into the cache every later step reuses"
-  "correct-lora|60|yes|GPU correctness of lora_linear, lora_linear_group, dora_linear: every variant, shape class and dropout vs float64, and their kernels' GPU tests (pytest-xdist)"
-  "bench-lora|110|yes|LoRA goals: fwd+bwd at M=8192 r=16 p=0/0.1 on 3 shapes with every variant, PEFT default/bf16 and addmm; decode M=1/16; q/k/v and gate/up groups; DoRA at 4096x4096"
+  "correct-lora|60|yes|GPU correctness of lora_linear, lora_linear_group, dora_linear, lora_linear_4bit: every variant, shape class and dropout vs float64, and their kernels' GPU tests (pytest-xdist)"
+  "bench-lora|110|yes|LoRA goals: fwd+bwd at M=8192 r=16 p=0/0.1 on 3 shapes with every variant, PEFT default/bf16 and addmm; decode M=1/16; q/k/v and gate/up groups; DoRA at 4096x4096; last, QLoRA's 4-bit op vs its torch path (2 shapes)"
   "correct-rest|45|yes|GPU correctness of the other ops (series/parallel adapters: Triton and CUDA; lora_merge: CUDA) and the CUDA and adapter kernels' GPU tests (pytest-xdist)"
   "bench-rest|40|yes|series/parallel adapters fwd+bwd at d=4096 b=256 (fused vs eager); merge bandwidth vs the device copy"
   "e2e|20|no|one LLaMA-7B-width training step (2 layers): frozen, fastadapt LoRA, PEFT default, PEFT bf16; tokens/s, peak memory"
@@ -263,7 +263,9 @@ correct_lora() { pytest_step correct-lora $(xdist) -m gpu $CORRECT_LORA_FILES -k
 # shellcheck disable=SC2046,SC2086
 correct_rest() { pytest_step correct-rest $(xdist) -m gpu $CORRECT_REST_FILES -k "$CORRECT_REST_K"; }
 bench_lora() {
-  pytest_step bench-lora bench/test_bench_lora_linear.py bench/test_bench_dora_linear.py -k "$LORA_SEL" \
+  # the 4-bit op last: the LoRA goals come first if the cap cuts the step short
+  pytest_step bench-lora bench/test_bench_lora_linear.py bench/test_bench_dora_linear.py bench/test_bench_lora_linear_4bit.py \
+    -k "$LORA_SEL" \
     --benchmark-json="$WORK/bench-lora.json"
 }
 bench_rest() {

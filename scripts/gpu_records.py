@@ -53,6 +53,8 @@ BENCH = {
     # the parallel adapter joins its up-projection to the frozen GEMM like LoRA: the default join
     "parallel_adapter": ("eager_bf16", {"triton": ("triton", "addmm"), "cuda": ("cuda", "default")}),
     "lora_merge": ("torch", {"cuda": ("cuda", "default")}),
+    "lora_linear_4bit": ("torch", {"fastadapt_fused": ("triton", "fused"),
+                                   "fastadapt_dequantize": ("triton", "dequantize")}),
 }
 #: training shapes are judged on forward + backward, decode on the no-grad forward
 MODE = {"batch": ("fwd_bwd",), "decode": ("decode",), "any": ("merge",)}
@@ -75,8 +77,10 @@ def _ops(*names: str, backend: str) -> frozenset[tuple[str, str]]:
     return frozenset((name, backend) for name in names)
 
 
-#: The Triton ops built on the LoRA kernels (kernels/fastadapt_kernels/lora_linear.py).
-LORA_KERNEL_OPS = _ops("lora_linear", "lora_linear_group", "dora_linear", "parallel_adapter", backend="triton")
+#: The Triton ops built on the LoRA kernels (kernels/fastadapt_kernels/lora_linear.py; the 4-bit op's rank
+#: term and its dequantize variant run them).
+LORA_KERNEL_OPS = _ops("lora_linear", "lora_linear_group", "dora_linear", "parallel_adapter", "lora_linear_4bit",
+                       backend="triton")
 CUDA_OPS = _ops("bottleneck_adapter", "parallel_adapter", "lora_merge", backend="cuda")
 #: The series kernel, and the parallel adapter that runs it (CUDA) or shares its tests (tests/ops).
 ADAPTERS_CUDA = _ops("bottleneck_adapter", "parallel_adapter", backend="cuda")

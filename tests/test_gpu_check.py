@@ -118,6 +118,12 @@ def test_lora_bench_selection_covers_every_record_key():
     assert not any("K4096xN11008" in i for i in dora)
     assert not any("M4096-" in i or "M16384" in i or "-r8-" in i or "-r64-" in i for i in ids)
     assert len(ids) < 160  # the step's cap assumes about this many cases
+    qlora = _collect("bench/test_bench_lora_linear_4bit.py", "-k", _var("LORA_SEL"))  # run last in the step
+    for shape in ("K4096xN4096", "K4096xN11008"):
+        for variant in ("torch", "fastadapt_fused", "fastadapt_dequantize"):
+            assert any(f"fwd_bwd-{shape}-M8192-" in i and i.endswith(f"-{variant}]") for i in qlora), (shape, variant)
+            assert any(f"decode-{shape}-M1-" in i and i.endswith(f"-{variant}]") for i in qlora), (shape, variant)
+    assert len(qlora) == 18
 
 
 # -- records from a fabricated run ---------------------------------------------------------------------------
@@ -257,19 +263,19 @@ def test_written_records_load_and_decide(tmp_path, monkeypatch):
 
 
 def test_an_op_the_run_does_not_cover_stays_on_the_torch_path(tmp_path, monkeypatch):
-    """A fused op registered without a harness case and a benchmark here (the 4-bit QLoRA op) is named
+    """A fused op registered without a harness case and a benchmark here (a kernel added later) is named
     as not covered, gets no record even from a run that reports it passing and measured, and ``auto``
     keeps it on the torch path while the covered ops beside it get their fused backend."""
     import torch
 
     from fastadapt.ops import dispatch
 
-    uncovered = gpu_records.not_covered()
-    assert ("lora_linear_4bit", "triton") in uncovered
     registered = {(op, b) for op, available in dispatch.OPS.items() for b in available}
-    assert set(gpu_records.covers()) <= registered and registered - set(gpu_records.covers()) == set(uncovered)
-    forged = _passing(("lora_linear_4bit", "triton", "batch", "default"))
-    infos = [_info("lora_linear_4bit", "K4096xN4096-M8192", "fwd_bwd", v, 8192, ms)
+    assert set(gpu_records.covers()) == registered and gpu_records.not_covered() == []  # every kernel today
+    monkeypatch.setitem(dispatch.OPS, "new_op", {"triton": lambda device: True})
+    assert gpu_records.not_covered() == [("new_op", "triton")]
+    forged = _passing(("new_op", "triton", "batch", "default"))
+    infos = [_info("new_op", "K4096xN4096-M8192", "fwd_bwd", v, 8192, ms)
              for v, ms in (("addmm", 2.0), ("torch", 2.0), ("triton", 1.0), ("fastadapt", 1.0))]
     records = _build(ALL_PASSING | forged, LORA_ROWS + ADAPTER_ROWS + infos)
     assert _keys(records) == ALL_KEYS
@@ -278,12 +284,12 @@ def test_an_op_the_run_does_not_cover_stays_on_the_torch_path(tmp_path, monkeypa
     monkeypatch.setenv("FASTADAPT_VERIFIED", str(path))
     monkeypatch.setattr(verification, "device_name", lambda device: "Fake GPU")
     monkeypatch.setattr(verification, "kernel_hash", lambda backend: {"triton": "t1", "cuda": "c1"}[backend])
-    for op, want in (("lora_linear_4bit", "torch"), ("lora_linear", "triton")):  # a new FASTADAPT_VERIFIED: re-read
+    for op, want in (("lora_linear", "triton"), ("new_op", "torch")):  # a new FASTADAPT_VERIFIED: re-read
         decision = dispatch.decide(op, "auto", torch.device("cuda"), available=dispatch.OPS[op], rows=8192)
         assert decision.backend == want, (op, decision.reason)
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_records.py"), "covers"], capture_output=True,
                          text=True, check=True).stdout
-    assert "not covered" in out and "lora_linear_4bit (triton)" in out.split("not covered")[1]
+    assert "lora_linear_4bit (triton)" in out.split("not covered")[0] and out.rstrip().endswith(": none")
 
 
 def test_every_fused_bench_variant_can_meet_its_correctness_case():

@@ -52,6 +52,7 @@ CAPS = "install=120,build=120,correct-lora=400,bench-lora=400,correct-rest=300,b
 HANG = "test_bench_series[8192-4096-256-triton-fwd+bwd-p0.1]"
 EXPECTED_RECORDS = {  # what the tiny run can vouch for, given the planted faults
     ("lora_linear", "triton", "batch"), ("lora_linear", "triton", "decode"),
+    ("lora_linear_4bit", "triton", "batch"), ("lora_linear_4bit", "triton", "decode"),  # QLoRA joined the run
     ("bottleneck_adapter", "triton", "batch"),  # from the cases bench-rest finished before it was stopped
 }
 AFTER_RESUME = EXPECTED_RECORDS | {("parallel_adapter", "triton", "batch")}
@@ -151,7 +152,7 @@ def test_every_step_runs_and_says_how_it_ended(rehearsal):
     log = (rehearsal["out"] / "gpu-check.log").read_text()
     assert "Not uninstalling fastadapt" in log or "Successfully installed fastadapt" in log  # the real install ran
     assert "is not a CUDA build" in log  # the real build was tried, and failed
-    assert f"gpu-check on {NAME}" in first.stdout and "records: 3 in verified-nvidia-rehearsal.json" in first.stdout
+    assert f"gpu-check on {NAME}" in first.stdout and "records: 5 in verified-nvidia-rehearsal.json" in first.stdout
 
 
 def test_each_fault_blocks_its_own_op_only(rehearsal):
