@@ -51,6 +51,7 @@ def pytest_configure(config):
         "smoke: tiny CPU version that proves the benchmark code runs (skipped on CUDA without --bench-smoke)",
         "e2e: end-to-end training-step benchmark",
         "memory: bytes saved for backward (test_bench_saved_memory.py; -m memory runs the embedded model)",
+        "mixed: mixed-batch generation (issue 27; minutes of CPU time, marked full too)",
     ):
         config.addinivalue_line("markers", line)
 

@@ -25,6 +25,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "FASTADAPT_DORA_RECOMPUTE": (
         "1: DoRA with dropout on the torch backend keeps no M×N product for backward and recomputes it "
         "(one more frozen-size GEMM)", "0"),
+    "FASTADAPT_TINY_SHAPES": (
+        "1: GPU tests and benchmarks run at tiny sizes, keeping their ids and records (the CPU rehearsal of "
+        "scripts/gpu-check.sh; its numbers mean nothing)", "0"),
 }
 
 

@@ -37,7 +37,8 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     # the same code path; `pytest bench/` on CPU runs them all)
     select = ("test_smoke_lora_linear or (test_smoke_dora_linear and fwd_bwd) or "
               "(test_smoke_e2e and ckptoff and (frozen or fastadapt_lora or peft_default)) or "
-              "(test_smoke_saved_memory and (frozen or lora-p0.1 or series))")
+              "(test_smoke_saved_memory and (frozen or lora-p0.1 or series)) or "
+              "(test_smoke_mixed_batch_generation and lora)")
     cmd = [sys.executable, "-m", "pytest", str(BENCH), "-q", "-p", "no:cacheprovider", "-m", "smoke",
            "--bench-smoke", "-k", select, f"--benchmark-json={out_json}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -68,6 +69,8 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     assert memory[("lora", 0.1, "fastadapt_lora")]["saved_ratio_to_peft"] < 0.6
     assert memory[("lora", 0.1, "reference_lora")]["saved_ratio_to_peft"] == pytest.approx(1.0)
     assert memory[("series", 0.1, "fastadapt_series")]["goal_saved_met"] is True
+    mixed = [i for i in infos if i["suite"] == "mixed_generation"]  # issue 27: vs base and PEFT
+    assert [i["method"] for i in mixed] == ["lora"] and mixed[0]["ratio_to_base"] > 0 < mixed[0]["ratio_to_peft"]
 
     report = tmp_path / "cpu" / "report.md"
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out_json.parent), "--out", str(report)],
