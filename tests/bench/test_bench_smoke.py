@@ -60,8 +60,9 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     assert {i["variant"] for i in e2e} == {"frozen", "fastadapt_lora", "peft_default"}
     for i in infos:
         assert i["median_ms"] > 0
-        if i["variant"] != "frozen" and i["suite"] != "saved_memory":  # bytes, not times, there
-            assert i["ref_ms"] > 0 and i["ratio_to_ref"] > 0
+        # saved_memory: bytes, not times; lora_linear_4bit (matched by the -k above): no ratio recorded
+        if i["variant"] != "frozen" and i["suite"] not in ("saved_memory", "lora_linear_4bit"):
+            assert i.get("ref_ms", 0) > 0 and i.get("ratio_to_ref", 0) > 0, i
     assert all(i["tokens_per_s"] > 0 and i["trainable_params"] >= 0 for i in e2e)
     # saved for backward (tiny model): with dropout fastadapt keeps less than PEFT, and the series
     # adapter's dropout costs at most a bit per element of its inputs
