@@ -418,7 +418,9 @@ def lora_rank(
     if interpreting():
         BLOCK_M, BLOCK_N, num_warps = 32, 64, 4
     else:
-        BLOCK_M, BLOCK_N, num_warps = 64, 128, 4  # bandwidth-bound on out; the rank dot is tiny
+        # bandwidth-bound on out; the rank dot is tiny. Reading out and the mask bits as well: twice
+        # the threads (4 warps spill 304 B/thread at an unaligned N: offline compile)
+        BLOCK_M, BLOCK_N, num_warps = 64, 128, 8 if accumulate and bits is not None else 4
     bits_ptr, stride_bits = _bits_args(bits, out)
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
     with device_ctx(s):
@@ -619,8 +621,9 @@ def _gemm_configs(*, block_m: int | None = None) -> list:
     tiles = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
              (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4)]
     if block_m is not None:
-        # dA inside dX holds an X tile beside the accumulator: at most 128 columns (offline compile)
-        tiles = [(block_m, 128, 64, 4, 8), (block_m, 128, 64, 4, 4), (block_m, 64, 64, 4, 4)]
+        # dA inside dX holds an X tile beside the accumulator: 8 warps, at most 128 columns (the
+        # plain path 64: ``_prune_by_rows``)
+        tiles = [(block_m, 128, 64, 4, 8), (block_m, 64, 64, 4, 8), (block_m, 64, 128, 3, 8)]
     out = []
     for bm, bn, bk, stages, warps in tiles:
         meta = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
@@ -642,15 +645,31 @@ def _tma_blocks(nargs: dict) -> None:
 
 def _prune_by_rows(configs: list, named_args: dict, **kwargs) -> list:
     """The configs worth timing for an M bucket: no row block taller than the bucket, and from
-    1024 rows on only the 128/256-row Hopper tiles (the small ones are for decode). What the
-    offline report compiles for a launch is exactly this set (its gate covers what can be picked)."""
+    1024 rows on only the 128/256-row Hopper tiles (the small ones are for decode); and none the
+    offline compile found spilling (``_fits_registers``). What the offline report compiles for a
+    launch is exactly this set (its gate covers what can be picked)."""
     bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 30))
+    flags = {**named_args, **kwargs}
 
     def keep(c) -> bool:
         bm = c.kwargs.get("BLOCK_M")
-        return bm is None or (bm <= max(16, bucket) and (bucket < 1024 or bm >= 128))
+        rows_ok = bm is None or (bm <= max(16, bucket) and (bucket < 1024 or bm >= 128))
+        return rows_ok and _fits_registers(c, tma="W_NK" in flags, dora=bool(flags.get("DORA")),
+                                           grad_a=bool(flags.get("GRAD_A")), block_m=flags.get("BLOCK_M"))
 
     return [c for c in configs if keep(c)] or configs[-1:]
+
+
+def _fits_registers(c, *, tma: bool, dora: bool, grad_a: bool, block_m: int | None = None) -> bool:
+    """Whether a tile stays within sm_90's 255 registers, by accumulator elements per warp (what
+    the offline sm_90a compile of every config found, bench/NOTES.md): the TMA LoRA GEMM fits all
+    its tiles; the plain path's pointer loads, DoRA's epilogue and dA's X tile cost registers, so
+    there at most 2048 per warp (128×128 at 8 warps), and dA inside dX needs 8 warps and, on the
+    plain path, at most 1024 (128×64)."""
+    per_warp = c.kwargs.get("BLOCK_M", block_m or _GRAD_A_BLOCK_M) * c.kwargs["BLOCK_N"] // c.num_warps
+    if grad_a:
+        return c.num_warps == 8 and per_warp <= (2048 if tma else 1024)
+    return (tma and not dora) or per_warp <= 2048
 
 
 #: the autotuner's key: M bucketed (M_BUCKET), and every constexpr that changes the kernel's code
@@ -828,7 +847,9 @@ def _gemm(a, weight, s, lora_b, *, scale, bits, tune, bias=None, dora=None, y=No
             if interpreting():
                 cfg, launch = {**_INTERP_GEMM_META, **fixed_m}, {"num_warps": 4, "num_stages": 1}
             else:  # untuned: the first config (what FASTADAPT_AUTOTUNE=0 and gpu-check measure)
-                first = _prune_by_rows(_gemm_configs(block_m=fixed_m.get("BLOCK_M")), {"M_BUCKET": m_bucket(M)})[0]
+                flags = {**meta, **({"W_NK": True} if use_tma else {})}
+                first = _prune_by_rows(_gemm_configs(block_m=fixed_m.get("BLOCK_M")), {"M_BUCKET": m_bucket(M)},
+                                       **flags)[0]
                 cfg = {**first.kwargs, **fixed_m}
                 launch = {"num_warps": first.num_warps, "num_stages": first.num_stages}
             tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])

@@ -440,14 +440,26 @@ def test_gemm_forward_tma_path(M, K, N, R, dtype, has_bias, noncontig, wt, monke
 
 def test_autotune_key_buckets_m_and_configs_fit_the_bucket():
     """The autotuner keys on M rounded up to a power of two (a batch of 8191 tokens reuses 8192's
-    tuning) and times only configs whose row block fits the bucket."""
+    tuning) and times only configs whose row block fits the bucket, and none that the offline
+    compile found spilling on that path (plain pointer loads, DoRA's epilogue, dA inside dX)."""
     assert [L.m_bucket(m) for m in (1, 16, 17, 4095, 4096, 8191, 8193)] == [16, 16, 32, 4096, 4096, 8192, 16384]
     configs = L._gemm_configs()
+
+    def tiles(kept):
+        return {(c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps) for c in kept}
+
     for bucket, rows in ((16, {16}), (64, {16, 32, 64}), (8192, {128, 256})):
-        kept = L._prune_by_rows(configs, {"M_BUCKET": bucket})
+        kept = L._prune_by_rows(configs, {"M_BUCKET": bucket}, W_NK=True)  # the TMA LoRA GEMM: every tile
         assert {c.kwargs["BLOCK_M"] for c in kept} == rows
+    plain = L._prune_by_rows(configs, {"M_BUCKET": 8192})
+    assert tiles(plain) == {(128, 128, 8)}  # 128×256, 256×128 and 128×128 at 4 warps spill there
+    dora = L._prune_by_rows(configs, {"M_BUCKET": 8192}, W_NK=True, DORA=1)
+    assert tiles(dora) == {(128, 128, 8)}
     fixed = L._gemm_configs(block_m=128)  # dA inside dX: the host fixes the row block
-    assert L._prune_by_rows(fixed, {"M_BUCKET": 16}) == fixed
+    assert all("BLOCK_M" not in c.kwargs and c.num_warps == 8 for c in fixed)
+    assert L._prune_by_rows(fixed, {"M_BUCKET": 16}, GRAD_A=True, BLOCK_M=128, W_NK=True) == fixed
+    plain_da = L._prune_by_rows(fixed, {"M_BUCKET": 16}, GRAD_A=True, BLOCK_M=128)
+    assert {c.kwargs["BLOCK_N"] for c in plain_da} == {64}
     assert "M_BUCKET" in L._lora_gemm_kernel_tuned.keys and "HAS_MASK" in L._lora_gemm_kernel_tuned.keys
 
 
