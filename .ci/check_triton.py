@@ -762,9 +762,11 @@ SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 DORA_DROPOUT_CI = {"_lora_shrink_kernel", "_masked_scale_kernel"}
 TARGET = Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1)
 #: The gates' ragged cases (every variant, every config they may select): M ≡ 1 mod 16 at a batch
-#: and a decode size, with K = 4100 (rows not 16-byte aligned: the plain GEMM path, not TMA), and
-#: a q/k/v group of rank 12 whose S slices start off 16-byte boundaries.
+#: and a decode size, with K = 4100 (rows not 16-byte aligned: the plain GEMM path, not TMA); M = 65
+#: on both paths (its bucket, 128, may select every tile of 16 to 128 rows; dA inside dX at 128);
+#: and a q/k/v group of rank 12 whose S slices start off 16-byte boundaries.
 RAGGED = (Scenario("lora_linear", 8193, 4100, 4096, 16, 0.1), Scenario("lora_linear", 17, 4100, 4096, 16, 0.1),
+          Scenario("lora_linear", 65, 4100, 4096, 16, 0.1), Scenario("lora_linear", 65, 4096, 4096, 16, 0.1),
           Scenario("lora_group", 8193, 4096, (4096, 4096, 4096), 12, 0.1))
 
 

@@ -664,12 +664,13 @@ def _fits_registers(c, *, tma: bool, dora: bool, grad_a: bool, block_m: int | No
     """Whether a tile stays within sm_90's 255 registers, by accumulator elements per warp (what
     the offline sm_90a compile of every config found, bench/NOTES.md): the TMA LoRA GEMM fits all
     its tiles; the plain path's pointer loads, DoRA's epilogue and dA's X tile cost registers, so
-    there at most 2048 per warp (128×128 at 8 warps), and dA inside dX needs 8 warps and, on the
-    plain path, at most 1024 (128×64)."""
+    there at most 2048 per warp at 8 warps (128×128) and 1024 at 4 (64×128 at 4 warps spills 384 B
+    at an unaligned K), and dA inside dX needs 8 warps and, on the plain path, at most 1024
+    (128×64)."""
     per_warp = c.kwargs.get("BLOCK_M", block_m or _GRAD_A_BLOCK_M) * c.kwargs["BLOCK_N"] // c.num_warps
     if grad_a:
         return c.num_warps == 8 and per_warp <= (2048 if tma else 1024)
-    return (tma and not dora) or per_warp <= 2048
+    return (tma and not dora) or per_warp <= (2048 if c.num_warps == 8 else 1024)
 
 
 #: the autotuner's key: M bucketed (M_BUCKET), and every constexpr that changes the kernel's code

@@ -453,6 +453,8 @@ def test_autotune_key_buckets_m_and_configs_fit_the_bucket():
         assert {c.kwargs["BLOCK_M"] for c in kept} == rows
     plain = L._prune_by_rows(configs, {"M_BUCKET": 8192})
     assert tiles(plain) == {(128, 128, 8)}  # 128×256, 256×128 and 128×128 at 4 warps spill there
+    plain_small = L._prune_by_rows(configs, {"M_BUCKET": 128})
+    assert tiles(plain_small) == {(128, 128, 8), (32, 128, 4), (16, 128, 4)}  # 64×128 at 4 warps spills
     dora = L._prune_by_rows(configs, {"M_BUCKET": 8192}, W_NK=True, DORA=1)
     assert tiles(dora) == {(128, 128, 8)}
     fixed = L._gemm_configs(block_m=128)  # dA inside dX: the host fixes the row block
