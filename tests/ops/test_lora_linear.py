@@ -132,7 +132,7 @@ def test_seed_under_graph_capture_is_a_device_tensor_the_kernel_reads(monkeypatc
     """The plumbing of the graph-safe seed on CPU: with capture forced on, the op draws the seed as a
     one-element int64 tensor from torch's generator (on x's device) and hands the tensor itself to
     the shrink kernel, which draws the mask from its value; manual_seed repeats it, the next draw
-    differs. (tests/gpu: a real torch.cuda.graph replay draws a fresh mask each time.)"""
+    differs. (test_gpu_each_cuda_graph_replay_draws_a_fresh_mask: a real replay on a GPU.)"""
     from fastadapt.ops import _inputs
 
     monkeypatch.setattr(_inputs, "_capturing", lambda device: True)
@@ -236,6 +236,36 @@ def test_gpu_real_shapes_bf16(k, n):
     for got, ref, want in zip(grads(y, (x, a, b)), grads(same, (x, a, b)), grads(exact, (x, a, b))):
         assert torch.isfinite(got).all()
         assert norm_rel_err(got, want) <= 2 * norm_rel_err(ref, want) + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="CUDA graphs: compiled kernels only")
+def test_gpu_each_cuda_graph_replay_draws_a_fresh_mask():
+    """Under torch.cuda.graph the shrink reads its seed from a device tensor drawn inside the graph,
+    so each replay draws a fresh mask (a host int would be baked in). W = 0, A = B = I, scaling 1:
+    y = mask ⊙ x / (1-p) shows the mask itself."""
+    k, m, p = 256, 512, 0.25
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).abs() + 0.5
+    w = torch.zeros(k, k, device="cuda", dtype=torch.bfloat16)
+    eye = torch.eye(k, device="cuda")
+
+    def step():
+        return fa.ops.lora_linear(x, w, eye, eye, scaling=1.0, dropout_p=p, backend="triton")
+
+    step()  # compile and autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    kept = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        keep = y != 0
+        torch.testing.assert_close(y[keep].float(), (x[keep].float() / (1 - p)).to(torch.bfloat16).float())
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+        kept.append(keep.clone())
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])
 
 
 def test_shared_input_groups_read_x_once_per_group(monkeypatch):
