@@ -271,9 +271,10 @@ def test_an_op_the_run_does_not_cover_stays_on_the_torch_path(tmp_path, monkeypa
     from fastadapt.ops import dispatch
 
     registered = {(op, b) for op, available in dispatch.OPS.items() for b in available}
-    assert set(gpu_records.covers()) == registered and gpu_records.not_covered() == []  # every kernel today
+    mixed = [("bottleneck_mixed", "triton"), ("lora_mixed", "triton")]  # issue 27's: no GPU harness case yet
+    assert set(gpu_records.covers()) == registered - set(mixed) and gpu_records.not_covered() == mixed
     monkeypatch.setitem(dispatch.OPS, "new_op", {"triton": lambda device: True})
-    assert gpu_records.not_covered() == [("new_op", "triton")]
+    assert gpu_records.not_covered() == sorted([*mixed, ("new_op", "triton")])
     forged = _passing(("new_op", "triton", "batch", "default"))
     infos = [_info("new_op", "K4096xN4096-M8192", "fwd_bwd", v, 8192, ms)
              for v, ms in (("addmm", 2.0), ("torch", 2.0), ("triton", 1.0), ("fastadapt", 1.0))]
@@ -289,7 +290,8 @@ def test_an_op_the_run_does_not_cover_stays_on_the_torch_path(tmp_path, monkeypa
         assert decision.backend == want, (op, decision.reason)
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_records.py"), "covers"], capture_output=True,
                          text=True, check=True).stdout
-    assert "lora_linear_4bit (triton)" in out.split("not covered")[0] and out.rstrip().endswith(": none")
+    assert "lora_linear_4bit (triton)" in out.split("not covered")[0]
+    assert out.rstrip().endswith(": bottleneck_mixed (triton); lora_mixed (triton)")
 
 
 def test_every_fused_bench_variant_can_meet_its_correctness_case():
