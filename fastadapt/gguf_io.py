@@ -22,7 +22,9 @@ What goes into a model file, and why each piece is what it is:
   whose rows do not split into whole blocks of the type is written F16 (the converter's fallback);
   with a 4- or 5-bit type the output projection (the embedding, when it is tied) is Q8_0, because
   llama.cpp's own quantizer keeps that tensor at higher precision (Q6_K, which gguf's numpy
-  quantizers cannot write).
+  quantizers cannot write); in a quantized file, a matrix whose values a block type no larger than
+  its own holds exactly keeps that type, losslessly (weights that came from a quantized GGUF file,
+  like the embedded model's, and that the adapter did not change: :func:`exact_type`).
 
 Every file is written to a temporary name beside the target and renamed (:mod:`._files`): a killed
 write never leaves a half-written ``.gguf`` under the final name.
@@ -441,9 +443,38 @@ def tensor_type(quant: str, kind: Any, shape: tuple[int, ...], output_kind: Any)
     return qtype
 
 
+#: Block types by size, smallest first (what :func:`exact_type` tries)
+_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+#: rows tried before a whole tensor is: a tensor not on a type's grid fails on its first rows
+_SAMPLE_ROWS = 4
+
+
+def exact_type(rows: np.ndarray, qtype: Any) -> tuple[Any, np.ndarray] | None:
+    """The smallest block type no larger than ``qtype`` that holds ``rows`` exactly, with the rows in
+    it; None when there is none. A model loaded from a quantized GGUF file (the embedded model is a
+    Q4_1 one) has weights on that type's grid: the tensors the adapter did not change then go back
+    into the file bit for bit instead of picking up a second rounding."""
+    gguf = import_gguf()
+    Q = gguf.GGMLQuantizationType
+    if qtype.name not in _BLOCK_TYPES:
+        return None
+    for name in _BLOCK_TYPES[:_BLOCK_TYPES.index(qtype.name) + 1]:
+        candidate = Q[name]
+        if rows.shape[-1] % gguf.GGML_QUANT_SIZES[candidate][0]:
+            continue
+        sample = rows[:_SAMPLE_ROWS]
+        if not np.array_equal(gguf.quants.dequantize(gguf.quants.quantize(sample, candidate), candidate), sample):
+            continue
+        data = gguf.quants.quantize(rows, candidate)
+        if np.array_equal(gguf.quants.dequantize(data, candidate), rows):
+            return candidate, data
+    return None
+
+
 def file_tensors(state_dict: dict[str, torch.Tensor], lay: Layout, quant: str) -> list[FileTensor]:
     """Every tensor of ``state_dict`` (Hugging Face names; no tied ``lm_head.weight``) under its GGUF
-    name, laid out for llama.cpp and quantized to ``quant``'s types."""
+    name, laid out for llama.cpp and quantized to ``quant``'s types; in a quantized file, a tensor that
+    a block type no larger than its own holds exactly is written in that type (:func:`exact_type`)."""
     gguf = import_gguf()
     T = gguf.MODEL_TENSOR
     named = [(k, *lay.name(k)) for k in state_dict]
@@ -456,7 +487,8 @@ def file_tensors(state_dict: dict[str, torch.Tensor], lay: Layout, quant: str) -
             raise TypeError(f"tensor {hf_name!r} has dtype {tensor.dtype}; expected a float tensor")
         rows = lay.to_file(kind, tensor.to("cpu", torch.float32)).contiguous().numpy()
         qtype = tensor_type(quant, kind, rows.shape, output_kind)
-        data = gguf.quants.quantize(rows, qtype)
+        exact = exact_type(rows, qtype) if rows.ndim == 2 else None
+        qtype, data = exact if exact is not None else (qtype, gguf.quants.quantize(rows, qtype))
         if qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(data).all():
             raise FloatingPointError(f"tensor {hf_name!r} overflows float16 (|w| > 65504): write bf16 or f32")
         out.append(FileTensor(hf_name=hf_name, name=name, kind=kind, data=data, qtype=qtype))

@@ -30,8 +30,12 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 #: Mean |Δlogit| of the file read by transformers vs the adapted fp32 model, on PROBE_TEXTS, for the
 #: tiny random models of tiny_tokenizers.gguf_model (logits of magnitude ~1): about twice the
 #: largest value measured over the three architectures (docs/gguf.md has the measured values).
-TOLERANCE = {"f32": 1e-5, "bf16": 6e-3, "f16": 1e-3, "q8_0": 2.5e-2, "q5_1": 8e-2, "q5_0": 1e-1,
-             "q4_1": 2.5e-1, "q4_0": 3e-1}
+TOLERANCE = {"f32": 1e-5, "bf16": 6e-3, "f16": 8e-4, "q8_0": 2e-2, "q5_1": 0.13, "q5_0": 0.15, "q4_1": 0.3,
+             "q4_0": 0.3}
+#: every type on LLaMA (q/k permuted) and Qwen2 (not permuted, q/k/v biases); Mistral (written as
+#: "llama") at both ends of the range
+CASES = ([("llama", q) for q in gguf_io.QUANTS] + [("qwen2", q) for q in gguf_io.QUANTS]
+         + [("mistral", "f32"), ("mistral", "q4_0")])
 TRICKY = ["Natalia sold 48 clips in April, and 3333 in May.", "  two  spaces\n\n\tand 3.14159 'RE you sure? I'll",
           "ünïcödé — 😀 <|im_end|> end"]
 
@@ -88,8 +92,7 @@ def expected_weights(model, quant):
     return out
 
 
-@pytest.mark.parametrize("quant", list(gguf_io.QUANTS))
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch,quant", CASES)
 def test_transformers_loads_the_merged_file(arch, quant, tok, tmp_path):
     model = adapted(arch, tok)
     batch = probe(tok)
@@ -101,7 +104,6 @@ def test_transformers_loads_the_merged_file(arch, quant, tok, tmp_path):
         assert np.array_equal(state[name].numpy(), want), name
     got = logits(loaded, batch)
     diff = mean_diff(got, logits(model, batch), batch)
-    print(f"MEASURED {arch} {quant} mean |dlogit| {diff:.6f}")
     assert diff <= TOLERANCE[quant], (arch, quant, diff)
     meta, _ = fields(result.path)
     if quant == "f32":
@@ -199,6 +201,33 @@ def test_low_bit_types_keep_the_output_at_q8_0(tok, tmp_path):
     _, tensors = fields(export_gguf(untied, tmp_path / "u.gguf", tokenizer=tok, quant="q5_1").path)
     assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q5_1
+
+
+def test_tensors_on_a_smaller_grid_keep_it(tok, tmp_path):
+    """GGUF in, GGUF out: a model whose weights came from a Q4_1 file (as the embedded model's did)
+    exports the tensors its adapter did not change as Q4_1, bit for bit; the adapted ones are q8_0."""
+    model = gguf_model("llama", vocab_size=len(tok))
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q4_1), q4_1)))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    fa.patch(model, "lora", r=4, alpha=8, targets=["q_proj", "down_proj"])
+    randomize_adapters(model, scale=0.1)
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, quant="q8_0").path
+    _, tensors = fields(path)
+    Q = gguf.GGMLQuantizationType
+    assert tensors["blk.0.attn_q.weight"].tensor_type == Q.Q8_0 and tensors["blk.1.ffn_down.weight"].tensor_type == Q.Q8_0
+    for name in ("blk.0.attn_k.weight", "blk.1.attn_v.weight", "blk.0.ffn_gate.weight", "token_embd.weight",
+                 "output.weight"):
+        assert tensors[name].tensor_type == Q.Q4_1, name
+    loaded = load(path).state_dict()
+    for key in ("model.layers.0.self_attn.k_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(loaded[key], original[key]), key
+    # never a larger type than asked: in a q4_0 file those tensors are q4_0 (the output projection q8_0 or less)
+    _, tensors = fields(export_gguf(model, tmp_path / "q4.gguf", tokenizer=tok, quant="q4_0").path)
+    assert tensors["blk.0.attn_k.weight"].tensor_type == Q.Q4_0 and tensors["output.weight"].tensor_type == Q.Q4_1
 
 
 def test_rows_that_do_not_split_into_blocks_are_f16(tmp_path):
