@@ -15,8 +15,9 @@ What goes into a model file, and why each piece is what it is:
   head counts and sizes) under the architecture's keys; what llama.cpp's graph cannot compute is
   refused naming the config field (:func:`hparams`);
 - the tokenizer (:func:`tokenizer_facts`): vocabulary, token types, merges, special tokens, whether
-  BOS/EOS are added, the chat template, and ``tokenizer.ggml.pre``: the llama.cpp pre-tokenizer
-  that splits text exactly as this tokenizer's does (:func:`pre_tokenizer_name`);
+  BOS/EOS are added, the chat template; for byte-level BPE ``tokenizer.ggml.pre``, the llama.cpp
+  pre-tokenizer that splits text exactly as this tokenizer's does (:func:`pre_tokenizer_name`); for
+  SentencePiece-style BPE the scores that make llama.cpp merge in the tokenizer's order;
 - weights in the chosen :data:`QUANTS` type, by ``gguf.quants`` (bit-exact with ggml's reference
   quantizers): 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them; a matrix
   whose rows do not split into whole blocks of the type is written F16 (the converter's fallback);
@@ -308,16 +309,20 @@ def pre_tokenizer_name(spec: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class TokenizerFacts:
-    """The tokenizer as GGUF metadata (``tokenizer.ggml.*``, ``tokenizer.chat_template``)."""
+    """The tokenizer as GGUF metadata (``tokenizer.ggml.*``, ``tokenizer.chat_template``). ``model``:
+    ``"gpt2"`` (byte-level BPE, split by the ``pre`` regexes) or ``"llama"`` (SentencePiece: merges by
+    ``scores``, spaces as ▁, byte fallback; ``pre`` is None)."""
 
     model: str
-    pre: str
+    pre: str | None
     tokens: list[str]
     token_types: list[int]
+    scores: list[float] | None
     merges: list[str]
     special_ids: dict[str, int]  # bos, eos, unk, pad -> id
     add_bos: bool
     add_eos: bool
+    add_space_prefix: bool | None
     chat_template: Any  # str, list of {"name", "template"}, or None
 
 
@@ -325,6 +330,10 @@ def _looks_special(token: str) -> bool:
     # Added tokens some tokenizers do not mark special although they are control tokens (llama.cpp's
     # converter, does_token_look_special): "<|im_end|>" and the like.
     return token.startswith("<|") and token.endswith("|>") or token in ("<pad>", "<mask>")
+
+
+def _merge_parts(merge: Any) -> tuple[str, str]:
+    return tuple(merge.split(" ", 1)) if isinstance(merge, str) else (merge[0], merge[1])
 
 
 def _merge_text(merge: Any) -> str:
@@ -335,10 +344,47 @@ def _merge_text(merge: Any) -> str:
     return " ".join(part.replace(" ", chr(ord(" ") + 256)) for part in merge)
 
 
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends ▁ to the text (llama.cpp's
+    ``add_space_prefix``). Its spaces must become ▁, by a ``Metaspace`` pre-tokenizer that does not
+    split or by ``[Prepend("▁"),] Replace(" ", "▁")`` normalizers; anything else is refused.
+    (llama.cpp prepends the space after every special token too, as ``prepend_scheme="always"`` and the
+    Prepend normalizer do; with ``"first"`` a special token in the middle of a text is followed by
+    different tokens.)"""
+    pre, norm = spec.get("pre_tokenizer"), spec.get("normalizer")
+    if norm is None and pre and pre.get("type") == "Metaspace" and pre.get("replacement") == "▁" \
+            and not pre.get("split", True) and pre.get("prepend_scheme") in ("first", "always", "never"):
+        return pre["prepend_scheme"] != "never"
+    steps = norm.get("normalizers", []) if norm and norm.get("type") == "Sequence" else [norm] if norm else []
+    spaces = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    if pre is None and steps == [spaces]:
+        return False
+    if pre is None and steps == [{"type": "Prepend", "prepend": "▁"}, spaces]:
+        return True
+    raise ValueError(
+        "the SentencePiece-style tokenizer's normalizer/pre-tokenizer is not one llama.cpp reproduces "
+        f"(normalizer {json.dumps(norm)[:200]}, pre_tokenizer {json.dumps(pre)[:200]}); known: spaces as ▁ by a "
+        "Metaspace pre-tokenizer that does not split, or by Prepend + Replace normalizers"
+    )
+
+
+def _spm_scores(vocab: dict[str, int], merges: list[Any], n_vocab: int) -> list[float]:
+    """SentencePiece scores that make llama.cpp's tokenizer (merge the adjacent pair whose merged
+    piece scores highest) merge in the tokenizer's BPE merge order: a piece made by merge number i
+    scores -i; other pieces (characters, bytes, special tokens) never win a merge."""
+    scores = [-1e9] * n_vocab
+    for rank, merge in enumerate(merges):
+        piece = "".join(_merge_parts(merge))
+        if piece in vocab and scores[vocab[piece]] == -1e9:
+            scores[vocab[piece]] = -float(rank)
+    return scores
+
+
 def tokenizer_facts(tokenizer: Any, n_vocab: int) -> TokenizerFacts:
-    """``tokenizer`` (a fast, byte-level BPE tokenizer: GPT-2, SmolLM, Llama 3, Qwen2, Tekken) as GGUF
-    metadata for a model with ``n_vocab`` embedding rows. Token ids the tokenizer does not use are
-    written as unused ``[PAD<id>]`` tokens, as llama.cpp's converter does."""
+    """``tokenizer`` as GGUF metadata for a model with ``n_vocab`` embedding rows: a fast tokenizer that
+    is byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2, Tekken: ``tokenizer.ggml.model = gpt2``) or
+    SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B: ``llama``). Token ids the
+    tokenizer does not use are written as unused ``[PAD<id>]`` tokens, as llama.cpp's converter does."""
     gguf = import_gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -346,32 +392,42 @@ def tokenizer_facts(tokenizer: Any, n_vocab: int) -> TokenizerFacts:
     spec = json.loads(backend.to_str())
     bpe = spec.get("model") or {}
     decoder = (spec.get("decoder") or {}).get("type")
-    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or decoder != "ByteLevel":
+    sentencepiece = bpe.get("type") == "BPE" and bool(bpe.get("byte_fallback"))
+    if not sentencepiece and (bpe.get("type") != "BPE" or decoder != "ByteLevel"):
         raise ValueError(
-            f"the GGUF writer handles byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3, Qwen2, Tekken); this one has "
-            f"model {bpe.get('type')!r}{' with byte fallback' if bpe.get('byte_fallback') else ''} and decoder "
-            f"{decoder!r} (SentencePiece-style tokenizers such as Llama 2's and Mistral 7B's are not written yet)"
+            "the GGUF writer handles byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3, Qwen2, Tekken) and "
+            f"SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B); this one has model "
+            f"{bpe.get('type')!r} and decoder {decoder!r}"
         )
-    pre = pre_tokenizer_name(spec)
+    pre = None if sentencepiece else pre_tokenizer_name(spec)
+    space_prefix = _space_prefix(spec) if sentencepiece else None
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise ValueError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's {n_vocab} embeddings")
     by_id = {i: t for t, i in vocab.items()}
     added = {i: a for i, a in tokenizer.added_tokens_decoder.items()}
     T = gguf.TokenType
+    unk = getattr(tokenizer, "unk_token_id", None)
     tokens, types = [], []
     for i in range(n_vocab):
-        if i not in by_id:
+        token = by_id.get(i)
+        if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(T.UNUSED)
+            continue
+        tokens.append(token)
+        if sentencepiece and i == unk:
+            types.append(T.UNKNOWN)
+        elif i in added and (added[i].special or _looks_special(token)):
+            types.append(T.CONTROL)
+        elif sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types.append(T.BYTE)  # byte fallback pieces: <0x00> ... <0xFF>
         elif i in added:
-            tokens.append(by_id[i])
-            types.append(T.CONTROL if added[i].special or _looks_special(by_id[i]) else T.USER_DEFINED)
+            types.append(T.USER_DEFINED)
         else:
-            tokens.append(by_id[i])
             types.append(T.NORMAL)
-    special = {name: getattr(tokenizer, f"{attr}_token_id", None)
-               for name, attr in (("bos", "bos"), ("eos", "eos"), ("unk", "unk"), ("pad", "pad"))}
+    merges = bpe.get("merges", [])
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
     special = {k: v for k, v in special.items() if isinstance(v, int)}
     # Whether encoding adds BOS/EOS, from what the tokenizer does (its config flags vary by version).
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -383,22 +439,28 @@ def tokenizer_facts(tokenizer: Any, n_vocab: int) -> TokenizerFacts:
     if isinstance(template, dict):
         template = [{"name": k, "template": v} for k, v in template.items()]
     return TokenizerFacts(
-        model="gpt2", pre=pre, tokens=tokens, token_types=[int(t) for t in types],
-        merges=[_merge_text(m) for m in bpe.get("merges", [])], special_ids=special,
-        add_bos=bool(add_bos), add_eos=bool(add_eos), chat_template=template or None,
+        model="llama" if sentencepiece else "gpt2", pre=pre, tokens=tokens, token_types=[int(t) for t in types],
+        scores=_spm_scores(vocab, merges, n_vocab) if sentencepiece else None,
+        merges=[_merge_text(m) for m in merges], special_ids=special, add_bos=bool(add_bos),
+        add_eos=bool(add_eos), add_space_prefix=space_prefix, chat_template=template or None,
     )
 
 
 def _add_tokenizer(w: Any, tok: TokenizerFacts) -> None:
     w.add_tokenizer_model(tok.model)
-    w.add_tokenizer_pre(tok.pre)
+    if tok.pre is not None:
+        w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tok.tokens)
     w.add_token_types(tok.token_types)
+    if tok.scores is not None:
+        w.add_token_scores(tok.scores)
     w.add_token_merges(tok.merges)
     for name, token_id in tok.special_ids.items():
         getattr(w, f"add_{name}_token_id")(token_id)
     w.add_add_bos_token(tok.add_bos)
     w.add_add_eos_token(tok.add_eos)
+    if tok.add_space_prefix is not None:
+        w.add_add_space_prefix(tok.add_space_prefix)
     if tok.chat_template is not None:
         w.add_chat_template(tok.chat_template)
 

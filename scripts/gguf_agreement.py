@@ -133,8 +133,9 @@ def table(r: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for q, x in r["quants"].items():
         lc, hf, rec = x["llamacpp"], x["transformers_gguf"], x["recorded_error"]
-        lines.append(f"| {q} | {x['export_seconds']:.1f} | {x['bytes'] / 2**20:.0f} | {lc['identical']}/{lc['prompts']} "
-                     f"| {lc['mean_abs_logit_diff']:.4f} / {lc['max_abs_logit_diff']:.3f} | "
+        lines.append(f"| {q} | {x['export_seconds']:.1f} | {x['bytes'] / 2**20:.0f} | "
+                     f"{lc['identical']}/{lc['prompts']} | {lc['mean_abs_logit_diff']:.4f} / "
+                     f"{lc['max_abs_logit_diff']:.3f} | "
                      f"{hf['identical']}/{hf['prompts']} | {hf['mean_abs_logit_diff']:.4f} / "
                      f"{hf['max_abs_logit_diff']:.3f} | "
                      f"{'—' if rec is None else format(rec['mean_abs_logit_diff'], '.4f')} |")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import randomize_adapters, rel_err
 from tiny_models import tiny_model
-from tiny_tokenizers import gguf_model, tiny_tokenizer
+from tiny_tokenizers import gguf_model, tiny_sentencepiece_tokenizer, tiny_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -259,6 +259,28 @@ def test_pre_tokenizer(kind, tmp_path):
     back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in TRICKY:
         assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    """Llama 2 / Mistral 7B style (BPE with byte fallback, spaces as ▁): tokenizer.ggml.model "llama",
+    scores that rank the merges, byte and unknown token types, the space prefix; transformers' GGUF
+    tokenizer reads it back (llama.cpp's tokens: tests/test_gguf_llamacpp.py)."""
+    tok = tiny_sentencepiece_tokenizer()
+    model = gguf_model("mistral", vocab_size=len(tok))
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, quant="f32").path
+    meta, _ = fields(path)
+    assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in meta
+    vocab = tok.get_vocab()
+    types, scores = meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.scores"]
+    assert types[vocab["<0x0A>"]] == gguf.TokenType.BYTE and types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN
+    assert types[vocab["<s>"]] == gguf.TokenType.CONTROL and types[vocab["▁the"]] == gguf.TokenType.NORMAL
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    ranked = [scores[vocab[a + b]] for a, b in merges]
+    assert ranked == sorted(ranked, reverse=True) and ranked[0] == 0  # earlier merges score higher
+    assert meta["tokenizer.ggml.add_space_prefix"] is True and meta["tokenizer.ggml.add_bos_token"] is True
+    back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TRICKY + ["<s> and </s> inside"]:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
 
 
 def _tokenizer(pre, model=None):

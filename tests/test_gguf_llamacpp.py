@@ -12,7 +12,7 @@ import importlib.util
 import numpy as np
 import pytest
 from helpers import randomize_adapters
-from tiny_tokenizers import gguf_model, tiny_tokenizer, training_texts
+from tiny_tokenizers import gguf_model, tiny_sentencepiece_tokenizer, tiny_tokenizer, training_texts
 
 import fastadapt as fa
 from fastadapt import gguf_io
@@ -72,6 +72,24 @@ def test_llamacpp_tokenizes_as_the_tokenizer(kind, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_io, "pre_tokenizer_name", lambda spec: WRONG_PRE[kind])
     path = export_gguf(model, tmp_path / "wrong.gguf", tokenizer=tok, quant="f32").path
     llm = open_llamacpp(path, n_ctx=128)
+    assert sum(a != b for a, b in zip(llamacpp_tokens(llm, texts), want)) >= 10
+    llm.close()
+
+
+def test_llamacpp_tokenizes_as_the_sentencepiece_tokenizer(tmp_path, monkeypatch):
+    """Llama 2 / Mistral 7B style tokenizers: llama.cpp merges by the written scores in the tokenizer's
+    merge order. (Texts that start with a space are left out: transformers' Metaspace does not add the
+    ▁ prefix before one, llama.cpp and SentencePiece do.)"""
+    tok = tiny_sentencepiece_tokenizer()
+    model = gguf_model("mistral", vocab_size=len(tok))
+    texts = [t for t in TEXTS if not t.startswith(" ")] + [t[:300] for t in training_texts()[-20:]]
+    want = [tok(t)["input_ids"] for t in texts]
+    llm = open_llamacpp(export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, quant="f32").path, n_ctx=128)
+    assert llamacpp_tokens(llm, texts) == want
+    llm.close()
+    # the trap: one score for every piece (what gguf's LlamaHfVocab writes) and llama.cpp merges otherwise
+    monkeypatch.setattr(gguf_io, "_spm_scores", lambda vocab, merges, n: [-1000.0] * n)
+    llm = open_llamacpp(export_gguf(model, tmp_path / "flat.gguf", tokenizer=tok, quant="f32").path, n_ctx=128)
     assert sum(a != b for a, b in zip(llamacpp_tokens(llm, texts), want)) >= 10
     llm.close()
 

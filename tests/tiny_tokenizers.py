@@ -83,3 +83,23 @@ def gguf_model(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overrid
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     return model.eval()
+
+
+@cache
+def _sentencepiece_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(training_texts(), trainer)
+    spec = json.loads(tok.to_str())
+    return spec["model"]["vocab"], [tuple(m) for m in spec["model"]["merges"]]
+
+
+def tiny_sentencepiece_tokenizer(*, vocab_size: int = 640):
+    """A SentencePiece-style tokenizer as transformers builds Llama 2's and Mistral 7B's: BPE with byte
+    fallback (<0x00>..<0xFF>), spaces as ▁ (Metaspace), <unk>/<s>/</s>, BOS added."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = _sentencepiece_vocab(vocab_size)
+    return LlamaTokenizer(vocab=dict(vocab), merges=list(merges), add_bos_token=True)
