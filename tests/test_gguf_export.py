@@ -245,6 +245,18 @@ def test_mistral_sliding_window_bounds_the_context(tok, tmp_path):
     model = gguf_model("mistral", vocab_size=len(tok), sliding_window=32)
     meta, _ = fields(export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, quant="f32").path)
     assert meta["llama.context_length"] == 32
+    qwen = gguf_model("qwen2", vocab_size=len(tok), use_sliding_window=True, sliding_window=32)
+    with pytest.raises(ValueError, match="sliding_window is 32; llama.cpp's 'qwen2' graph has no sliding window"):
+        export_gguf(qwen, tmp_path / "q.gguf", tokenizer=tok)
+
+
+def test_linear_rope_scaling(tok, tmp_path):
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}
+    model = gguf_model("llama", vocab_size=len(tok), rope_parameters=rope)
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, quant="f32").path
+    meta, _ = fields(path)
+    assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 2.0
+    assert meta["llama.rope.freq_base"] == 5e4
 
 
 @pytest.mark.parametrize("kind", ["gpt-2", "smollm", "llama-bpe", "qwen2"])

@@ -108,6 +108,14 @@ def test_llamacpp_runs_the_merged_file(arch, tmp_path):
     assert q8.mean_abs_logit_diff < 0.03 and q8.argmax_agreement > 0.9, q8
 
 
+def test_llamacpp_reads_linear_rope_scaling(tmp_path):
+    tok = tiny_tokenizer("gpt-2")
+    model = gguf_model("llama", vocab_size=len(tok), rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                      "rope_theta": 1e4})
+    got = compare(export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, quant="f32").path, reference(model, tok), tok)
+    assert got.identical == len(TEXTS) and got.mean_abs_logit_diff < 2e-4, got
+
+
 def test_llamacpp_needs_the_qk_permutation(tmp_path, monkeypatch):
     tok = tiny_tokenizer("gpt-2")
     model = adapted("llama", tok)
