@@ -11,7 +11,8 @@ GSM8K test problems in the training prompt:
   reference's continuation (teacher-forced); llama.cpp's tokenization of each prompt against the
   tokenizer's; the export's wall-clock time and the error it recorded;
 - the LoRA adapter as a GGUF adapter file on an f16 GGUF of the base model (llama.cpp's ``--lora``)
-  against the merged f16 file, both in llama.cpp.
+  against the merged f16 file, both in llama.cpp; for an embedded model also on the shipped GGUF
+  file itself (the file the model was loaded from) against the reference.
 
 Writes ``gguf-agreement.json`` (and the files, under ``--work``) and prints a Markdown table. Needs
 ``llama-cpp-python``.
@@ -43,6 +44,7 @@ from fastadapt.app.gguf_agreement import (
 from fastadapt.app.prompts import build_prompt
 from fastadapt.export import export_gguf
 from fastadapt.gguf_io import QUANTS
+from fastadapt.models import EMBEDDED_MODELS, embedded_gguf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     with_lora, _ = in_llamacpp(base_path, adapter_path, teacher=merged.tokens)
     results["lora_file"] = {"base": "f16", "vs_merged_f16_llamacpp": agreement(with_lora, merged).as_dict(),
                           "adapter_bytes": adapter_path.stat().st_size}
+    if args.model in EMBEDDED_MODELS:  # GGUF in, GGUF out: the shipped file itself as the base
+        folder, name = embedded_gguf(args.model)
+        shipped, _ = in_llamacpp(folder / name, adapter_path)
+        results["lora_file"]["shipped_file_plus_adapter_vs_reference"] = agreement(shipped, reference).as_dict()
+        results["lora_file"]["shipped_file"] = name
     say(f"adapter file: {json.dumps(results['lora_file'])}")
     results["environment"] = {"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
                               "machine": platform.machine(), "threads_llamacpp": args.threads,
@@ -143,6 +150,12 @@ def table(r: dict) -> str:
     lines.append(f"\nllama.cpp, f16 base + adapter GGUF vs merged f16 GGUF: identical {a['identical']}/{a['prompts']}, "
                  f"mean |Δlogit| {a['mean_abs_logit_diff']:.4f}, max {a['max_abs_logit_diff']:.3f}, "
                  f"argmax agreement {a['argmax_agreement']:.1%}")
+    shipped = r["lora_file"].get("shipped_file_plus_adapter_vs_reference")
+    if shipped:
+        lines.append(f"llama.cpp, the shipped {r['lora_file']['shipped_file']} + adapter GGUF vs the reference: "
+                     f"identical {shipped['identical']}/{shipped['prompts']}, mean |Δlogit| "
+                     f"{shipped['mean_abs_logit_diff']:.4f}, max {shipped['max_abs_logit_diff']:.3f}, argmax agreement "
+                     f"{shipped['argmax_agreement']:.1%}")
     return "\n".join(lines)
 
 
