@@ -116,8 +116,6 @@ class Layout:
     """Where a Hugging Face model's tensors go in a GGUF file of llama.cpp architecture ``arch``."""
 
     arch: str
-    n_head: int
-    n_kv_head: int
     name_map: Any  # gguf.TensorNameMap
     loaded: frozenset  # the gguf.MODEL_TENSOR kinds llama.cpp's graph of ``arch`` loads
     permute: dict  # gguf.MODEL_TENSOR kind -> head count of the rows to permute
@@ -158,8 +156,7 @@ def layout(model: nn.Module) -> Layout:
     n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
     T = gguf.MODEL_TENSOR
     permute = {T.ATTN_Q: n_head, T.ATTN_K: n_kv_head} if arch in INTERLEAVED_ROPE_ARCHS else {}
-    return Layout(arch=arch, n_head=n_head, n_kv_head=n_kv_head,
-                  name_map=gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers),
+    return Layout(arch=arch, name_map=gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers),
                   loaded=frozenset(gguf.MODEL_TENSORS[arch_enum]), permute=permute)
 
 
