@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             "recorded_error": None if exported.error is None else exported.error.__dict__,
             "llamacpp": agreement(run, reference).as_dict(), "llamacpp_prompt_tokenization_identical": same_tokens,
             "transformers_gguf": agreement(hf_run, reference).as_dict(),
+            # the same file in both clients: what llama.cpp's own arithmetic adds (it quantizes the
+            # activations of quantized matmuls, keeps an F16 KV cache)
+            "llamacpp_vs_transformers_same_file": agreement(run, hf_run).as_dict(),
         }
         say(f"{quant}: {json.dumps(results['quants'][quant])}")
 
@@ -121,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         shipped, _ = in_llamacpp(folder / name, adapter_path)
         results["lora_file"]["shipped_file_plus_adapter_vs_reference"] = agreement(shipped, reference).as_dict()
         results["lora_file"]["shipped_file"] = name
+        # the baseline: the shipped file alone, llama.cpp against transformers' GGUF loader reading it
+        plain = gguf_transformers(folder / name)
+        hf_plain = run_transformers(plain, ids, new_tokens=n)
+        hf_plain = run_transformers(plain, ids, new_tokens=n, teacher=hf_plain.tokens)
+        lc_plain, _ = in_llamacpp(folder / name, teacher=hf_plain.tokens)
+        results["shipped_file_llamacpp_vs_transformers"] = agreement(lc_plain, hf_plain).as_dict()
     say(f"adapter file: {json.dumps(results['lora_file'])}")
     results["environment"] = {"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
                               "machine": platform.machine(), "threads_llamacpp": args.threads,
@@ -150,6 +159,16 @@ def table(r: dict) -> str:
     lines.append(f"\nllama.cpp, f16 base + adapter GGUF vs merged f16 GGUF: identical {a['identical']}/{a['prompts']}, "
                  f"mean |Δlogit| {a['mean_abs_logit_diff']:.4f}, max {a['max_abs_logit_diff']:.3f}, "
                  f"argmax agreement {a['argmax_agreement']:.1%}")
+    for q, x in r["quants"].items():
+        same = x.get("llamacpp_vs_transformers_same_file")
+        if same:
+            lines.append(f"{q}: llama.cpp vs transformers on the same file: identical {same['identical']}/"
+                         f"{same['prompts']}, mean |Δlogit| {same['mean_abs_logit_diff']:.4f}")
+    base = r.get("shipped_file_llamacpp_vs_transformers")
+    if base:
+        lines.append(f"the shipped file alone, llama.cpp vs transformers' GGUF loader: identical {base['identical']}/"
+                     f"{base['prompts']}, mean |Δlogit| {base['mean_abs_logit_diff']:.4f}, max "
+                     f"{base['max_abs_logit_diff']:.3f}")
     shipped = r["lora_file"].get("shipped_file_plus_adapter_vs_reference")
     if shipped:
         lines.append(f"llama.cpp, the shipped {r['lora_file']['shipped_file']} + adapter GGUF vs the reference: "
