@@ -226,12 +226,14 @@ def _triton_flops(name: str, b: dict) -> float:
         "_bottleneck_hidden_kernel": 2.0 * M * K * R,
         "_bottleneck_dh_kernel": 2.0 * M * N * R,
         "_bottleneck_expand_kernel": 2.0 * M * N * R,
+        "_lora_gemm_4bit_kernel": 2.0 * M * b.get("N_OUT", 0) * (b.get("RED", 0) + R),
     }.get(name, 0.0)
 
 
 #: Triton kernels whose time may be MMA-bound: the model runs them at peak × an assumed efficiency
 #: (1 in the headline figures; break-even efficiencies are recorded beside them).
-TRITON_GEMMS = {"_lora_gemm_kernel", "_weight_grad_kernel", "_bottleneck_fwd_kernel", "_bottleneck_bwd_kernel",
+TRITON_GEMMS = {"_lora_gemm_kernel", "_lora_gemm_4bit_kernel",
+                "_weight_grad_kernel", "_bottleneck_fwd_kernel", "_bottleneck_bwd_kernel",
                 "_bottleneck_hidden_kernel", "_bottleneck_dh_kernel", "_bottleneck_expand_kernel"}
 
 
@@ -842,6 +844,8 @@ def main(argv=None) -> int:
             problems.append(f"{spec['kernel']} [{spec['config']}] needs {res['shared_bytes']} B of shared memory "
                             f"(sm_90 allows {SMEM_LIMIT})")
 
+    if not args.only or "lora_linear_4bit" in args.only:
+        qlora_report(records, problems, device, compile_kernels=not args.no_compile, full=args.full)
     _summary(records, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -851,6 +855,141 @@ def main(argv=None) -> int:
         print(f"[check_triton] PROBLEM: {p}")
     print(f"[check_triton] {'FAIL' if problems else 'ok'} in {time.time() - started:.0f} s")
     return 1 if problems else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# QLoRA: the 4-bit dequantizing GEMM (fastadapt/ops/lora_linear_4bit.py) vs bitsandbytes
+# ------------------------------------------------------------------------------------------------
+
+#: The SM clock the issue-rate term uses (H100 SXM boost) and the dequantize kernel's tile, whose
+#: SASS per element stands for the per-element dequantization work of the GEMM's inner loop.
+SM_CLOCK_HZ = 1.755e9
+QLORA_RANKS = 16
+
+
+def _weight4bit_meta(n: int, k: int):
+    w4 = importlib.import_module("fastadapt.ops.lora_linear_4bit")
+    blocks = n * k // 64
+    return w4.Weight4bit(torch.empty(n * k // 2, device="meta", dtype=torch.uint8),
+                         torch.empty(16, device="meta"), torch.empty(blocks, device="meta", dtype=torch.uint8),
+                         (n, k), 64, BF16, torch.empty(-(-blocks // 256), device="meta"),
+                         torch.empty(256, device="meta"), torch.empty((), device="meta"))
+
+
+def _qlora_record(M: int, K: int, N: int, variant: str):
+    """Record the op's forward and backward on meta tensors with ``variant`` forced."""
+    w4 = importlib.import_module("fastadapt.ops.lora_linear_4bit")
+    weight = _weight4bit_meta(N, K)
+    x, a, b = _meta(M, K), _meta(QLORA_RANKS, K, dtype=torch.float32), _meta(N, QLORA_RANKS, dtype=torch.float32)
+    saved = w4.selected_variant
+    w4.selected_variant = lambda m, device: variant
+    try:
+        t = weight.tensors()
+        with recording() as fwd:
+            _, s, bits = w4.lora_linear_4bit_fwd._init_fn(x, *t, a, b, None, [N, K], 64, 256, 2.0, 0.0)
+        with recording() as bwd:
+            w4.lora_linear_4bit_bwd._init_fn(_meta(M, N), x, *t, a, b, s, bits, [N, K], 64, 256, 2.0, 0.0, True)
+    finally:
+        w4.selected_variant = saved
+    return fwd, bwd
+
+
+def _bnb_plan(M: int, K: int, N: int, *, backward: bool) -> perf_model.Plan:
+    """bitsandbytes' dequantize-then-matmul (``MatMul4Bit``): its dequantize kernel (reads the packed
+    weight and the double-quantized scales, writes a bf16 weight) and cuBLAS on it; the same again
+    for dX."""
+    dequant = perf_model.Launch("bnb.dequantize_4bit", 0.0, N * K / 2 + N * K / 64 + N * K * 2)
+    with recording() as rec:
+        if backward:
+            _meta(M, N) @ _meta(N, K)
+        else:
+            torch.nn.functional.linear(_meta(M, K), _meta(N, K))
+    return perf_model.Plan([dequant, *to_plan(rec).launches])
+
+
+def _dequant_issue_s(plan: perf_model.Plan, rec: Recording, n: int, k: int, instr_per_elem: float,
+                     device: perf_model.Device) -> None:
+    """Add the dequantization's instruction issue time to each fused GEMM launch: every weight element
+    is dequantized once per M-block, at ``instr_per_elem`` thread-instructions (from the SASS of
+    the dequantize kernel), issued at 4 warp-instructions per clock per SM. The launch takes the
+    larger of that, its MMA time and its memory time (overlap assumed: a prediction)."""
+    for launch, modelled in zip(rec.launches, plan.launches):
+        if not isinstance(launch, TritonLaunch) or launch.name != "_lora_gemm_4bit_kernel":
+            continue
+        bm = launch.kwargs["BLOCK_M"]
+        m = _bound(launch)["M"]
+        issue = n * k * -(-m // bm) * instr_per_elem / (device.sms * 4 * 32 * SM_CLOCK_HZ)
+        modelled.min_seconds = issue
+
+
+def qlora_report(records: list, problems: list, device: perf_model.Device, *, compile_kernels: bool,
+                 full: bool) -> None:
+    """Entries for ``lora_linear_4bit`` at the LLaMA-7B shapes: per variant the launches, bytes and
+    predicted time (forward; forward + backward) against bitsandbytes' dequantize-then-matmul and a
+    bf16 base; the default path's kernels compiled for sm_90a (spills, registers) — predictions."""
+    w4 = importlib.import_module("fastadapt.ops.lora_linear_4bit")
+    per_elem = 12.0  # thread-instructions per dequantized element, replaced by the SASS figure below
+    compiled: dict[str, dict] = {}
+    if compile_kernels:
+        rec_d, _ = _qlora_record(8192, 4096, 4096, "dequantize")
+        deq = next(x for x in rec_d.launches if isinstance(x, TritonLaunch) and x.name == "_dequantize_4bit_kernel")
+        res = compile_one(compile_specs(deq, False)[0])
+        if res["ok"]:
+            kw = deq.kwargs
+            per_elem = res["sass_instructions"] * kw["num_warps"] * 32 / (kw["BLOCK_N"] * kw["BLOCK_K"])
+    for K, N in SHAPES:
+        for M in ((1, 16, 512, 8192) if full else (1, 16, 8192)):
+            default = "fused" if M <= w4.FUSED_MAX_ROWS else "dequantize"
+            sc = Scenario("lora_linear", M, K, N, QLORA_RANKS, 0.0)
+            bf16_fwd, bf16_bwd = frozen_plans(sc)
+            bnb_fwd, bnb_bwd = _bnb_plan(M, K, N, backward=False), _bnb_plan(M, K, N, backward=True)
+            for variant in w4.VARIANTS:
+                fwd_rec, bwd_rec = _qlora_record(M, K, N, variant)
+                fwd, bwd = to_plan(fwd_rec), to_plan(bwd_rec)
+                _dequant_issue_s(fwd, fwd_rec, N, K, per_elem, device)
+                _dequant_issue_s(bwd, bwd_rec, N, K, per_elem, device)
+                t = {name: p.seconds(device) for name, p in
+                     (("fwd", fwd), ("bwd", bwd), ("bnb_fwd", bnb_fwd), ("bnb_bwd", bnb_bwd),
+                      ("bf16_fwd", bf16_fwd), ("bf16_bwd", bf16_bwd))}
+                rec = {"op": "lora_linear_4bit", "scenario": f"K{K}xN{N}-M{M}-r{QLORA_RANKS}-nf4dq", "variant": variant,
+                       "default": variant == default, "device_model": device.name, "M": M, "K": K, "N": N,
+                       "r": QLORA_RANKS, "dropout": 0.0, "prediction": True,
+                       "launches_fwd": len(fwd), "launches_bwd": len(bwd),
+                       "kernels_fwd": [x.name for x in fwd.launches], "kernels_bwd": [x.name for x in bwd.launches],
+                       "bytes_fwd": fwd.bytes, "bytes_bnb_fwd": bnb_fwd.bytes, "bytes_bf16_fwd": bf16_fwd.bytes,
+                       "dequant_instr_per_element": round(per_elem, 2),
+                       "predicted_fwd_us": round(t["fwd"] * 1e6, 1), "bnb_fwd_us": round(t["bnb_fwd"] * 1e6, 1),
+                       "bf16_fwd_us": round(t["bf16_fwd"] * 1e6, 1),
+                       "predicted_fwd_over_bnb": round(t["fwd"] / t["bnb_fwd"], 3),
+                       "predicted_fwd_bwd_over_bnb": round((t["fwd"] + t["bwd"]) / (t["bnb_fwd"] + t["bnb_bwd"]), 3),
+                       "predicted_fwd_over_bf16_base": round(t["fwd"] / t["bf16_fwd"], 3),
+                       "predicted_fwd_bwd_over_bf16_base": round(
+                           (t["fwd"] + t["bwd"]) / (t["bf16_fwd"] + t["bf16_bwd"]), 3)}
+                records.append(rec)
+                if not (compile_kernels and variant == default and M in (1, 8192)):
+                    continue
+                for part, recd in (("fwd", fwd_rec), ("bwd", bwd_rec)):
+                    for launch in (x for x in recd.launches if isinstance(x, TritonLaunch)):
+                        for spec in compile_specs(launch, False):
+                            key = _spec_key(spec)
+                            res = compiled[key] = compiled.get(key) or compile_one(spec)  # each distinct once
+                            records.append({"op": "lora_linear_4bit", "scenario": rec["scenario"], "variant": variant,
+                                            "pass": part, "kernel": spec["kernel"], "config": spec["config"],
+                                            "default": True, **{k: v for k, v in res.items() if k != "seconds"}})
+                            if not res["ok"]:
+                                problems.append(f"{spec['kernel']} [{spec['config']}] failed to compile")
+                            elif res["spill_bytes"]:
+                                problems.append(f"{spec['kernel']} [{spec['config']}] spills {res['spill_bytes']} B")
+    q = [r for r in records if r["op"] == "lora_linear_4bit" and "predicted_fwd_us" in r]
+    print(f"\nQLoRA, NF4 double-quantized base, r={QLORA_RANKS} (PREDICTIONS, {device.name} model; "
+          f"{per_elem:.1f} thread-instructions per dequantized element from the SASS):")
+    print(f"{'scenario':30s} {'variant':10s} {'fwd us':>8s} {'bnb us':>8s} {'bf16 us':>8s} {'fwd/bnb':>8s} "
+          f"{'f+b/bnb':>8s} {'fwd/bf16':>8s}")
+    for r in q:
+        mark = "*" if r["default"] else " "
+        print(f"{r['scenario'][:30]:30s} {r['variant']:9s}{mark} {r['predicted_fwd_us']:8.1f} {r['bnb_fwd_us']:8.1f} "
+              f"{r['bf16_fwd_us']:8.1f} {r['predicted_fwd_over_bnb']:8.3f} {r['predicted_fwd_bwd_over_bnb']:8.3f} "
+              f"{r['predicted_fwd_over_bf16_base']:8.3f}")
 
 
 def _summary(records: list[dict], device: perf_model.Device) -> None:

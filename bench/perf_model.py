@@ -43,12 +43,15 @@ class Launch:
     bytes: float = 0.0
     triton_gemm: bool = False  # a Triton GEMM: its FLOP rate is peak × triton_gemm_efficiency
     programs: int | None = None  # the launch's grid size, when known
+    #: a floor from work neither FLOPs nor bytes count (e.g. the instruction issue of dequantizing a
+    #: 4-bit weight inside a GEMM), seconds
+    min_seconds: float = 0.0
 
     def seconds(self, device: Device, *, triton_gemm_efficiency: float = 1.0) -> float:
         rate = device.flops * (triton_gemm_efficiency if self.triton_gemm else 1.0)
         if self.programs is not None and self.programs < device.sms:
             rate *= self.programs / device.sms
-        return max(self.flops / rate, self.bytes / device.bandwidth) + device.launch_s
+        return max(self.flops / rate, self.bytes / device.bandwidth, self.min_seconds) + device.launch_s
 
 
 @dataclass

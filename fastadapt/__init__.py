@@ -14,7 +14,7 @@ import logging
 from . import distributed, ops
 from .export import export
 from .io import save_adapter
-from .merge import merge, summary, unmerge
+from .merge import dequantize_bases, merge, summary, unmerge
 from .methods.dora import DoraConfig
 from .methods.lora import LoraConfig
 from .models import load_model
@@ -30,6 +30,7 @@ __all__ = [
     "DoraLinear",
     "LoraConfig",
     "LoraLinear",
+    "dequantize_bases",
     "distributed",
     "export",
     "load_adapter",

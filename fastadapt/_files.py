@@ -3,8 +3,9 @@ writer killed half-way leaves nothing that the next write to the same target doe
 
 Every temporary lives beside its target as ``.<target name>.<kind>-<pid>-<token>`` (kind ``tmp``: a
 file being written, ``new``: a folder being written, ``old``: a folder moved aside), created with
-the permissions the umask gives (``0644`` / ``0755`` for the usual ``022``, as transformers'
-``save_pretrained`` does), never ``0600``/``0700`` as ``tempfile`` would. A temporary whose writing
+the permissions the umask gives (``0644`` / ``0755`` for the usual ``022``, what transformers'
+``save_pretrained`` gave before safetensors 0.8 began writing weights ``0600``), never
+``0600``/``0700`` as ``tempfile`` would. A temporary whose writing
 process is gone is stale: :func:`clean_stale` removes it — only names of that exact pattern, for
 that target, and never one of a live process (the ``tempfile`` names of earlier versions, which
 carry no process id, once a day old).
@@ -143,6 +144,18 @@ def new_dir(target: Path) -> Path:
     tmp = temp_path(target, "new")
     tmp.mkdir(mode=0o777)
     return tmp
+
+
+def umask_modes(folder: Path) -> None:
+    """Give every file under ``folder`` (made by :func:`new_dir`, so its mode is the umask's) the mode
+    a plain ``open()`` gives under the umask (``0644`` for ``022``) and every subfolder the folder's:
+    safetensors >= 0.8 writes its files ``0600`` whatever the umask (safetensors#782)."""
+    dir_mode = folder.stat().st_mode & 0o777
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), dir_mode & 0o666)
 
 
 _RENAME_EXCHANGE = 2

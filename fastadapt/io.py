@@ -218,6 +218,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"adapter path {str(path)!r} is not a directory")
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
+        named = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+        if named:  # PEFT writes each adapter but "default" into a subfolder named after it
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in adapter directory {str(path)!r}, but its subfolders {named} each hold a named "
+                f"adapter (PEFT saves adapters other than 'default' that way): pass one of them, e.g. "
+                f"{str(path / named[0])!r}")
         raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {str(path)!r}")
     try:
         return json.loads(cfg_file.read_text())
@@ -248,12 +254,21 @@ def read_adapter_tensors(path: str | os.PathLike, *, options: str | None = None)
     path = Path(path)
     weights = path / SAFE_WEIGHTS_NAME
     if weights.is_file():
-        with safe_open(str(weights), "pt") as f:
-            metadata = f.metadata() or {}
+        try:
+            with safe_open(str(weights), "pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(weights))
+        except Exception as e:  # SafetensorError (not an OSError): a truncated or damaged file
+            raise ValueError(f"{weights} is not a readable safetensors file ({e}): the file is truncated or "
+                             "damaged; save or download the adapter again") from None
         _check_saved_together(path, metadata, options)
-        return {strip_peft_prefix(k): v for k, v in load_file(str(weights)).items()}
+        return {strip_peft_prefix(k): v for k, v in tensors.items()}
     if (path / BIN_WEIGHTS_NAME).is_file():
-        tensors = torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError) as e:  # a damaged zip/pickle
+            raise ValueError(f"{path / BIN_WEIGHTS_NAME} is not a readable torch checkpoint ({e}): the file is "
+                             "truncated or damaged; save or download the adapter again") from None
         return {strip_peft_prefix(k): v for k, v in tensors.items()}
     raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} in {str(path)!r}")
 
@@ -289,8 +304,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
         if getattr(module, "merged", False):
             raise RuntimeError(f"module {name!r} is merged; call fa.unmerge(model) before loading an adapter")
     state = get_state(model)
-    named = dict(model.named_parameters())
-    tensors = _without_base_copies(tensors, named, state.modules, path)
+    named = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head.weight by its own name too
+    tensors = _without_base_copies(tensors, named, state, path)
     params = {key: named[key] for key in state.adapter_keys}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -314,23 +329,27 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
             param.copy_(_like(tensors[key], param))
 
 
-def _without_base_copies(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor], modules: list[str],
+def _without_base_copies(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor], state,
                          path) -> dict[str, torch.Tensor]:
-    """``tensors`` less the copies of adapted layers' own weights (``<module>.base_layer.weight``):
-    PEFT saves the whole layer when an embedding or the output head is a target
-    (``save_embedding_layers``). A copy equal to the model's weight is dropped; one that differs is
-    refused, naming the key — fastadapt never replaces a base weight."""
-    inside = tuple(f"{m}.base_layer." for m in modules)
-    copies = [k for k in tensors if k.startswith(inside)]
+    """``tensors`` less full copies of the model's own base weights, which PEFT writes beside an
+    adapter: ``<module>.base_layer.weight`` of an adapted embedding or output head, and the whole
+    input/output embeddings with ``save_embedding_layers`` (``model.embed_tokens.weight``,
+    ``lm_head.weight``: for a resized vocabulary). A copy equal to the model's weight is dropped; one
+    that differs is refused, naming the key — fastadapt never replaces a base weight."""
+    inside = tuple(f"{m}.base_layer." for m in state.modules)
+    adapter = set(state.adapter_keys)
+    copies = [k for k in tensors if k.startswith(inside) or (k in named and k not in adapter)]
     for key in copies:
         mine = named.get(key)
         theirs = tensors[key]
         if mine is None or theirs.shape != mine.shape or not torch.equal(theirs.to(mine), mine):
+            what = (f"shape {tuple(theirs.shape)}, the model's {tuple(mine.shape)}" if mine is not None
+                    and theirs.shape != mine.shape else "other values than the model's")
             raise ValueError(
-                f"adapter at {str(path)!r} holds {key!r}, a full copy of a base layer's weight that differs from "
-                "this model's (PEFT saves the whole layer when an embedding or the output head is a target: "
-                "save_embedding_layers). fastadapt never replaces base weights: load it into the model it was "
-                "trained on, or save it with PEFT's save_embedding_layers=False"
+                f"adapter at {str(path)!r} holds {key!r}, a full copy of a base weight (PEFT's save_embedding_layers "
+                f"saves the embeddings when the vocabulary was resized) with {what}: fastadapt never replaces base "
+                "weights; load it into the base model it was trained on (resize_token_embeddings and copy the "
+                "saved embeddings in first), or save the adapter with save_embedding_layers=False"
             )
     if copies:
         logger.info("adapter at %s: ignored %d saved copies of base weights equal to the model's (%s)",

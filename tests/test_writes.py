@@ -1,6 +1,7 @@
 """Writes lose nothing: a patched model's save_pretrained never overwrites (or shadows) a model's
 weights, a writer's stale temporaries are cleaned by the next write to the same target and nothing
-else is touched, and files and folders get the permissions the umask gives (as transformers' own)."""
+else is touched, files and folders get the permissions the umask gives (as transformers' own config
+files), and an export through a symlink writes the link's target."""
 
 from __future__ import annotations
 
@@ -166,8 +167,13 @@ def test_replace_dir_swaps_atomically_or_falls_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dstFalse", "dstTrue"]
 
 
-def test_written_files_and_folders_get_the_umask_permissions(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_written_files_and_folders_get_the_umask_permissions(umask, tmp_path):
+    """Every file gets ``0666 & ~umask`` and every folder ``0777 & ~umask``, what transformers'
+    save_pretrained gives its config.json. (safetensors >= 0.8 writes model.safetensors 0600 whatever
+    the umask, safetensors#782: a plain save_pretrained then leaves its weights unreadable to the
+    group; fastadapt's files never are.)"""
+    old = os.umask(umask)
     try:
         model = fa.patch(tiny_model("llama"), "lora", r=2)
         fa.save_adapter(model, tmp_path / "adapter")
@@ -181,11 +187,41 @@ def test_written_files_and_folders_get_the_umask_permissions(tmp_path):
     def mode(p):
         return stat.S_IMODE(p.stat().st_mode)
 
-    assert mode(tmp_path / "merged") == mode(reference) == 0o755  # was 0700 (a renamed mkdtemp)
-    for p in (tmp_path / "merged").iterdir():  # written by transformers, as its own save_pretrained writes them
-        assert mode(p) == mode(reference / p.name), p
-    for p in [*(tmp_path / "adapter").iterdir(), *(tmp_path / "ckpt").iterdir()]:
-        assert mode(p) == mode(reference / "config.json") == 0o644, p  # was 0600 (mkstemp)
+    assert mode(tmp_path / "merged") == mode(reference) == 0o777 & ~umask  # was 0700 (a renamed mkdtemp)
+    assert mode(reference / "config.json") == 0o666 & ~umask
+    written = [*(tmp_path / "merged").iterdir(), *(tmp_path / "adapter").iterdir(), *(tmp_path / "ckpt").iterdir()]
+    assert "model.safetensors" in {p.name for p in written}
+    for p in written:
+        assert mode(p) == 0o666 & ~umask, p  # model.safetensors was 0600 (safetensors' own temporary file)
+
+
+def test_export_through_a_symlink_writes_the_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "disk" / "merged"
+    target.mkdir(parents=True)
+    (target / "stale.safetensors").write_text("from an earlier export")
+    link = tmp_path / "merged-link"
+    link.symlink_to(target)
+    model = fa.patch(tiny_model("llama"), "lora", r=2)
+    randomize_adapters(model)
+    fa.export(model, link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "merged-link"]  # no temporaries left
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["merged"]
+    reloaded = AutoModelForCausalLM.from_pretrained(link).eval()
+    assert torch.allclose(logits(reloaded), logits(model.eval()), rtol=1e-5, atol=1e-6)
+
+
+def test_export_into_the_current_folder_is_refused_saying_why(tmp_path, monkeypatch):
+    inside = tmp_path / "here"
+    inside.mkdir()
+    monkeypatch.chdir(inside)
+    model = fa.patch(tiny_model("llama"), "lora", r=2)
+    for path in (".", inside, tmp_path):
+        with pytest.raises(ValueError, match="is the current directory or holds it: fa.export replaces the whole "
+                                             "folder; export into a new folder"):
+            fa.export(model, path, overwrite=True)
+    assert list(inside.iterdir()) == []
 
 
 def test_embedded_model_is_recorded_by_its_short_name(tmp_path, monkeypatch):

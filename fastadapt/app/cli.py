@@ -23,7 +23,7 @@ from ..export import FORMATS as EXPORT_FORMATS
 from ..gguf_io import QUANTS
 from ..io import BIN_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, read_adapter_config
 from ..methods import get_method, method_for_peft_type, method_names
-from ..models import EMBEDDED_MODELS, load_model, locate_model
+from ..models import EMBEDDED_MODELS, QUANTIZE, load_model, locate_model, require_bitsandbytes
 from .data import (
     BUILTIN_EVAL_SETS,
     BUILTIN_SOLUTION_SETS,
@@ -177,6 +177,9 @@ def _add_train(sub, common) -> None:
                    help="hold out this many examples for eval loss (default 0)")
     _bool_flag(t, "train-on-inputs", False, "also put the loss on the prompt tokens (default: response only)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--quantize", choices=list(QUANTIZE), default=None,
+                   help="QLoRA: load the base's decoder linears in 4-bit (nf4/fp4, double-quantized) or int8 with "
+                        "bitsandbytes (pip install 'fastadapt[quant]'); adapters stay fp32")
     _bool_flag(t, "bf16", None, "bf16 autocast (default: on when a CUDA GPU supports it; needs CUDA)")
     t.add_argument("--seed", type=int, default=42, help="seed of adapter init, shuffle, dropout (default 42)")
     t.add_argument("--limit", type=_positive_int, default=None, help="use only the first N records of --data")
@@ -253,6 +256,9 @@ def _add_export(sub, common) -> None:
                    help="--format transformers: dtype of the written weights (default: the base model's)")
     p.add_argument("--quant", choices=list(QUANTS), default=None,
                    help=f"--format gguf: weight type of the file (default {DEFAULT_GGUF_QUANT})")
+    p.add_argument("--quantize", choices=list(QUANTIZE), default=None,
+                   help="the adapter was trained on this quantized base (train --quantize): load the base so, "
+                        "merge into its dequantized weights (the export is full precision, or --quant for gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=cmd_export)
 
@@ -396,9 +402,14 @@ def cmd_train(args, parser) -> int:
         micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         cutoff_len=args.cutoff_len, val_size=args.val_size, train_on_inputs=args.train_on_inputs,
         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, seed=args.seed, limit=args.limit,
-        save_steps=args.save_steps, eval_steps=args.eval_steps,
+        save_steps=args.save_steps, eval_steps=args.eval_steps, quantize=args.quantize,
     )
     check_model(args.model)
+    if args.quantize is not None:
+        try:
+            require_bitsandbytes(f"--quantize {args.quantize}")
+        except ImportError as e:
+            raise CliError(f"--quantize: {e}") from e
     with about("--data"):
         load_train_records(args.data, limit=args.limit)
     check_run_folder(args.output, resume=args.resume, overwrite=args.overwrite)
@@ -454,7 +465,12 @@ def cmd_export(args, parser) -> int:
     check_model(args.model)
     check_adapter(args.adapter, mergeable=True)
     (check_output_file if gguf else check_empty_output)(args.output, args.overwrite)
-    model, tokenizer = load_model(args.model)
+    if args.quantize is not None:
+        try:
+            require_bitsandbytes(f"--quantize {args.quantize}")
+        except ImportError as e:
+            raise CliError(f"--quantize: {e}") from e
+    model, tokenizer = load_model(args.model, quantize=args.quantize)
     fa.load_adapter(model, args.adapter)
     if gguf:
         if tokenizer is None:

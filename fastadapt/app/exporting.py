@@ -11,8 +11,16 @@ from typing import Any
 
 import torch
 
-from ..export import DEFAULT_GGUF_QUANT, GgufExport, export, export_gguf, parse_dtype, probe_batch
-from ..merge import merge
+from ..export import (
+    DEFAULT_GGUF_QUANT,
+    GgufExport,
+    export,
+    export_gguf,
+    parse_dtype,
+    probe_batch,
+    quantized_layers,
+)
+from ..merge import dequantize_bases, merge
 from .gguf_agreement import gguf_transformers
 
 logger = logging.getLogger(__name__)
@@ -60,10 +68,16 @@ def merge_export_and_check(
     merged vs adapted logits within :data:`MERGE_TOLERANCE`, and the export reloaded with plain
     transformers vs the merged model within :data:`RELOAD_TOLERANCE`. Raises
     ``FloatingPointError`` on a mismatch (the export is left in place for inspection). The model
-    ends merged, its weights rounded to the written dtype."""
+    ends merged, its weights rounded to the written dtype. A quantized base is dequantized first
+    (``fa.dequantize_bases(all_layers=True)``): the checks then hold against that full-precision
+    model, which for a 4-bit base computes what the adapted 4-bit model computed."""
     from transformers import AutoModelForCausalLM
 
     model.eval()
+    if quantized_layers(model):
+        # A quantized base (QLoRA) is exported dequantized: the model becomes that full-precision model
+        # first, so both checks compare like with like (bitsandbytes' own CPU kernels round otherwise).
+        dequantize_bases(model, all_layers=True)
     device = next(model.parameters()).device
     batch = probe_batch(tokenizer, model.config.vocab_size, device)
     adapted = _logits(model, batch)

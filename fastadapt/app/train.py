@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..methods import get_method
-from ..models import load_model
+from ..models import QUANTIZE, load_model
 from .data import load_train_records
 from .progress import LineProgress, progress, stderr_is_terminal
 from .progress import logger as progress_logger
@@ -130,6 +130,7 @@ class TrainConfig:
     eval_steps: int = 200
     save_total_limit: int | None = 2
     progress: bool = True
+    quantize: str | None = None  # QLoRA: "nf4" | "fp4" | "int8" base (fa.load_model(quantize=...))
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -163,6 +164,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if self.bf16 and not torch.cuda.is_available():
             raise ValueError("bf16 needs a CUDA GPU (bf16 autocast on CPU is slower than fp32 here); drop it")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {list(QUANTIZE)} or None, got {self.quantize!r}")
         lim = self.limit
         if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim <= 0):
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
@@ -368,7 +371,8 @@ def train(config: TrainConfig, *, resume: bool | str = False, overwrite: bool = 
 
     set_seed(config.seed)
     if loaded is None:
-        model, tokenizer = load_model(config.model, dtype=torch.bfloat16 if bf16 else None)
+        model, tokenizer = load_model(config.model, dtype=torch.bfloat16 if bf16 else None, quantize=config.quantize,
+                                      device="cuda" if cuda and config.quantize else None)
     else:
         model, tokenizer = loaded
     if tokenizer is None:

@@ -7,6 +7,8 @@ import weakref
 import torch
 from torch import nn
 
+from .quantized import base_forward, dequantized_weight, quantized_kind
+
 
 def conv1d_type() -> type | None:
     """transformers' GPT-2 ``Conv1D`` (weight stored (in, out)), if transformers is importable."""
@@ -24,7 +26,11 @@ def is_supported_linear(module: nn.Module) -> bool:
     Subclasses whose forward computes something else from their weight (quantized layers, ...) are
     not: wrapping them would give wrong numbers. A subclass's forward is checked once per module on
     a small random input (its own generator: the global RNG is untouched; hooks are not run).
+    bitsandbytes' ``Linear4bit`` and ``Linear8bitLt`` are supported as quantized bases
+    (``modules/quantized.py``).
     """
+    if quantized_kind(module) is not None:
+        return True
     if isinstance(module, nn.Linear):
         if type(module).forward is nn.Linear.forward:
             return True
@@ -63,7 +69,7 @@ def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
     if not is_supported_linear(module):
         raise TypeError(
             f"unsupported module type {type(module).__module__}.{type(module).__name__}: fastadapt "
-            "adapts torch.nn.Linear and transformers Conv1D layers"
+            "adapts torch.nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt layers"
         )
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
@@ -98,7 +104,20 @@ class AdapterModule(nn.Module):
         self.base_layer = base_layer
         return {"device": device if device is not None else base_layer.weight.device, "dtype": dtype}
 
+    @property
+    def quantized(self) -> str | None:
+        """``"4bit"`` / ``"8bit"`` while the base is a bitsandbytes quantized layer
+        (``modules/quantized.py``), else None."""
+        return quantized_kind(self.base_layer)
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``base_layer(x)`` (a quantized base through ``quantized.base_forward``)."""
+        return self.base_layer(x) if self.quantized is None else base_forward(self.base_layer, x)
+
     def base_weight_nk(self) -> torch.Tensor:
-        """The frozen weight as (out_features, in_features) — a view for ``Conv1D``."""
+        """The frozen weight as (out_features, in_features) — a view for ``Conv1D``; for a quantized
+        base its dequantized values, fp32 (a fresh tensor)."""
+        if self.quantized is not None:
+            return dequantized_weight(self.base_layer)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w

@@ -10,6 +10,7 @@ from torch import nn
 from .. import _checks
 from ..ops import bottleneck_adapter, parallel_adapter
 from ..ops.reference import BOTTLENECK_ACTIVATIONS
+from . import quantized
 from .base import AdapterModule, AdapterWeight
 
 #: Where the adapter sits relative to the frozen linear ``W x + c`` (``A(z) = up(act(down(drop(z))))``):
@@ -108,9 +109,11 @@ class BottleneckLinear(AdapterModule):
         kw = {"activation": self.activation, "scaling": self.scaling_value(), "dropout_p": p}
         wd, wu = self.adapter_down.weight, self.adapter_up.weight
         if self.position == "input":
-            return self.base_layer(bottleneck_adapter(x, wd, wu, **kw))
+            return self.base_output(bottleneck_adapter(x, wd, wu, **kw))
         if self.position == "output":
-            return bottleneck_adapter(self.base_layer(x), wd, wu, **kw)
+            return bottleneck_adapter(self.base_output(x), wd, wu, **kw)
+        if self.quantized is not None:
+            return quantized.parallel_forward(self.base_layer, x, wd, wu, **kw)
         return parallel_adapter(x, self.base_weight_nk(), wd, wu, bias=self.base_layer.bias, **kw)
 
     def merge(self, *, keep_original: bool = False) -> None:

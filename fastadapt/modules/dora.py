@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import dora_linear, dora_merge, dora_norm
+from . import quantized
 from .lora import LoraLinear
 
 
@@ -22,6 +23,12 @@ class DoraLinear(LoraLinear):
 
     def __init__(self, base_layer: nn.Module, **options: Any) -> None:
         """``options``: LoraLinear's (``r``, ``alpha``, ``dropout``, ``rslora``, ``device``, ``dtype``)."""
+        if getattr(base_layer, "weight", None) is not None and base_layer.weight.device.type == "meta":
+            raise ValueError(
+                "DoRA initialises its magnitude from the base weight's row norms, but the weight is on the meta "
+                "device (no values yet): load the weights first (from_pretrained, or to_empty() then "
+                "load_state_dict), then patch"
+            )
         super().__init__(base_layer, **options)
         a = self.lora_A.weight
         self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=a.device, dtype=a.dtype))
@@ -43,11 +50,18 @@ class DoraLinear(LoraLinear):
         """``‖W_n + scaling · B_n A‖`` per output row, fp32 (N,), of the unmerged weight."""
         if self.merged:
             return self._merged_norm
+        if self.quantized is not None:  # recomputed from the quantized storage: never a stale norm
+            return quantized.dora_weight_norm(self.base_layer, self.lora_A.weight, self.lora_B.weight,
+                                              scaling=self.scaling)
         return dora_norm(self.base_weight_nk(), self.lora_A.weight, self.lora_B.weight, scaling=self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.quantized is not None:
+            return quantized.dora_forward(self.base_layer, x, self.lora_A.weight, self.lora_B.weight,
+                                          self.lora_magnitude_vector, scaling=self.scaling,
+                                          dropout_p=self.dropout if self.training else 0.0)
         return dora_linear(
             x,
             self.base_weight_nk(),
@@ -70,7 +84,8 @@ class DoraLinear(LoraLinear):
         default: its own."""
         own = dict(self.named_parameters())
         t = {**own, **(tensors or {})}
-        w, a, b, m = (t[k] for k in ("base_layer.weight", "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+        a, b, m = (t[k] for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+        w = self.base_weight_nk() if self.quantized is not None else t["base_layer.weight"]
         norm = dora_norm(w.t() if self.fan_in_fan_out else w, a, b, scaling=self.scaling, backend="torch")
         merged = w.to(torch.float32, copy=True)
         dora_merge(merged, a, b, m, scaling=self.scaling, norm=norm, fan_in_fan_out=self.fan_in_fan_out)
@@ -94,6 +109,8 @@ class DoraLinear(LoraLinear):
         exactly."""
         if self.merged:
             return
+        if self.quantized is not None:
+            raise ValueError(quantized.merge_refusal(type(self).__name__, self.base_layer))
         if check and not self.merge_is_finite():
             raise FloatingPointError("merging the DoRA weight produced NaN/Inf values")
         super().merge(keep_original=keep_original, check=False)

@@ -9,8 +9,10 @@ from torch import nn
 
 from .. import _checks
 from ..distributed import is_dtensor
-from ..ops import lora_delta, lora_linear, lora_linear_group, lora_merge
+from ..ops import invalidate_caches, lora_delta, lora_linear, lora_linear_group, lora_merge
+from ..ops._cache import generation
 from ..ops.lora_linear import selected_backend
+from . import quantized
 from .base import AdapterModule, AdapterWeight
 
 
@@ -61,6 +63,9 @@ class LoraLinear(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.quantized is not None:
+            return quantized.lora_forward(self.base_layer, x, self.lora_A.weight, self.lora_B.weight,
+                                          scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0)
         if self.group is not None and self.group.usable(x):
             return self.group.output(self, x)
         return lora_linear(
@@ -87,7 +92,7 @@ class LoraLinear(AdapterModule):
         weight's dtype). ``tensors``: this module's tensors by their names under it
         (``base_layer.weight``, ``lora_A.weight``, ...), e.g. gathered from shards; default: its own."""
         t = {**dict(self.named_parameters()), **(tensors or {})}
-        w = t["base_layer.weight"]
+        w = self.base_weight_nk() if self.quantized is not None else t["base_layer.weight"]
         delta = lora_delta(t["lora_A.weight"], t["lora_B.weight"], self.scaling, fan_in_fan_out=self.fan_in_fan_out)
         return (w.float() + delta).to(dtype or w.dtype)
 
@@ -111,10 +116,13 @@ class LoraLinear(AdapterModule):
         """
         if self.merged:
             return
+        if self.quantized is not None:
+            raise ValueError(quantized.merge_refusal(type(self).__name__, self.base_layer))
         if check and not self.merge_is_finite():
             raise FloatingPointError("merging the LoRA delta produced NaN/Inf values")
         w = self.base_layer.weight
         self._unmerged_weight = w.detach().clone() if keep_original else None
+        invalidate_caches()  # the base weight changes (the merge kernel moves no version counter)
         self._merge_op(sign=1, check_only=False)
         self.merged = True
 
@@ -124,6 +132,7 @@ class LoraLinear(AdapterModule):
         ``W - scaling · B A`` in fp32, within one rounding of the weight dtype of the original."""
         if not self.merged:
             raise RuntimeError("unmerge called on a LoraLinear that is not merged")
+        invalidate_caches()  # the base weight changes (the merge kernel moves no version counter)
         if self._unmerged_weight is not None:
             self.base_layer.weight.copy_(self._unmerged_weight)
             self._unmerged_weight = None
@@ -164,7 +173,9 @@ class SharedInputGroup:
         return selected_backend(x.device, rows=x.numel() // max(x.shape[-1], 1), op="lora_linear_group") == "triton"
 
     def _adapter_versions(self) -> tuple[int, ...]:
-        return tuple(w._version for m in self.members for w in (m.lora_A.weight, m.lora_B.weight))
+        # the pending outputs were computed in this forward; an optimizer step (fused ones move no
+        # version counter: the generation) or an in-place write in between makes them stale
+        return (generation(), *(w._version for m in self.members for w in (m.lora_A.weight, m.lora_B.weight)))
 
     def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         if x is self._x and id(member) in self._pending and self._versions == self._adapter_versions():

@@ -9,13 +9,12 @@ PEFT's dropout form needs the frozen product of x_d besides that of x: a second 
 second one in dX (fwd + bwd ≈ 2× the frozen layer), matched exactly here; dropout 0 costs one GEMM.
 
 **Row norms** (``dora_norm``) from ``‖W_n‖² + 2s·B_n·(W_n Aᵀ) + s²·B_n (A Aᵀ) B_nᵀ``: one pass over W
-(N×r and r×r work), never PEFT's N×K ``W + s·B A`` (nor its K×K identity). They change only when W,
-A or B do, so they are cached per (W, A, B) and their version counters: one pass per optimizer
-step, none for the other micro-batches of an accumulated step, a checkpointed recomputation or a
-decode step. The torch backend keeps ‖W_n‖² as well (W is frozen); the Triton kernel gets it from
-the loads that W Aᵀ makes anyway. Not cached under ``torch.compile`` nor in multi-process runs:
-FSDP2 refills its gathered parameters without moving their version counters, so there every
-forward recomputes them (one pass over W per layer and forward).
+(N×r and r×r work), never PEFT's N×K ``W + s·B A`` (nor its K×K identity); the Triton kernel gets
+‖W_n‖² from the loads that W Aᵀ makes anyway. The training path (grad mode on) computes them on
+every forward, as PEFT does: one pass over W per layer and forward. Without gradients (evaluation,
+decode) they are reused while W, A and B provably did not change (``_cache.InferenceCache``: A and
+B compared with exact copies, W by identity and version; every update path and what sees it is
+listed there), which saves that pass per layer and decode step.
 
 **Triton backend**: custom ops ``fastadapt::dora_norm``, ``dora_linear_fwd``, ``dora_linear_bwd``
 (fakes and registered autograd: no graph break under ``torch.compile(fullgraph=True)``), built on
@@ -43,7 +42,7 @@ z (M×N in x's dtype — what d magnitude needs; PEFT keeps two M×N tensors, x 
 product) and the norms (N). Temporaries: dZ (or (g-1) ⊙ dY), M×N, in the backward; x_d (M×K) in
 the dropout form's forward. Never an N×K one.
 
-The torch backend is ``reference.dora_apply`` with the cached norms (plain autograd).
+The torch backend is ``reference.dora_apply`` with those norms (plain autograd).
 """
 
 from __future__ import annotations
@@ -51,13 +50,13 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, settings
-from ._cache import VersionedCache, cache_trusted
+from ._cache import InferenceCache
 from ._inputs import autocast_inputs, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import register_op, resolve_backend, triton_usable
 from .lora_linear import _validate as _validate_lora
 from .lora_linear import frozen_plus_rank, keep_scale, selected_variant
-from .reference import dora_apply, dora_merge_ref, dora_norm_ref, dora_weight_sq
+from .reference import dora_apply, dora_merge_ref, dora_norm_ref
 
 __all__ = ["dora_linear", "dora_merge", "dora_norm", "selected_backend"]
 
@@ -88,7 +87,9 @@ def dora_linear(
     require grad). ``dropout_p``: pass 0 in eval mode. ``backend``: "auto" | "torch" | "triton".
     """
     chosen = _checked_backend(x, weight, lora_a, lora_b, magnitude, scaling, bias, dropout_p, backend)
-    norm = dora_norm(weight, lora_a, lora_b, scaling=scaling, backend=chosen)
+    # training (grad mode on): computed afresh; without gradients: reused while provably fresh (_cache)
+    norm = _norms.get(lambda: dora_norm(weight, lora_a, lora_b, scaling=scaling, backend=chosen),
+                      frozen=(weight,), watched=(lora_a, lora_b), extra=(float(scaling), chosen))
     if chosen == "torch":
         return dora_apply(x, weight, lora_a, lora_b, magnitude, norm, scaling=scaling, bias=bias,
                           dropout_p=dropout_p)
@@ -122,30 +123,21 @@ def _check_magnitude(magnitude, weight, x) -> None:
 # -- row norms ------------------------------------------------------------------------------------
 
 
-_norms = VersionedCache()
-_weight_sq = VersionedCache()
+#: the no-grad path's row norms (decode: one pass over W saved per layer and token)
+_norms = InferenceCache()
 
 
 def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, scaling: float,
               backend: str = "auto") -> torch.Tensor:
     """DoRA's row norms ``‖W_n + scaling · B_n A‖``: fp32 (N,), no gradient, never an (N, K)
-    temporary (see the module docstring); cached until W, A or B change. weight (N, K), lora_a
+    temporary (see the module docstring); computed afresh on every call. weight (N, K), lora_a
     (r, K), lora_b (N, r). ``backend`` as for ``dora_linear`` (the Triton kernel reads W once)."""
     chosen = selected_backend(weight.device, backend)
-    compiling = torch.compiler.is_compiling()
-    cached = not compiling and cache_trusted()  # see the module docstring
-
-    def compute() -> torch.Tensor:
-        w, a, b = weight.detach(), lora_a.detach(), lora_b.detach()
-        with torch.autocast(w.device.type, enabled=False):  # fp32 norms whatever the autocast dtype
-            if chosen == "torch":
-                wsq = _weight_sq.get((weight,), (), lambda: dora_weight_sq(w)) if cached else dora_weight_sq(w)
-                return dora_norm_ref(w, a, b, scaling=scaling, weight_sq=wsq)
-            return dora_norm_triton(w, a, b, float(scaling))
-
-    if not cached:
-        return compute()
-    return _norms.get((weight, lora_a, lora_b), (float(scaling), chosen), compute)
+    w, a, b = weight.detach(), lora_a.detach(), lora_b.detach()
+    with torch.autocast(w.device.type, enabled=False):  # fp32 norms whatever the autocast dtype
+        if chosen == "torch":
+            return dora_norm_ref(w, a, b, scaling=scaling)
+        return dora_norm_triton(w, a, b, float(scaling))
 
 
 def _kernels():

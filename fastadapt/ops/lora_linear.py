@@ -24,8 +24,8 @@ device, so ``torch.manual_seed`` makes runs reproducible and ``torch.utils.check
 restores the RNG state) redraws the same mask on recomputation.
 
 The torch backend is ``reference.lora_linear_ref``; without gradients (inference, decode) it runs
-as three launches — base GEMM, rank projection, ``addmm_`` with the scaling as alpha — on
-low-precision copies of A and B cached until the parameters change.
+as three launches — base GEMM, rank projection, ``addmm_`` with the scaling as alpha — on A and B
+cast to the activation dtype per call (no cache: ``_cache``'s module docstring says why).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from .. import _checks, settings
 from . import verification
-from ._cache import VersionedCache, cache_trusted
 from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed
 from ._library import custom_op, register_autograd
 from .dispatch import decide, register_op, triton_usable
@@ -103,17 +102,10 @@ def selected_variant(m: int, device: torch.device, *, op: str = "lora_linear") -
 # -- torch backend --------------------------------------------------------------------------------
 
 
-_casts = VersionedCache()
-
-
 def _low_precision(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, the copy cached until ``t`` changes (its version counter, storage or
-    identity) where version counters can be trusted (:func:`._cache.cache_trusted`)."""
-    if t.dtype == dtype:
-        return t
-    if not cache_trusted():
-        return t.detach().to(dtype)
-    return _casts.get((t,), (dtype,), lambda: t.detach().to(dtype))
+    """``t`` in ``dtype``, cast on every call: checking a cached copy for freshness reads as much as
+    casting does (``_cache``'s module docstring; bench/NOTES.md, "Caches")."""
+    return t if t.dtype == dtype else t.detach().to(dtype)
 
 
 def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
@@ -122,7 +114,8 @@ def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
         or (bias is not None and bias.requires_grad))
     if grad or dropout_p > 0 or torch.compiler.is_compiling():
         return lora_linear_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
-    # No gradient (inference, decode): three launches on cached low-precision A and B.
+    # No gradient (inference, decode): the base GEMM, the rank projection, addmm_ with the scaling
+    # as alpha, on A and B cast to the activation dtype.
     y = F.linear(x, weight, bias)
     dtype = y.dtype
     s = F.linear(x if x.dtype is dtype else x.to(dtype), _low_precision(lora_a, dtype))

@@ -68,16 +68,16 @@ def _norm_dtype(weight: Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def dora_norm_ref(weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: float,
-                  weight_sq: Tensor | None = None, backend: str | None = None) -> Tensor:
+                  backend: str | None = None) -> Tensor:
     """DoRA's row norms ``‖W_n + scaling · B_n A‖`` (fp32 (N,) — float64 for a float64 weight — with no
     gradient: PEFT detaches them),
     from ``‖W_n‖² + 2·scaling·B_n·(W_n Aᵀ) + scaling²·B_n (A Aᵀ) B_nᵀ``: one (N, r) product with W
     and r×r work, never the (N, K) sum. weight (N, K); lora_a (r, K); lora_b (N, r).
-    ``weight_sq``: ‖W_n‖² when the caller has it (W is frozen). ``backend`` is ignored."""
+    ``backend`` is ignored."""
     del backend
     acc = _norm_dtype(weight)
     wa = F.linear(weight, lora_a.to(weight.dtype)).to(acc)  # (N, r), A rounded like x Aᵀ rounds it
-    wsq = dora_weight_sq(weight) if weight_sq is None else weight_sq
+    wsq = dora_weight_sq(weight)
     a = lora_a.to(acc)
     b = lora_b.to(acc)
     norm2 = wsq + (2.0 * scaling) * (b * wa).sum(1) + (scaling * scaling) * ((b @ (a @ a.t())) * b).sum(1)
@@ -87,7 +87,7 @@ def dora_norm_ref(weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: fl
 def dora_apply(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, norm: Tensor, *,
                scaling: float, bias: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
     """DoRA's output for given row norms (see ``dora_linear_ref``); the torch backend of
-    ``fa.ops.dora_linear`` with its cached norms. Saved for backward by autograd (dropout 0): x, S,
+    ``fa.ops.dora_linear`` with its norms. Saved for backward by autograd (dropout 0): x, S,
     z = x Wᵀ + s·S Bᵀ (M×N) and g: no weight-sized tensor."""
     g = magnitude / norm  # (N,), differentiable in magnitude only
     y = F.linear(x, weight)

@@ -42,6 +42,26 @@ def test_export_command(base_and_adapter, dtype):
     assert (tmp / "out" / "config.json").exists()
 
 
+def test_export_command_of_a_folder_without_tokenizer_files(tmp_path, caplog):
+    """transformers builds an empty-vocabulary tokenizer for some architectures (GPT-2's among them)
+    from a folder without tokenizer files; the export goes on without one and says so (it used to
+    fail reshaping a batch of 0 tokens)."""
+    base = tiny_model("gpt2")
+    base.save_pretrained(tmp_path / "base")
+    fa.patch(base, "lora", r=2)
+    randomize_adapters(base, scale=0.05)
+    fa.save_adapter(base, tmp_path / "adapter")
+    argv = ["export", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
+            str(tmp_path / "out")]
+    with caplog.at_level("WARNING", logger="fastadapt.models"):
+        assert main(argv) == 0
+    assert "has no tokenizer files: loaded without a tokenizer" in caplog.text
+    with torch.no_grad():
+        want = base.eval()(tokens()).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(tokens()).logits
+    assert rel_err(got, want) < 1e-5
+
+
 def test_export_command_missing_adapter(base_and_adapter):
     tmp, _ = base_and_adapter
     code = main(["export", "--model", str(tmp / "base"), "--adapter", str(tmp / "nope"), "--out", str(tmp / "o")])

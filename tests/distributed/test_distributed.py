@@ -103,6 +103,14 @@ def test_ddp_saved_adapter_reloads_with_the_same_logits(ddp):
     assert ddp["loaded_logits_err"] < TOL
 
 
+def test_ddp_broadcast_reaches_dora_norms_cached_before_the_process_group(ddp):
+    """Each rank cached DoRA norms of its own adapter before init_process_group; after DDP broadcast
+    rank 0's parameters, every rank gives a fresh model's logits (multi-process runs never read a
+    cached value)."""
+    assert ddp["broadcast_ranks_differed"]
+    assert ddp["broadcast_logits_err"] == 0.0
+
+
 def test_fsdp2_trains_like_one_process(fsdp):
     assert fsdp["sharded"] and fsdp["class"].startswith("FSDP")
     check_matches_one_process(fsdp)

@@ -199,6 +199,36 @@ def run_bad_sharding(results) -> None:
     dist.barrier()
 
 
+def broadcast_case_before_init(rank: int):
+    """A DoRA model whose adapter differs per rank, evaluated without gradients *before* the process
+    group exists (a single-process run then: its row norms are cached)."""
+    model = patched(method="dora").eval()
+    randomize_adapters(model, seed=100 + rank, scale=0.2)
+    with torch.no_grad():
+        return model, model(input_ids=tokens(2, 9, seed=5)).logits
+
+
+def run_ddp_broadcast(model, before: torch.Tensor, rank: int, results: dict) -> None:
+    """DDP's construction broadcasts rank 0's parameters into the others' in place (no version bump
+    guaranteed): every rank's next no-grad forward must give rank 0's logits, which rank 0 checks
+    against a model that never ran a forward."""
+    probe = tokens(2, 9, seed=5)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    with torch.no_grad():
+        logits = wrapped(input_ids=probe).logits
+    gathered = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, logits)
+    gathered_before = [torch.empty_like(before) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered_before, before)
+    if rank == 0:
+        fresh = patched(method="dora").eval()
+        fresh.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            want = fresh(input_ids=probe).logits
+        results["broadcast_logits_err"] = max(float((g - want).abs().max()) for g in gathered)
+        results["broadcast_ranks_differed"] = not torch.equal(gathered_before[0], gathered_before[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ddp", "fsdp"], required=True)
@@ -207,6 +237,8 @@ def main() -> int:
     parser.add_argument("--method", choices=["lora", "dora"], default="lora", help="the adapter trained")
     args = parser.parse_args()
     torch.manual_seed(0)
+    before_init = broadcast_case_before_init(int(os.environ["RANK"])) if args.mode == "ddp" else None
+    torch.manual_seed(0)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
@@ -214,6 +246,8 @@ def main() -> int:
     code = 0
     try:
         run(args, rank, world, out, results)
+        if before_init is not None:
+            run_ddp_broadcast(*before_init, rank, results)
     except Exception:
         results["error"] = traceback.format_exc()
         print(f"[rank {rank}] " + results["error"], file=sys.stderr, flush=True)

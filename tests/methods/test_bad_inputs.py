@@ -313,3 +313,45 @@ def test_failure_while_swapping_leaves_the_model_unpatched(monkeypatch):
         fa.patch(model, "lora", targets="all-linear")
     assert [n for n, _ in model.named_modules()] == names
     assert not hasattr(model, "fastadapt_state") and all(p.requires_grad for p in model.parameters())
+
+
+def test_patching_a_peft_model_says_it_is_one(model):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for targets in ("all-linear", "auto"):  # all-linear used to blame tied weights
+        with pytest.raises(TypeError, match=r"^model holds PEFT adapter layers \(PeftModel.*unload\(\).*fa.load_adapter"):
+            fa.patch(theirs, "lora", targets=targets)
+    assert not hasattr(theirs, "fastadapt_state")
+
+
+def test_dora_on_a_meta_device_model_says_to_load_weights_first():
+    with torch.device("meta"):
+        meta = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"^target 'model.layers.0.self_attn.q_proj': DoRA initialises its magnitude "
+                                         r"from the base weight's row norms, but the weight is on the meta device"):
+        fa.patch(meta, "dora")
+    assert not hasattr(meta, "fastadapt_state")
+    fa.patch(meta, "lora")  # LoRA needs no values of the base weight
+
+
+def test_a_folder_of_named_adapters_says_which_subfolders_hold_them(tmp_path):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="one")
+    theirs.add_adapter("two", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    theirs.save_pretrained(tmp_path, selected_adapters=["one", "two"])
+    with pytest.raises(FileNotFoundError, match=r"its subfolders \['one', 'two'\] each hold a named adapter.*pass one "
+                                                r"of them, e.g. '.*/one'"):
+        fa.load_adapter(tiny_model("llama"), tmp_path)
+    fa.load_adapter(tiny_model("llama"), tmp_path / "one")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_weights_file_is_named(damage, tmp_path):
+    fa.save_adapter(fa.patch(tiny_model("llama"), "lora", r=2), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100] if damage == "truncated" else b"not safetensors" * 8)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=rf"^{weights} is not a readable safetensors file \(.*\): the file is "
+                                         "truncated or damaged"):
+        fa.load_adapter(model, tmp_path)
+    assert not hasattr(model, "fastadapt_state")

@@ -31,8 +31,7 @@ def lora_configs(draw):
     arch = draw(st.sampled_from(sorted(CANDIDATES)))
     names = draw(st.lists(st.sampled_from(CANDIDATES[arch]), min_size=1, max_size=4, unique=True))
     as_regex = draw(st.booleans())
-    # OLoRA's QR of a non-square Conv1D weight gives factors PEFT itself cannot run
-    init = draw(st.sampled_from([i for i in INITS if not (arch == "gpt2" and i == "olora")]))
+    init = draw(st.sampled_from(INITS))
     r = draw(st.integers(1, 6))
     if init == "orthogonal":
         r += r % 2  # PEFT's orthogonal init needs an even rank
@@ -52,6 +51,10 @@ def lora_configs(draw):
 # derandomize: the same examples on every run (CI never flakes); database=None: no .hypothesis folder
 @hypothesis.settings(max_examples=20, deadline=None, derandomize=True, database=None)
 @hypothesis.given(lora_configs())
+# GPT-2's Conv1D with OLoRA (PEFT 0.22 factorises it transposed, docs/interop.md), always drawn
+@hypothesis.example(("gpt2", {"r": 3, "lora_alpha": 7, "lora_dropout": 0.0, "use_rslora": False,
+                              "target_modules": ["c_attn", "c_fc"], "init_lora_weights": "olora",
+                              "fan_in_fan_out": True, "task_type": "CAUSAL_LM", "inference_mode": False}, 11))
 def test_random_supported_configs_load_both_ways(drawn):
     arch, options, seed = drawn
     ids = tokens(seed=seed % 7 + 1)

@@ -196,36 +196,48 @@ def test_saved_tensors_on_the_triton_path_are_x_s_z_the_bits_and_the_norms():
     assert [tuple(t.shape) for t in saved if t.dim() == 1] == [(40,), (40,)]  # the magnitude and the norms
 
 
-def test_row_norms_are_cached_until_w_a_or_b_change(monkeypatch):
+def test_row_norms_computed_on_every_training_forward_and_reused_only_while_fresh(monkeypatch):
+    """Training (grad mode on) never reads a cached norm; without gradients the norms are reused until
+    W, A or B change by any path: an in-place op (version counter), a fused optimizer step and a
+    ``.data`` write (neither moves the counter), new storage, fa.ops.invalidate_caches; and never in a
+    multi-process run (FSDP2 refills gathered parameters without a version bump)."""
     calls = []
     real = op_module.dora_norm_triton
     monkeypatch.setattr(op_module, "dora_norm_triton", lambda *args: calls.append(1) or real(*args))
     x, _, a, b, mag, _ = make(5, 40, 24, 3)
     w = (torch.randn(40, 24) / 6).t()  # a fresh view each call, as Conv1D's base_weight_nk gives
     base = w._base
+
+    def no_grad_forward():
+        with torch.no_grad():
+            y = fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
+        y_ref, _ = exact(x, base.t(), a, b, mag, None, scaling=1.0)
+        assert rel_err(y, y_ref) < 1e-5
+        return len(calls)
+
     for _ in range(3):
         fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton").sum().backward()
-    assert len(calls) == 1  # micro-batches of one optimizer step: one pass over W
+    assert len(calls) == 3  # micro-batches and recomputations each compute their own
+    assert [no_grad_forward() for _ in range(3)] == [4, 4, 4]  # decode: one pass over W, then reused
+    a.grad = b.grad = mag.grad = None
+    fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton").sum().backward()
+    torch.optim.AdamW([a, b, mag], lr=0.1, fused=True).step()  # moves no version counter
+    assert [no_grad_forward() for _ in range(2)] == [6, 6]
+    b.data.copy_(torch.randn_like(b))  # no version counter, no optimizer: only the compare sees it
+    assert no_grad_forward() == 7
     with torch.no_grad():
-        b.add_(0.1)  # an optimizer step
-    y = fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
-    assert len(calls) == 2
-    y_ref, _ = exact(x, base.t(), a, b, mag, None, scaling=1.0)
-    assert rel_err(y, y_ref) < 1e-5
-    with torch.no_grad():
-        base.mul_(2.0)  # the weight itself changed (a merge, a load)
-    fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
-    assert len(calls) == 3
-    b.data = b.data.clone()  # new storage, same version counter
-    fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
-    assert len(calls) == 4
-    # multi-process runs never cache: FSDP2 refills gathered parameters without a version bump
+        base.mul_(2.0)  # the frozen weight itself, in place (a load): its version counter
+    assert no_grad_forward() == 8
+    a.data = a.data.clone()  # new storage, same version counter
+    assert no_grad_forward() == 9
+    base.data.mul_(0.5)  # a .data write into the frozen weight is not compared; invalidating says it
+    fa.ops.invalidate_caches()
+    assert no_grad_forward() == 10
+    assert no_grad_forward() == 10
     from fastadapt.ops import _cache
 
     monkeypatch.setattr(_cache, "is_initialized", lambda: True)
-    for _ in range(2):
-        fa.ops.dora_linear(x, base.t(), a, b, mag, scaling=1.0, backend="triton")
-    assert len(calls) == 6
+    assert [no_grad_forward() for _ in range(2)] == [11, 12]
 
 
 def test_torch_compile_fullgraph_no_graph_break():

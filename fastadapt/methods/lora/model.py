@@ -53,8 +53,11 @@ def swap_in(model: nn.Module, config: LoraConfig, module_class: type[LoraLinear]
     warn_large_rank(model, names, config.r)
     for name in names:
         base = model.get_submodule(name)
-        swap_module(model, name, module_class(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                                              rslora=config.rslora))
+        try:
+            new = module_class(base, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora)
+        except (TypeError, ValueError) as e:  # the module's own check: say which target
+            raise type(e)(f"target {name!r}: {e}") from None
+        swap_module(model, name, new)
     return names
 
 
@@ -139,24 +142,41 @@ def convert_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], saved: d
             if tuple(out[key].shape) != shape:
                 raise ValueError(f"adapter key {key!r} has shape {tuple(out[key].shape)}; a {init} adapter with "
                                  f"r={r} on this model needs {shape}")
-        a0, b0 = _initial_factors(init, module, r, scaling)
+        a0, b0 = _initial_factors(init, module, r, scaling, _olora_layout(init, module, name, saved, where))
         out[key_a] = torch.cat([out[key_a].float(), a0])
         out[key_b] = torch.cat([out[key_b].float(), -b0], dim=1)
     return out
 
 
+def _olora_layout(init: str, module: LoraLinear, name: str, saved: dict[str, Any], where: str) -> str:
+    """The layout OLoRA's QR ran on for this module in the PEFT that wrote the adapter (see
+    ``peft_fields.olora_layout``); for an nn.Linear both layouts are the same weight."""
+    layout = peft_fields.olora_layout(saved)
+    if init != "olora" or not module.fan_in_fan_out or layout is not None:
+        return layout or "linear"
+    version = saved.get("peft_version")
+    said = f"peft_version={version!r}" if version is not None else "no peft_version (PEFT < 0.18, or another writer)"
+    raise ValueError(
+        f"{where} is an OLoRA adapter on {name!r}, a Conv1D layer, with {said}: PEFT 0.21 and earlier factorised "
+        f"such a weight as stored, 0.22 and later transposed, and the file does not say which; "
+        f"{peft_fields.CONVERT_HINT}")
+
+
 @torch.no_grad()
-def _initial_factors(init: str, module: LoraLinear, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _initial_factors(init: str, module: LoraLinear, r: int, scaling: float, layout: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A0, B0)`` (r, in) and (out, r), fp32, with ``scaling·B0·A0`` what PEFT's ``pissa_init`` /
-    ``olora_init`` subtract from the base weight (the same formulas, on the same fp32 copy of it)."""
+    ``olora_init`` subtract from the base weight (the same formulas, on the same fp32 copy of it).
+    ``layout``: which weight OLoRA's QR factorises — ``"linear"`` (out, in) as PEFT >= 0.22, or
+    ``"stored"`` (a Conv1D's (in, out) weight as stored) as PEFT <= 0.21."""
     if init == "pissa":  # the top-r singular triplets of W (out, in), split as PEFT splits them
         u, s, vh = torch.linalg.svd(module.base_weight_nk().float(), full_matrices=False)
         root = torch.sqrt(s[:r] / scaling)
         return root[:, None] * vh[:r], u[:, :r] * root
-    # olora: QR of the weight as stored (PEFT does not transpose a Conv1D weight here)
-    q, rr = torch.linalg.qr(module.base_layer.weight.float())
+    stored = layout == "stored" and module.fan_in_fan_out
+    q, rr = torch.linalg.qr((module.base_layer.weight if stored else module.base_weight_nk()).float())
     a0, b0 = rr[:r], q[:, :r]
-    if module.fan_in_fan_out:  # the stored weight is (in, out): its correction is (B0·A0)ᵀ
+    if stored:  # the stored weight is (in, out): its correction is (B0·A0)ᵀ
         a0, b0 = b0.t(), a0.t()
     return a0.contiguous(), b0.contiguous()
 

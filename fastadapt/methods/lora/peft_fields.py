@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from packaging.version import InvalidVersion, Version
+
 from ... import _checks
 
 #: Read into the ``fa.patch(model, "lora", ...)`` options (see :func:`read_options`); ``use_dora``
-#: picks the method (``"dora"``: methods/lora/model.py's ``read_config``).
+#: picks the method (``"dora"``: methods/lora/model.py's ``read_config``); ``peft_version`` decides
+#: how OLoRA's initial factors of a Conv1D layer are computed (:func:`olora_layout`).
 READ = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
-        "init_lora_weights", "use_dora")
+        "init_lora_weights", "use_dora", "peft_version")
 
 #: Fields that change nothing the loaded weights compute: field -> why.
 IGNORED: dict[str, str] = {
     "auto_mapping": "which transformers class PEFT wraps",
-    "peft_version": "which PEFT wrote the file",
     "base_model_name_or_path": "a note of the base model; fastadapt loads into the model it is given",
     "revision": "a note of the base model's revision",
     "inference_mode": "whether PEFT trains the adapter after loading",
@@ -161,3 +163,28 @@ def file_rank_and_alpha(config: dict[str, Any], where: str) -> tuple[int, float]
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
     return r, alpha
+
+
+#: PEFT 0.22 began computing OLoRA's initial factors of a ``fan_in_fan_out`` (GPT-2 Conv1D) weight in
+#: nn.Linear's layout (the QR of Wᵀ as stored); PEFT 0.21 and earlier took the QR of the weight as
+#: stored. Versions in between (0.21.1.devN, 0.22.0 pre-releases) may hold either.
+OLORA_LINEAR_LAYOUT_SINCE = Version("0.22.0")
+OLORA_STORED_LAYOUT_UNTIL = Version("0.21.1.dev0")
+
+
+def olora_layout(config: dict[str, Any]) -> str | None:
+    """How the PEFT that wrote ``config`` factorises a Conv1D weight for OLoRA: ``"linear"`` (the
+    (out, in) weight, PEFT >= 0.22), ``"stored"`` (the (in, out) weight as stored, PEFT <= 0.21), or
+    None when ``peft_version`` is absent (PEFT < 0.18 or another writer), unparsable or between the two."""
+    raw = config.get("peft_version")
+    if not isinstance(raw, str):
+        return None
+    try:
+        version = Version(raw.split("@")[0])
+    except InvalidVersion:
+        return None
+    if version >= OLORA_LINEAR_LAYOUT_SINCE:
+        return "linear"
+    if version < OLORA_STORED_LAYOUT_UNTIL:
+        return "stored"
+    return None
