@@ -205,7 +205,10 @@ def _full_state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, t
         return None
     if get_state(model) is None:
         source = full if full is not None else model.state_dict()
-        return {k: v.detach() for k, v in source.items()}
+        # a 4-bit/8-bit base is written dequantized, as merged_state_dict does for an adapted one
+        replaced, dropped = ({}, set()) if full is not None else _dequantized_entries(
+            model, dtype or activation_dtype(model))
+        return {k: replaced.get(k, v).detach() for k, v in source.items() if k not in dropped}
     return merged_state_dict(model, dtype, full_state_dict=full)
 
 
@@ -319,6 +322,8 @@ def _quantization_error(model: nn.Module, state_dict: dict[str, torch.Tensor], t
     device = next(iter(state_dict.values())).device
     values = {t.hf_name: t.values(lay).to(device, dtype) for t in tensors}
     config = copy.deepcopy(model.config)
+    if getattr(config, "quantization_config", None) is not None:  # a 4-bit/8-bit base: the twin is plain
+        del config.quantization_config
     twin = _plain_class(model).from_pretrained(None, config=config, state_dict=values, dtype=dtype).to(device).eval()
     batch = probe_batch(tokenizer, model.config.vocab_size, device)
     quantized = twin(**batch).logits.float()

@@ -154,6 +154,37 @@ def test_dora_and_plain_models(tok, tmp_path):
     assert rel_err(logits(load(path), batch), expected) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantized_base_is_written_dequantized(kind, tok, tmp_path):
+    """QLoRA: a LoRA trained on a bitsandbytes 4-bit/8-bit base exports as the dequantized base with the
+    adapter merged (what the adapted model computes, up to LLM.int8()'s activation rounding for int8),
+    and its adapter file is the adapter's own tensors; the model itself stays quantized."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install 'fastadapt[quant]'")
+    from fastadapt.merge import dequantize_bases
+
+    # widths that are multiples of 64: bitsandbytes' CPU dequantization (tests/methods/test_quantized_base.py)
+    gguf_model("llama", vocab_size=len(tok) + 3, intermediate_size=128).save_pretrained(tmp_path / "base")
+    model, _ = fa.load_model(tmp_path / "base", quantize=kind)
+    fa.patch(model, "lora", r=4, alpha=8, targets=ALL_LINEAR)
+    randomize_adapters(model, scale=0.1)
+    model.eval()
+    reference = copy.deepcopy(model)
+    assert dequantize_bases(reference, all_layers=True)
+    batch = probe(tok)
+    want = logits(reference, batch)
+    exact = export_gguf(model, tmp_path / "f32.gguf", tokenizer=tok, quant="f32")
+    assert rel_err(logits(load(exact.path), batch), want) < 1e-5
+    q8 = export_gguf(model, tmp_path / "q8_0.gguf", tokenizer=tok, quant="q8_0")
+    assert mean_diff(logits(load(q8.path), batch), want, batch) == pytest.approx(
+        q8.error.mean_abs_logit_diff, rel=1e-3, abs=1e-5)
+    _, pairs = adapter_pairs(fa.save_adapter(model, tmp_path / "adapter.gguf", format="gguf"))
+    name, module = next(iter(adapter_modules(model)))
+    assert torch.equal(pairs[gguf_io.layout(model).name(f"{name}.weight")[0]]["lora_a"], module.lora_A.weight)
+    assert all(m.quantized is not None for _, m in adapter_modules(model))
+    with pytest.raises(ValueError, match="quantize/probe are for format='transformers'"):
+        fa.export(model, tmp_path / "x.gguf", format="gguf", tokenizer=tok, quantize=True)
+
+
 def test_metadata(tok, tmp_path):
     model = adapted("llama", tok)
     path = fa.export(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok)  # default quant: q8_0

@@ -121,8 +121,12 @@ def export_gguf_and_check(model: Any, tokenizer: Any, out: str | os.PathLike, *,
     load the file with transformers' GGUF loader (``from_pretrained(folder, gguf_file=...)``) and
     compare its logits with ``model``'s on the probe batch. Raises ``FloatingPointError`` when the
     loaded model is further from ``model`` than the export's own measured quantization error allows
-    (:data:`GGUF_RELOAD_SLACK`); f32 must be exact within :data:`GGUF_F32_TOLERANCE`."""
+    (:data:`GGUF_RELOAD_SLACK`); f32 must be exact within :data:`GGUF_F32_TOLERANCE`. A quantized base
+    (QLoRA) is dequantized first, as in :func:`merge_export_and_check`: the file holds the dequantized
+    merged weights, and the check compares like with like."""
     model.eval()
+    if quantized_layers(model):
+        dequantize_bases(model, all_layers=True)
     device = next(model.parameters()).device
     batch = probe_batch(tokenizer, model.config.vocab_size, device)
     adapted = _logits(model, batch)
