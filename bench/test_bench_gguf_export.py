@@ -3,7 +3,7 @@ down, unmerged) written as one q8_0 file, on the CPU — merge, name and permute
 quantization error on the probe batch, write. Goal: at most 20 s on 2 CPU cores.
 
     python -m pytest bench/test_bench_gguf_export.py -q -p no:cacheprovider \\
-        --benchmark-json bench/results/cpu-2core/gguf-export.json
+        --benchmark-json bench/results/cpu/gguf-export.json
 
 Runs on a CUDA machine too (the export runs where the model is; this benchmark keeps it on the CPU).
 """

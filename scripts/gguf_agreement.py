@@ -1,6 +1,6 @@
 """Measure how a fine-tuned model's GGUF exports run in real clients (issue 29's goals).
 
-    python scripts/gguf_agreement.py --adapter runs/lora --out bench/results/cpu-2core
+    python scripts/gguf_agreement.py --adapter runs/lora --out bench/results/cpu
 
 For the base model plus ``--adapter`` (fp32, in transformers: the reference), on the first ``--prompts``
 GSM8K test problems in the training prompt:
