@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 import fastadapt as fa
+from fastadapt import _files
 from fastadapt.app.data import load_eval_set
 from fastadapt.app.gguf_agreement import (
     agreement,
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--quants", default=",".join(QUANTS), help="comma-separated GGUF types")
+    p.add_argument("--hf-quants", default=None,
+                   help="the types also run through transformers' GGUF loader (default: all of --quants)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the shipped file's own llama.cpp vs transformers comparison")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     p.add_argument("--work", default="runs/gguf-agreement", help="folder for the GGUF files")
     p.add_argument("--out", default=None, help="folder for gguf-agreement.json (default: --work)")
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     reference = run_transformers(model, ids, new_tokens=n)
     reference = run_transformers(model, ids, new_tokens=n, teacher=reference.tokens)
-    say(f"reference (transformers, fp32, adapted): {time.perf_counter() - t:.0f} s")
+    reference_seconds = time.perf_counter() - t
+    say(f"reference (transformers, fp32, adapted): {reference_seconds:.0f} s")
 
     def in_llamacpp(path: Path, lora: Path | None = None, teacher=None):
         llm = open_llamacpp(path, lora=lora, threads=args.threads)
@@ -88,55 +95,71 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             llm.close()
 
+    def adapter_file(entry: dict) -> None:
+        """The adapter file on an f16 base file, against the merged f16 file, both in llama.cpp; for an
+        embedded model also on the shipped GGUF file itself (GGUF in, GGUF out) against the reference."""
+        base_path = export_gguf(base, work / "base-f16.gguf", tokenizer=tok, quant="f16", overwrite=True).path
+        merged_path = export_gguf(model, work / "merged-f16.gguf", tokenizer=tok, quant="f16", overwrite=True).path
+        adapter_path = fa.save_adapter(model, work / "adapter.gguf", format="gguf")
+        merged, _ = in_llamacpp(merged_path)
+        merged, _ = in_llamacpp(merged_path, teacher=merged.tokens)
+        with_lora, _ = in_llamacpp(base_path, adapter_path, teacher=merged.tokens)
+        entry.update({"base": "f16", "vs_merged_f16_llamacpp": agreement(with_lora, merged).as_dict(),
+                      "adapter_bytes": adapter_path.stat().st_size})
+        if args.model in EMBEDDED_MODELS:
+            folder, name = embedded_gguf(args.model)
+            shipped, _ = in_llamacpp(folder / name, adapter_path)
+            entry["shipped_file_plus_adapter_vs_reference"] = agreement(shipped, reference).as_dict()
+            entry["shipped_file"] = name
+        say(f"adapter file: {json.dumps(entry)}")
+
     results: dict = {"model": args.model, "adapter": str(args.adapter), "prompts": len(ids), "new_tokens": n,
-                     "reference": "the adapted model, fp32, transformers", "quants": {}}
-    for quant in [q.strip() for q in args.quants.split(",") if q.strip()]:
+                     "reference": "the adapted model, fp32, transformers",
+                     "reference_seconds": round(reference_seconds), "quants": {}, "lora_file": {}}
+    out = Path(args.out or work)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every stage: a run stopped part-way keeps what it measured
+        results["environment"] = {"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
+                                  "machine": platform.machine(), "threads_llamacpp": args.threads,
+                                  "load_avg_1min": os.getloadavg()[0],
+                                  "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+        text = json.dumps(results, indent=2) + "\n"
+        _files.atomic_write(out / "gguf-agreement.json", lambda tmp: Path(tmp).write_text(text))
+
+    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    hf_quants = quants if args.hf_quants is None else [q.strip() for q in args.hf_quants.split(",") if q.strip()]
+    for i, quant in enumerate(quants):
         path = work / f"merged-{quant}.gguf"
         exported = export_gguf(model, path, tokenizer=tok, quant=quant, overwrite=True)
         run, same_tokens = in_llamacpp(path)
-        loaded = gguf_transformers(path)
-        hf_run = run_transformers(loaded, ids, new_tokens=n, teacher=reference.tokens)
-        del loaded
-        results["quants"][quant] = {
+        entry = results["quants"][quant] = {
             "export_seconds": round(exported.seconds, 2), "bytes": path.stat().st_size,
             "recorded_error": None if exported.error is None else exported.error.__dict__,
             "llamacpp": agreement(run, reference).as_dict(), "llamacpp_prompt_tokenization_identical": same_tokens,
-            "transformers_gguf": agreement(hf_run, reference).as_dict(),
+        }
+        if quant in hf_quants:
+            loaded = gguf_transformers(path)
+            hf_run = run_transformers(loaded, ids, new_tokens=n, teacher=reference.tokens)
+            del loaded
+            entry["transformers_gguf"] = agreement(hf_run, reference).as_dict()
             # the same file in both clients: what llama.cpp's own arithmetic adds (it quantizes the
             # activations of quantized matmuls, keeps an F16 KV cache)
-            "llamacpp_vs_transformers_same_file": agreement(run, hf_run).as_dict(),
-        }
-        say(f"{quant}: {json.dumps(results['quants'][quant])}")
-
-    # the adapter file on an f16 base file, against the merged f16 file, both in llama.cpp
-    base_path = export_gguf(base, work / "base-f16.gguf", tokenizer=tok, quant="f16", overwrite=True).path
-    merged_path = work / "merged-f16.gguf"
-    if not merged_path.exists():
-        export_gguf(model, merged_path, tokenizer=tok, quant="f16")
-    adapter_path = fa.save_adapter(model, work / "adapter.gguf", format="gguf")
-    merged, _ = in_llamacpp(merged_path)
-    merged, _ = in_llamacpp(merged_path, teacher=merged.tokens)
-    with_lora, _ = in_llamacpp(base_path, adapter_path, teacher=merged.tokens)
-    results["lora_file"] = {"base": "f16", "vs_merged_f16_llamacpp": agreement(with_lora, merged).as_dict(),
-                          "adapter_bytes": adapter_path.stat().st_size}
-    if args.model in EMBEDDED_MODELS:  # GGUF in, GGUF out: the shipped file itself as the base
-        folder, name = embedded_gguf(args.model)
-        shipped, _ = in_llamacpp(folder / name, adapter_path)
-        results["lora_file"]["shipped_file_plus_adapter_vs_reference"] = agreement(shipped, reference).as_dict()
-        results["lora_file"]["shipped_file"] = name
+            entry["llamacpp_vs_transformers_same_file"] = agreement(run, hf_run).as_dict()
+        say(f"{quant}: {json.dumps(entry)}")
+        save()
+        if i == 0:  # the adapter file early: llama.cpp only, fast
+            adapter_file(results["lora_file"])
+            save()
+    if args.model in EMBEDDED_MODELS and not args.no_baseline:
         # the baseline: the shipped file alone, llama.cpp against transformers' GGUF loader reading it
+        folder, name = embedded_gguf(args.model)
         plain = gguf_transformers(folder / name)
         hf_plain = run_transformers(plain, ids, new_tokens=n)
         hf_plain = run_transformers(plain, ids, new_tokens=n, teacher=hf_plain.tokens)
         lc_plain, _ = in_llamacpp(folder / name, teacher=hf_plain.tokens)
         results["shipped_file_llamacpp_vs_transformers"] = agreement(lc_plain, hf_plain).as_dict()
-    say(f"adapter file: {json.dumps(results['lora_file'])}")
-    results["environment"] = {"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
-                              "machine": platform.machine(), "threads_llamacpp": args.threads,
-                              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    out = Path(args.out or work)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gguf-agreement.json").write_text(json.dumps(results, indent=2) + "\n")
+        save()
     print(table(results))
     return 0
 
@@ -148,17 +171,18 @@ def table(r: dict) -> str:
              "identical | transformers GGUF mean / max abs Δlogit | recorded error (probe) |",
              "|---|---|---|---|---|---|---|---|"]
     for q, x in r["quants"].items():
-        lc, hf, rec = x["llamacpp"], x["transformers_gguf"], x["recorded_error"]
+        lc, hf, rec = x["llamacpp"], x.get("transformers_gguf"), x["recorded_error"]
+        hf_cells = (f"{hf['identical']}/{hf['prompts']} | {hf['mean_abs_logit_diff']:.4f} / "
+                    f"{hf['max_abs_logit_diff']:.3f}") if hf else "not run | not run"
         lines.append(f"| {q} | {x['export_seconds']:.1f} | {x['bytes'] / 2**20:.0f} | "
                      f"{lc['identical']}/{lc['prompts']} | {lc['mean_abs_logit_diff']:.4f} / "
-                     f"{lc['max_abs_logit_diff']:.3f} | "
-                     f"{hf['identical']}/{hf['prompts']} | {hf['mean_abs_logit_diff']:.4f} / "
-                     f"{hf['max_abs_logit_diff']:.3f} | "
+                     f"{lc['max_abs_logit_diff']:.3f} | {hf_cells} | "
                      f"{'—' if rec is None else format(rec['mean_abs_logit_diff'], '.4f')} |")
-    a = r["lora_file"]["vs_merged_f16_llamacpp"]
-    lines.append(f"\nllama.cpp, f16 base + adapter GGUF vs merged f16 GGUF: identical {a['identical']}/{a['prompts']}, "
-                 f"mean |Δlogit| {a['mean_abs_logit_diff']:.4f}, max {a['max_abs_logit_diff']:.3f}, "
-                 f"argmax agreement {a['argmax_agreement']:.1%}")
+    a = r["lora_file"].get("vs_merged_f16_llamacpp")
+    if a:
+        lines.append(f"\nllama.cpp, f16 base + adapter GGUF vs merged f16 GGUF: identical {a['identical']}/"
+                     f"{a['prompts']}, mean |Δlogit| {a['mean_abs_logit_diff']:.4f}, max "
+                     f"{a['max_abs_logit_diff']:.3f}, argmax agreement {a['argmax_agreement']:.1%}")
     for q, x in r["quants"].items():
         same = x.get("llamacpp_vs_transformers_same_file")
         if same:
