@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every stage: a run stopped part-way keeps what it measured
         results["environment"] = {"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
                                   "machine": platform.machine(), "threads_llamacpp": args.threads,
-                                  "load_avg_1min": os.getloadavg()[0],
+                                  "threads_torch": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0],
                                   "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
         text = json.dumps(results, indent=2) + "\n"
         _files.atomic_write(out / "gguf-agreement.json", lambda tmp: Path(tmp).write_text(text))

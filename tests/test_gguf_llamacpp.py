@@ -157,7 +157,7 @@ def test_embedded_model(tmp_path):
     base_path = export_gguf(base, tmp_path / "base-f16.gguf", tokenizer=tok, quant="f16").path
     model = copy.deepcopy(base)
     fa.patch(model, "lora", r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
-    randomize_adapters(model, scale=0.02)
+    randomize_adapters(model, scale=0.05)
     questions = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
                  "How many clips did Natalia sell altogether in April and May?",
                  "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
@@ -175,7 +175,13 @@ def test_embedded_model(tmp_path):
             llm.close()
 
     q8 = agreement(in_llamacpp(export_gguf(model, tmp_path / "m-q8_0.gguf", tokenizer=tok).path), reference)
-    assert q8.identical == len(ids) and q8.argmax_agreement == 1.0, q8
+    # Not token for token: the layers LoRA left alone stay Q4_1 (bit for bit the shipped file's), and
+    # llama.cpp quantizes the activations of quantized matmuls (Q8_1 for Q4_1), which on the shipped file
+    # alone moves its logits by about 0.18 mean from transformers' (docs/gguf.md); near-ties then flip
+    # (measured here: 30/32 positions, mean 0.185). The bound is far below what the adapter itself moves:
+    assert q8.argmax_agreement >= 0.9 and q8.mean_abs_logit_diff < 0.3, q8
+    without = agreement(run_transformers(base, ids, new_tokens=16, teacher=reference.tokens), reference)
+    assert without.mean_abs_logit_diff > 2 * 0.3, without  # the adapter matters: the test could fail
     merged_f16 = in_llamacpp(export_gguf(model, tmp_path / "m-f16.gguf", tokenizer=tok, quant="f16").path)
     adapter = fa.save_adapter(model, tmp_path / "adapter.gguf", format="gguf")
     lora = agreement(in_llamacpp(base_path, adapter), merged_f16)
