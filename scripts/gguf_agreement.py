@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the types also run through transformers' GGUF loader (default: all of --quants)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the shipped file's own llama.cpp vs transformers comparison")
+    p.add_argument("--no-adapter-file", action="store_true", help="skip the adapter file's comparisons")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     p.add_argument("--work", default="runs/gguf-agreement", help="folder for the GGUF files")
     p.add_argument("--out", default=None, help="folder for gguf-agreement.json (default: --work)")
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"model": args.model, "adapter": str(args.adapter), "prompts": len(ids), "new_tokens": n,
                      "reference": "the adapted model, fp32, transformers",
-                     "reference_seconds": round(reference_seconds), "quants": {}, "lora_file": {}}
+                     "reference_seconds": round(reference_seconds), "reference_tokens": reference.tokens,
+                     "quants": {}, "lora_file": {}}
     out = Path(args.out or work)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["llamacpp_vs_transformers_same_file"] = agreement(run, hf_run).as_dict()
         say(f"{quant}: {json.dumps(entry)}")
         save()
-        if i == 0:  # the adapter file early: llama.cpp only, fast
+        if i == 0 and not args.no_adapter_file:  # the adapter file early: llama.cpp only, fast
             adapter_file(results["lora_file"])
             save()
     if args.model in EMBEDDED_MODELS and not args.no_baseline:
