@@ -846,6 +846,8 @@ def main(argv=None) -> int:
 
     if not args.only or "lora_linear_4bit" in args.only:
         qlora_report(records, problems, device, compile_kernels=not args.no_compile, full=args.full)
+    if not args.only or "lora_mixed" in args.only:
+        mixed_report(records, problems, device, compile_kernels=not args.no_compile)
     _summary(records, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -990,6 +992,101 @@ def qlora_report(records: list, problems: list, device: perf_model.Device, *, co
         print(f"{r['scenario'][:30]:30s} {r['variant']:9s}{mark} {r['predicted_fwd_us']:8.1f} {r['bnb_fwd_us']:8.1f} "
               f"{r['bf16_fwd_us']:8.1f} {r['predicted_fwd_over_bnb']:8.3f} {r['predicted_fwd_bwd_over_bnb']:8.3f} "
               f"{r['predicted_fwd_over_bf16_base']:8.3f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed batches (issue 27): fa.ops.lora_mixed's segmented/decode Triton term vs the base projection
+# ------------------------------------------------------------------------------------------------
+
+#: ranks of the adapters, cycled (the mixed-batch benchmark's: r 8-64)
+MIXED_RANKS = (8, 16, 32, 64)
+
+
+def _mixed_record(M: int, adapters: int, K: int, N: int):
+    """``lora_mixed`` (Triton backend) on meta tensors: M decode rows spread round-robin over
+    ``adapters`` adapters (ranks :data:`MIXED_RANKS` cycled) in one bank. Returns the recording and
+    the per-launch (FLOPs, bytes) the kernels really do: each token only its own slot's rank, each
+    used slot's rows read once (``to_plan`` would count the whole bank)."""
+    mixed = importlib.import_module("fastadapt.ops.lora_mixed")
+    ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] if adapters > 1 else 16 for i in range(adapters)]
+    offsets = [sum(ranks[:i]) for i in range(adapters)]
+    total = sum(ranks)
+    bank = mixed.SlotBank(down=_meta(total, K), up=_meta(total, N), scalings=_meta(adapters, dtype=torch.float32),
+                          offsets=tuple(offsets), capacities=tuple(ranks), ranks=tuple(ranks),
+                          scalings_host=(2.0,) * adapters)
+    slots = mixed.SlotRows(tuple(i % adapters for i in range(M)), torch.device("meta"))
+    decode = M <= mixed.verification.DECODE_MAX_ROWS
+    index, table = mixed._launch_plan(slots, 1, decode)  # once per forward, shared by the layers
+    offsets_t, ranks_t = mixed._layout_tensors(slots, bank)
+    plan = {"token_slot": index} if decode else {"order": index, "blocks": table}
+    kernels = mixed._kernels()
+    x = _meta(M, K)
+    with recording() as rec:  # what lora_mixed's Triton backend launches (mixed_shrink_op / mixed_expand_op)
+        y = torch.nn.functional.linear(x, _meta(N, K))
+        s = kernels.mixed_shrink(x, bank.down, offsets_t, ranks_t, max_rank=max(ranks[u] for u in set(slots.slot)),
+                                 **plan)
+        kernels.mixed_expand(s, bank.up, y.clone(), offsets_t, ranks_t, bank.scalings, **plan)
+    used = sorted(set(slots.slot))
+    per_token = sum(ranks[s] for s in slots.slot)
+    weights = sum(ranks[u] for u in used) * 2  # bf16 rows of the used slots
+    s_bytes = M * max(ranks[u] for u in used) * 2
+    real = {"_shrink_decode_kernel": (2.0 * K * per_token, M * K * 2 + weights * K + s_bytes),
+            "_shrink_segmented_kernel": (2.0 * K * per_token, M * K * 2 + weights * K + s_bytes),
+            "_expand_decode_kernel": (2.0 * N * per_token, s_bytes + weights * N + 2 * M * N * 2),
+            "_expand_segmented_kernel": (2.0 * N * per_token, s_bytes + weights * N + 2 * M * N * 2)}
+    return rec, real, ranks
+
+
+def mixed_report(records: list, problems: list, device: perf_model.Device, *, compile_kernels: bool) -> None:
+    """Entries for ``lora_mixed`` at decode (one token per row, M 1-256) with 1, 8 and 64 adapters on
+    a 4096×4096 projection: launches, bytes and the predicted time of the base projection plus the
+    segmented LoRA term, against the base projection alone and a single-adapter LoRA batch of the same
+    size (``lora_linear``'s default path, r 16); the kernels compiled for sm_90a (spills) — predictions."""
+    K = N = 4096
+    compiled: dict[str, dict] = {}
+    for M in (1, 16, 64, 256):
+        base, _ = frozen_plans(Scenario("lora_linear", M, K, N, 16, 0.0))
+        single = to_plan(run_op(Scenario("lora_linear", M, K, N, 16, 0.0), DEFAULT_VARIANT)["fwd"][0])
+        for adapters in (1, 8, 64):
+            rec, real, ranks = _mixed_record(M, adapters, K, N)
+            plan = to_plan(rec)
+            for launch in plan.launches:
+                if launch.name in real:
+                    launch.flops, launch.bytes = real[launch.name]
+            t = {"mixed": plan.seconds(device), "base": base.seconds(device), "single": single.seconds(device)}
+            # the same without the fixed launch cost (what CUDA graphs or a fused epilogue would leave)
+            busy = {k: p.seconds(device) - len(p) * device.launch_s for k, p in (("mixed", plan), ("base", base))}
+            records.append({
+                "op": "lora_mixed", "scenario": f"K{K}xN{N}-M{M}-decode-{adapters}adapters", "variant": "triton",
+                "default": False, "device_model": device.name, "M": M, "K": K, "N": N, "adapters": adapters,
+                "ranks": sorted(set(ranks)), "prediction": True, "launches_fwd": len(plan),
+                "kernels_fwd": [x.name for x in plan.launches], "bytes_fwd": plan.bytes,
+                "predicted_fwd_us": round(t["mixed"] * 1e6, 2), "base_fwd_us": round(t["base"] * 1e6, 2),
+                "single_adapter_fwd_us": round(t["single"] * 1e6, 2),
+                "predicted_term_over_base": round(t["mixed"] / t["base"] - 1, 3),
+                "predicted_term_over_base_without_launch_cost": round(busy["mixed"] / busy["base"] - 1, 3),
+                "predicted_over_single_adapter": round(t["mixed"] / t["single"], 3)})
+            if not compile_kernels or adapters != 8 or M not in (16, 256):
+                continue
+            for launch in (x for x in rec.launches if isinstance(x, TritonLaunch)):
+                for spec in compile_specs(launch, False):
+                    key = _spec_key(spec)
+                    res = compiled[key] = compiled.get(key) or compile_one(spec)
+                    records.append({"op": "lora_mixed", "scenario": records[-1]["scenario"], "variant": "triton",
+                                    "pass": "fwd", "kernel": spec["kernel"], "config": spec["config"],
+                                    "default": False, **{k: v for k, v in res.items() if k != "seconds"}})
+                    if not res["ok"]:
+                        problems.append(f"{spec['kernel']} [{spec['config']}] failed to compile")
+                    elif res["spill_bytes"]:
+                        problems.append(f"{spec['kernel']} [{spec['config']}] spills {res['spill_bytes']} B")
+    q = [r for r in records if r["op"] == "lora_mixed" and "predicted_fwd_us" in r]
+    print(f"\nmixed batches, lora_mixed (Triton), decode, 4096x4096, bf16 (PREDICTIONS, {device.name} model):")
+    print(f"{'scenario':34s} {'launch':>6s} {'us':>7s} {'base us':>8s} {'1-ad us':>8s} {'term/base':>9s} "
+          f"{'(no launch)':>11s} {'vs 1-ad':>8s}")
+    for r in q:
+        print(f"{r['scenario']:34s} {r['launches_fwd']:6d} {r['predicted_fwd_us']:7.2f} {r['base_fwd_us']:8.2f} "
+              f"{r['single_adapter_fwd_us']:8.2f} {r['predicted_term_over_base']:9.3f} "
+              f"{r['predicted_term_over_base_without_launch_cost']:11.3f} {r['predicted_over_single_adapter']:8.3f}")
 
 
 def _summary(records: list[dict], device: perf_model.Device) -> None:

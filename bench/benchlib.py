@@ -51,6 +51,19 @@ def env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def tiny() -> bool:
+    """``FASTADAPT_TINY_SHAPES``: the GPU cases run at tiny sizes (the CPU rehearsal of scripts/gpu-check.sh)."""
+    from fastadapt import settings
+
+    return settings.flag("FASTADAPT_TINY_SHAPES")
+
+
+def dim(n: int) -> int:
+    """The tensor size a GPU case uses for its size ``n``: ``n`` itself, or under :func:`tiny` a small
+    ragged stand-in (sizes up to 16 kept, larger ones 24-46). Case ids and records keep ``n``."""
+    return n if n <= 16 or not tiny() else min(n, 24 + n % 23)
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 
@@ -234,10 +247,13 @@ def _version(mod: str) -> str | None:
 
 
 def git_commit() -> dict[str, Any]:
-    """HEAD and whether the tree is dirty; FASTADAPT_BENCH_COMMIT wins (a device copy has no .git)."""
+    """HEAD and whether the tree is dirty; FASTADAPT_BENCH_COMMIT (and FASTADAPT_BENCH_DIRTY, 0 or 1) win: a
+    device copy has no .git, and scripts/gpu-check.sh passes its stamp's commit."""
     forced = os.environ.get("FASTADAPT_BENCH_COMMIT")
     if forced:
-        return {"commit": forced, "dirty": None, "source": "FASTADAPT_BENCH_COMMIT"}
+        dirty = os.environ.get("FASTADAPT_BENCH_DIRTY", "").strip()
+        return {"commit": forced, "dirty": bool(int(dirty)) if dirty in ("0", "1") else None,
+                "source": "FASTADAPT_BENCH_COMMIT"}
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True

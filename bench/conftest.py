@@ -50,6 +50,7 @@ def pytest_configure(config):
         "full: part of the complete sweep, deselected unless --bench-full or -m selects it",
         "smoke: tiny CPU version that proves the benchmark code runs (skipped on CUDA without --bench-smoke)",
         "e2e: end-to-end training-step benchmark",
+        "mixed: mixed-batch generation (issue 27; minutes of CPU time, marked full too)",
     ):
         config.addinivalue_line("markers", line)
 

@@ -46,21 +46,27 @@ def _llm_adapters_parallel(x, w, wd, wu, s):
 
 
 def _inputs(m, d, b, *, n=None):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(m, d, generator=g).to(DEVICE, DTYPE).requires_grad_()
-    wd = (torch.randn(b, d, generator=g) * 0.02).to(DEVICE).requires_grad_()
-    wu = (torch.randn(n or d, b, generator=g) * 0.02).to(DEVICE).requires_grad_()
-    return x, wd, wu
+    """x, W_down, W_up (and the frozen W of a parallel adapter), drawn on the device, at benchlib.dim sizes."""
+    m, d, b, n = benchlib.dim(m), benchlib.dim(d), benchlib.dim(b), benchlib.dim(n or d)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(m, d, generator=g, device=DEVICE).to(DTYPE).requires_grad_()
+    wd = (torch.randn(b, d, generator=g, device=DEVICE) * 0.02).requires_grad_()
+    wu = (torch.randn(n, b, generator=g, device=DEVICE) * 0.02).requires_grad_()
+    w = (torch.randn(n, d, generator=g, device=DEVICE) * 0.02).to(DTYPE)
+    return x, wd, wu, w
 
 
-def _run(benchmark, fn, *, backward, info):
-    """Time ``fn`` (plus its backward) with benchlib; record the flat extra_info dict (bench/README.md)."""
+def _run(benchmark, fn, inputs, *, backward, info):
+    """Time ``fn`` (plus its backward: the gradients of ``inputs`` for a fixed random dY, returned, never
+    accumulated into ``.grad`` inside the timed region) with benchlib; record the flat extra_info dict."""
     device = benchlib.bench_device()
+    dy = torch.randn_like(fn()) if backward else None
 
     def step():
         y = fn()
         if backward:
-            y.backward(torch.ones_like(y))
+            return torch.autograd.grad(y, inputs, dy, allow_unused=True)
+        return y
 
     step()  # warm-up / autotune
     med = benchlib.median_ms(step, device, cpu_iters=1)
@@ -88,7 +94,7 @@ def _backends():
 @pytest.mark.parametrize("variant", _backends())
 @pytest.mark.parametrize("m,d,b", SERIES_SHAPES)
 def test_bench_series(benchmark, m, d, b, variant, backward, p):
-    x, wd, wu = _inputs(m, d, b)
+    x, wd, wu, _ = _inputs(m, d, b)
     s = 1.0
     info = {}
     if variant == "cuda":
@@ -110,7 +116,7 @@ def test_bench_series(benchmark, m, d, b, variant, backward, p):
         info["plan"] = kernels.plan(m, b, DTYPE)  # fused / split: which Triton kernels this case times
     floor = 2 * x.numel() * x.element_size()  # read x, write out
     case = f"series M={m} d={d} b={b} p={p:g}"
-    _run(benchmark, fn, backward=backward, info={
+    _run(benchmark, fn, (x, wd, wu), backward=backward, info={
         "suite": "bottleneck_adapter", "case": case, "variant": variant,
         "mode": "fwd_bwd" if backward else "forward", "M": m, "d": d, "b": b, "dropout": p, "dtype": DTYPE,
         "floor_bytes": floor, "ref_variant": "eager_bf16", "ref_key": case, **info,
@@ -121,8 +127,7 @@ def test_bench_series(benchmark, m, d, b, variant, backward, p):
 @pytest.mark.parametrize("variant", ["frozen_linear", *_backends()])
 @pytest.mark.parametrize("m,d,b", SHAPES)
 def test_bench_parallel(benchmark, m, d, b, variant, backward):
-    x, wd, wu = _inputs(m, d, b)
-    w = (torch.randn(d, d) * 0.02).to(DEVICE, DTYPE)
+    x, wd, wu, w = _inputs(m, d, b)
     if variant == "cuda":
         from fastadapt.ops import _native
 
@@ -136,7 +141,7 @@ def test_bench_parallel(benchmark, m, d, b, variant, backward):
         fn = lambda: parallel_adapter_ref(x, w, wd, wu, activation="tanh", scaling=1.0)
     else:
         fn = lambda: fa.ops.parallel_adapter(x, w, wd, wu, activation="tanh", scaling=1.0, backend=variant)
-    _run(benchmark, fn, backward=backward, info={
+    _run(benchmark, fn, (x, wd, wu), backward=backward, info={
         "suite": "parallel_adapter", "case": f"parallel M={m} d={d} b={b}", "variant": variant,
         "mode": "fwd_bwd" if backward else "forward", "M": m, "d": d, "b": b, "dtype": DTYPE,
         "adapter_flops": 2 * 2 * m * d * b, "linear_flops": 2 * m * d * d,

@@ -116,11 +116,12 @@ def _apply(model, variant: str, ckpt: bool, *, bottleneck: int):
     else:
         raise ValueError(f"unknown variant {variant!r}")
     model.train()
-    g = torch.Generator(device="cpu").manual_seed(1)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:  # PEFT and fastadapt start B at zero: never time zeros
-                p.copy_(torch.randn(p.shape, generator=g) * 1e-2)
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * 1e-2)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
 
@@ -335,11 +336,14 @@ def _gpu_cases():
 @pytest.mark.parametrize("name,ckpt,variant", _gpu_cases())
 def test_e2e(benchmark, monkeypatch, name, ckpt, variant):
     device = torch.device("cuda")
-    widths = MODELS[name][0]
-    layers, batch, how = _sizes(name, ckpt, device, monkeypatch)
+    widths, seq = MODELS[name][0], SEQ
+    if benchlib.tiny():  # the CPU rehearsal: the smoke model under the real case id
+        widths, seq, (layers, batch, how) = SMOKE, 16, (1, 1, {"tiny": True})
+    else:
+        layers, batch, how = _sizes(name, ckpt, device, monkeypatch)
     if layers < 1 or batch < 1:
         pytest.skip(f"{name}: not even one {how['varies'][:-1]} fits ({how})")
-    _run(benchmark, monkeypatch, name=name, widths=widths, layers=layers, batch=batch, seq=SEQ, ckpt=ckpt,
+    _run(benchmark, monkeypatch, name=name, widths=widths, layers=layers, batch=batch, seq=seq, ckpt=ckpt,
          variant=variant, device=device, bottleneck=BOTTLENECK,
          warmup=benchlib.env_int("FASTADAPT_BENCH_E2E_WARMUP", 3),
          steps=benchlib.env_int("FASTADAPT_BENCH_E2E_STEPS", 10), how=how)

@@ -96,10 +96,11 @@ def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: floa
               dora: bool = False) -> _Set:
     """One input set of ``variant``; ``dora``: the DoRA twin of each adapter variant (PEFT with
     ``use_dora``, ``fa.ops.dora_linear``, its torch twin for ``addmm``), magnitudes off their init."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they are used: a CPU draw of the
+    # GPU cases' inputs would cost minutes of one host thread per lease
 
     def rand(*shape, scale=1.0, dtype=DTYPE):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     # Never time zeros: random x, dY, W, A and a non-zero B.
     x = rand(M, K).requires_grad_(True)
@@ -120,9 +121,9 @@ def _make_set(variant: str, M: int, K: int, Ns: tuple[int, ...], r: int, p: floa
         with torch.no_grad():
             for name, prm in model.named_parameters():
                 if "lora_B" in name:
-                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+                    prm.copy_(torch.randn(prm.shape, generator=g, device=device) * 0.1)
                 if "lora_magnitude_vector" in name:
-                    prm.mul_(1 + 0.1 * torch.randn(prm.shape, generator=g).to(prm.device))
+                    prm.mul_(1 + 0.1 * torch.randn(prm.shape, generator=g, device=device))
                 if prm.requires_grad:
                     params.append(prm)
         return _Set(model, x, dys, [x, *params], [model])
@@ -230,14 +231,15 @@ def _run_case(benchmark, *, suite, shape_name, variant, mode, M, K, Ns, r, p, de
     case = f"{ref_key}-r{r}-p{p:g}" if lora else ref_key
     # the DoRA suite's LoRA reference: our LoRA at the same point
     set_variant, set_dora = ("fastadapt", False) if variant == "fastadapt_lora" else (variant, dora)
+    dims = benchlib.dim(M), benchlib.dim(K), tuple(benchlib.dim(n) for n in Ns)  # the real sizes but in rehearsal
     rot, med, peak, held, n_sets, sets = _measure(
-        set_variant, mode, M, K, Ns, r, p, device, cpu_iters=cpu_iters, dora=set_dora
+        set_variant, mode, *dims, r, p, device, cpu_iters=cpu_iters, dora=set_dora
     )
     benchmark.group = f"{suite} {mode} {case if lora else ref_key}"
     warm = 1 if device.type == "cuda" else 0
     benchmark.pedantic(benchlib.synchronized(rot, device), rounds=rounds, warmup_rounds=warm, iterations=1)
     if lora:
-        ref, inline = _ref_ms(suite, ref_key, mode, M, K, Ns, device, cpu_iters)
+        ref, inline = _ref_ms(suite, ref_key, mode, *dims, device, cpu_iters)
     else:
         benchlib.REF_MS[(suite, ref_key, mode)] = med
         ref, inline = None, False

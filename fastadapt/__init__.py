@@ -19,7 +19,8 @@ from .methods.dora import DoraConfig
 from .methods.lora import LoraConfig
 from .models import load_model
 from .modules import DoraLinear, LoraLinear
-from .patch import load_adapter, patch, unpatch
+from .named import active_adapter, delete_adapter, hotswap_adapter, list_adapters, load_adapter, set_adapter
+from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -30,15 +31,20 @@ __all__ = [
     "DoraLinear",
     "LoraConfig",
     "LoraLinear",
+    "active_adapter",
+    "delete_adapter",
     "dequantize_bases",
     "distributed",
     "export",
+    "hotswap_adapter",
+    "list_adapters",
     "load_adapter",
     "load_model",
     "merge",
     "ops",
     "patch",
     "save_adapter",
+    "set_adapter",
     "summary",
     "unmerge",
     "unpatch",

@@ -20,8 +20,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import _files, distributed, gguf_io
-from .methods import Method, adapter_modules, get_method, get_state, method_for_peft_type
+from .methods import Method, NamedAdapter, adapter_modules, get_method, get_state, method_for_peft_type
 from .methods.registry import peft_types
+from .modules.bank import active_tensors, trim_saved
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,15 @@ def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | N
     if state is None:
         raise ValueError("model has no adapter: call fa.patch(model, ...) first")
     source = state_dict if state_dict is not None else dict(model.named_parameters())
-    return {
-        key: distributed.full_tensor(source[key].detach()).to("cpu").contiguous()
-        for key in sorted(state.adapter_keys)
-    }
+    owners = {f"{name}.": module for name, module in adapter_modules(model)}
+    out = {}
+    for key in sorted(state.adapter_keys):
+        tensor = distributed.full_tensor(source[key].detach()).to("cpu")
+        prefix = next((p for p in owners if key.startswith(p)), None)
+        if prefix is not None:  # a slot larger than the active adapter's rank keeps zero rows: not saved
+            tensor = trim_saved(owners[prefix], key[len(prefix):], tensor)
+        out[key] = tensor.contiguous()
+    return out
 
 
 #: what ``save_adapter(format=...)`` writes
@@ -66,8 +72,8 @@ ADAPTER_FORMATS = ("peft", "gguf")
 
 
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, *, format: str = "peft", _state_dict: dict | None = None,
-    _writer: bool | None = None,
+    model: nn.Module, path: str | os.PathLike, *, format: str = "peft", adapter_name: str | None = None,
+    _state_dict: dict | None = None, _writer: bool | None = None,
 ) -> Path:
     """Write the adapter. ``format="peft"`` (default): the folder ``path`` gets ``adapter_config.json``
     and ``adapter_model.safetensors``; LoRA is PEFT's format: keys
@@ -76,6 +82,12 @@ def save_adapter(
     (``adapter.gguf``) is a LoRA adapter for llama.cpp's ``--lora`` (:func:`.gguf_io.write_lora_adapter`:
     per-module scalings folded in; DoRA and bottleneck adapters are refused). Files are written to a
     temporary name and renamed, so an interrupted save never leaves a half-written file.
+
+    ``adapter_name``: one of the model's named adapters (``fa.load_adapter(..., adapter_name=)``);
+    ``format="gguf"`` takes the active one only (``fa.set_adapter`` first). ``format="peft"``: it is
+    written back as the folder it came from — its ``adapter_config.json``, its file's name, keys,
+    dtypes and metadata, its current values (bit for bit what was loaded, unless it was trained or
+    hot-swapped since); one made by ``fa.patch`` in fastadapt's format. None: the active adapter.
 
     Distributed: a ``DistributedDataParallel`` wrapper is looked through. With a process group of
     more than one process only global rank 0 writes. An FSDP2-sharded model (DTensor parameters)
@@ -87,6 +99,21 @@ def save_adapter(
     state = get_state(model)
     if state is None:
         raise ValueError("model has no adapter to save: call fa.patch(model, ...) first")
+    if adapter_name is not None and state.named:
+        if adapter_name not in state.named:
+            raise ValueError(f"adapter_name {adapter_name!r} is not one of the model's adapters {list(state.named)}")
+        record = state.named[adapter_name]
+        if format == "gguf" and adapter_name != state.active:
+            raise ValueError(f"adapter_name {adapter_name!r} is not the active adapter ({state.active!r}): a GGUF "
+                             f"adapter is written from the active adapter's tensors; call "
+                             f"fa.set_adapter(model, {adapter_name!r}) first")
+        if format == "peft" and (record.saved is not None or adapter_name != state.active):
+            distributed.check_not_sharded(model, "saving a named adapter")
+            if distributed.is_main_process() if _writer is None else _writer:
+                write_named_adapter(model, Path(path), record)
+            return Path(path)
+    elif adapter_name is not None and adapter_name != state.active:
+        raise ValueError(f"adapter_name {adapter_name!r} is not one of the model's adapters [{state.active!r}]")
     method = get_method(state.method)
     path = Path(path)
     if format == "gguf":  # every check before the collective gather
@@ -200,6 +227,63 @@ def write_adapter_files(path: Path, tensors: dict[str, torch.Tensor], config: di
     text = json.dumps(config, indent=2) + "\n"
     _files.atomic_write_all([(path / SAFE_WEIGHTS_NAME, lambda f: Path(f).write_bytes(weights)),
                              (path / CONFIG_NAME, lambda f: Path(f).write_text(text))])
+
+
+def named_adapter_tensors(model: nn.Module, record: NamedAdapter) -> dict[str, torch.Tensor]:
+    """A named adapter's tensors under the model's own keys (``<module>.<role>``), own shapes."""
+    state = get_state(model)
+    out = {}
+    for name in record.modules:
+        module = model.get_submodule(name)
+        if record.name == state.active:
+            tensors = {k: v.detach().clone() for k, v in active_tensors(module).items()}
+        else:
+            tensors = module.bank.take(record.name, module)
+        out.update({f"{name}.{role}": t for role, t in tensors.items()})
+    return out
+
+
+def write_named_adapter(model: nn.Module, path: Path, record: NamedAdapter) -> None:
+    """``record``'s folder: its config as read, its weights file under its own name with its keys,
+    dtypes and metadata (both files written atomically, as :func:`write_adapter_files`)."""
+    tensors = named_adapter_tensors(model, record)
+    if record.saved is None:
+        raise ValueError(f"adapter {record.name!r} was made by fa.patch and is not active: it has no folder format")
+    keyed = {record.keys.get(k, PEFT_PREFIX + k): t.to(record.dtypes.get(k, t.dtype)).contiguous().cpu()
+             for k, t in tensors.items()}
+    text = json.dumps(record.saved, indent=2) + "\n"
+    name = record.weights_file or SAFE_WEIGHTS_NAME
+    if name == BIN_WEIGHTS_NAME:
+        def write_weights(f):
+            torch.save(keyed, f)
+    else:
+        weights = safetensors_bytes(keyed, metadata=record.metadata)
+
+        def write_weights(f):
+            Path(f).write_bytes(weights)
+    path.mkdir(parents=True, exist_ok=True)
+    _files.atomic_write_all([(path / name, write_weights), (path / CONFIG_NAME, lambda f: Path(f).write_text(text))])
+    logger.info("saved adapter %r (%d tensors) to %s", record.name, len(keyed), path)
+
+
+def read_saved_layout(path: str | os.PathLike) -> tuple[str, dict[str, str], dict[str, torch.dtype], dict | None]:
+    """How an adapter folder's weights are stored: ``(file name, {model key: key as spelled in the
+    file}, {model key: dtype}, safetensors metadata or None)`` — what writing it back needs."""
+    path = Path(path)
+    if (path / SAFE_WEIGHTS_NAME).is_file():
+        with safe_open(str(path / SAFE_WEIGHTS_NAME), "pt") as f:
+            metadata = f.metadata()
+            keys = list(f.keys())
+            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+        torch_dtypes = {k: _SAFETENSORS_DTYPES.get(v, torch.float32) for k, v in dtypes.items()}
+        return (SAFE_WEIGHTS_NAME, {strip_peft_prefix(k): k for k in keys},
+                {strip_peft_prefix(k): torch_dtypes[k] for k in keys}, metadata)
+    tensors = torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    return (BIN_WEIGHTS_NAME, {strip_peft_prefix(k): k for k in tensors},
+            {strip_peft_prefix(k): v.dtype for k, v in tensors.items()}, None)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def options_record(method: Method, options: dict[str, Any]) -> str:

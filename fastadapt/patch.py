@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, mixed
 from .io import (
     load_adapter_tensors,
     options_record,
@@ -88,6 +88,7 @@ def patch(model: nn.Module, method: str, *, preset: str | None = None, **options
         # (trainer_utils.validate_quantization_for_training): they are now.
         model._hf_peft_config_loaded = True
         state.hooks.append(_AttributeReset(model, "_hf_peft_config_loaded", False))
+    mixed.install(model, state)  # adapter_names= in model(...) and model.generate(...)
     model.fastadapt_state = state
     logger.info("patched %d modules with %s", len(names), impl.name)
     return model

@@ -22,6 +22,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "FASTADAPT_VERIFIED": (
         "GPU verification records (a JSON file or folder) to use instead of the committed ones", ""),
     "FASTADAPT_REQUIRE_CUDA_EXT": ("1: GPU tests fail (not skip) when the CUDA extension cannot load", "0"),
+    "FASTADAPT_TINY_SHAPES": (
+        "1: GPU tests and benchmarks run at tiny sizes, keeping their ids and records (the CPU rehearsal of "
+        "scripts/gpu-check.sh; its numbers mean nothing)", "0"),
 }
 
 

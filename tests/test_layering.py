@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("fastadapt.architectures",),
     ("fastadapt.methods",),
     ("fastadapt.io", "fastadapt.gguf_io"),
-    ("fastadapt.patch",),
+    ("fastadapt.patch", "fastadapt.mixed"),
+    ("fastadapt.named",),
     ("fastadapt.merge", "fastadapt.export"),
     ("fastadapt",),  # the public API (fastadapt/__init__.py)
     ("fastadapt.app", "fastadapt.__main__"),

@@ -1,4 +1,4 @@
-"""``fastadapt`` command line: ``train``, ``eval``, ``loss``, ``export`` and ``main-job`` (README
+"""``fastadapt`` command line: ``train``, ``eval``, ``loss``, ``export``, ``generate`` and ``main-job`` (README
 command 1).
 
 Every command checks what it can before loading a model (the model name, the data, the adapter,
@@ -33,6 +33,7 @@ from .data import (
 )
 from .evaluation import run_eval, run_heldout_loss
 from .exporting import describe_gguf_check, export_gguf_and_check, merge_export_and_check
+from .generation import parse_adapters, read_requests, run_generate
 from .main_job import CPU_DEFAULTS, GPU_DEFAULTS, main_job_settings, main_job_train_config, run_main_job
 from .train import DEFAULT_PRESET, DEFAULT_WARMUP_STEPS, TrainConfig, check_run_folder, default_lr, method_options
 from .train import train as run_train
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub, common)
     _add_loss(sub, common)
     _add_export(sub, common)
+    _add_generate(sub, common)
     _add_main_job(sub, common)
     _add_backends(sub, common)
     return parser
@@ -261,6 +263,32 @@ def _add_export(sub, common) -> None:
                         "merge into its dequantized weights (the export is full precision, or --quant for gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=cmd_export)
+
+
+def _add_generate(sub, common) -> None:
+    p = sub.add_parser(
+        "generate", parents=[common],
+        help="complete a JSONL file of prompts, each on its own adapter, in mixed batches",
+        description=(
+            "Load --model and every --adapter NAME=PATH by name, then complete each line of --input, "
+            '{"prompt": ..., "adapter": NAME} (adapter absent or "__base__": the base model), in batches whose '
+            "rows use different adapters (left padding + attention mask, KV cache; greedy unless --do-sample). "
+            'Writes --output: each input line plus "completion", in input order, atomically at the end.'
+        ),
+    )
+    _add_model(p)
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH",
+                   help="a named adapter folder (fastadapt or PEFT format); repeat for more; all share a method")
+    p.add_argument("--input", required=True, help='JSONL file of {"prompt": ..., "adapter": NAME} objects')
+    p.add_argument("--output", "--out", dest="output", required=True, help="JSONL file to write")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per prompt (default 128)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (with --do-sample)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=cmd_generate)
 
 
 def _add_backends(sub, common) -> None:
@@ -482,6 +510,31 @@ def cmd_export(args, parser) -> int:
     check = merge_export_and_check(model, tokenizer, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported merged model to {check.path} (merge check {check.merge_diff:.1e}, "
           f"reload check {check.reload_diff:.1e})")
+    return 0
+
+
+def cmd_generate(args, parser) -> int:
+    with about("--adapter"):
+        adapters = parse_adapters(args.adapters)
+    check_model(args.model)
+    for path in adapters.values():
+        check_adapter(path)
+    with about("--input"):
+        requests = read_requests(args.input, list(adapters))
+    out = Path(args.output)
+    if out.is_dir():
+        raise CliError(f"--output: {args.output!r} is a folder; expected a .jsonl file")
+    if out.exists() and not args.overwrite:
+        raise CliError(f"--output: {args.output!r} exists; pass --overwrite to replace it")
+    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
+        raise CliError("--temperature/--top-p: they need --do-sample (decoding is greedy without it)")
+    sampling = None
+    if args.do_sample:
+        sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+        sampling = sampling or {"temperature": 1.0}
+    r = run_generate(model=args.model, adapters=adapters, requests=requests, output=args.output,
+                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    print(f"generated {r['n']} completions ({r['rows_per_adapter']}) in {r['seconds']:.0f} s -> {r['output']}")
     return 0
 
 

@@ -71,9 +71,13 @@ def generate(
     max_new_tokens: int = 256,
     num_beams: int = 1,
     stop_strings: Sequence[str] | None = STOP_STRINGS,
+    adapter_names: Sequence[str] | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> list[str]:
     """Completions of ``prompts`` (one batch): left padding + attention mask, greedy when
-    ``num_beams == 1``, KV cache on. Returns the decoded new tokens without special tokens."""
+    ``num_beams == 1`` (unless ``sampling`` gives ``temperature``/``top_p``), KV cache on.
+    ``adapter_names``: one named adapter (or ``"__base__"``) per prompt, a mixed batch. Returns the
+    decoded new tokens without special tokens."""
     from transformers import GenerationConfig
 
     old_side = tokenizer.padding_side
@@ -85,10 +89,10 @@ def generate(
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, use_cache=True,
-        pad_token_id=resolve_pad_token_id(tokenizer), eos_token_id=_eos_ids(model, tokenizer),
+        max_new_tokens=max_new_tokens, do_sample=bool(sampling), num_beams=num_beams, use_cache=True,
+        pad_token_id=resolve_pad_token_id(tokenizer), eos_token_id=_eos_ids(model, tokenizer), **(sampling or {}),
     )
-    kwargs = {}
+    kwargs = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
     if stop_strings:
         from transformers import StoppingCriteriaList
 

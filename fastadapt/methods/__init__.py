@@ -9,12 +9,13 @@ Built in: ``lora`` (:mod:`.lora`), ``dora`` (:mod:`.dora`), ``series`` and ``par
 from . import lora, dora, bottleneck, prefix  # noqa: F401
 # isort: on
 from .registry import Method, Preset, get_method, method_for_peft_type, method_names, register_method
-from .state import PatchState, adapter_modules, get_state, require_state
+from .state import NamedAdapter, PatchState, adapter_modules, get_state, require_state, wrapped_modules
 
 __all__ = [
     "Method",
     "PatchState",
     "Preset",
+    "NamedAdapter",
     "adapter_modules",
     "get_method",
     "get_state",
@@ -22,4 +23,5 @@ __all__ = [
     "method_names",
     "register_method",
     "require_state",
+    "wrapped_modules",
 ]

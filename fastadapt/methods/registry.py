@@ -61,6 +61,10 @@ class Method:
     - ``load_tensors(model, tensors, path)``: copy loaded tensors in; None: the strict default.
     - ``merge_error``: why ``fa.merge`` cannot fold this method into the weights (None: it can).
     - ``presets``: named settings, e.g. ``"llm-adapters"``.
+    - ``targets(model, config) -> {module name: build options}`` and ``build(layer, config, **options)
+      -> module``: what ``apply`` does, one target at a time, for a named adapter added to a patched
+      model (its modules may already hold other adapters). None: the method has no named adapters
+      (prefix tuning).
     """
 
     name: str
@@ -78,13 +82,16 @@ class Method:
     training_options: tuple[str, ...] = ()
     merge_error: str | None = None
     presets: Mapping[str, Preset] = field(default_factory=dict)
+    targets: Callable[[nn.Module, Any], dict[str, dict[str, Any]]] | None = None
+    build: Callable[..., nn.Module] | None = None
 
     @classmethod
     def from_hooks(cls, hooks: ModuleType, *, name: str, title: str, config_class: type,
                    presets: Mapping[str, Preset]) -> Method:
         """The method whose hooks are the functions of the same names in ``hooks`` (a method
         package's ``model.py``: ``apply``, ``adapter_config``, ``read_config``, ``check_loaded``,
-        optionally ``saved_tensors``, ``load_tensors``, ``convert_tensors``) with its ``PEFT_TYPE`` and,
+        optionally ``saved_tensors``, ``load_tensors``, ``convert_tensors``, ``targets``, ``build``) with
+        its ``PEFT_TYPE`` and,
         optionally, ``ALSO_READS``, ``TRAINING_OPTIONS`` and ``MERGE_ERROR``."""
         return cls(
             name=name, title=title, config_class=config_class, presets=presets,
@@ -93,6 +100,7 @@ class Method:
             saved_tensors=getattr(hooks, "saved_tensors", None), load_tensors=getattr(hooks, "load_tensors", None),
             convert_tensors=getattr(hooks, "convert_tensors", None), also_reads=getattr(hooks, "ALSO_READS", ()),
             training_options=getattr(hooks, "TRAINING_OPTIONS", ()), merge_error=getattr(hooks, "MERGE_ERROR", None),
+            targets=getattr(hooks, "targets", None), build=getattr(hooks, "build", None),
         )
 
     @property

@@ -40,10 +40,27 @@ def validate_targets(targets: Any) -> str | tuple[str, ...]:
     )
 
 
+def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.named_modules()`` as targets see them: an adapter module already swapped in stands for
+    the layer it wraps (a second named adapter may target it too), and its insides are not layers."""
+    out: dict[str, nn.Module] = {}
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        base = getattr(module, "base_layer", None)
+        if name and base is not None and type(module).__module__.startswith("fastadapt."):
+            out[name] = base
+            inside = (*inside, f"{name}.")
+            continue
+        out[name] = module
+    return out
+
+
 def select_targets(model: nn.Module, targets: str | tuple[str, ...]) -> list[str]:
     """Names of the modules that ``targets`` selects (``"auto"`` resolved by the caller); errors
     name what is wrong and list candidates."""
-    modules = dict(model.named_modules())
+    modules = layer_modules(model)
     if targets == "auto":
         raise ValueError("targets='auto' must be resolved by the method before select_targets")
     if targets == "all-linear":
@@ -91,7 +108,7 @@ def _block_linear_names(model: nn.Module) -> list[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         name
-        for name, m in model.named_modules()
+        for name, m in layer_modules(model).items()
         if is_supported_linear(m) and m is not head and any(name.startswith(p) for p in prefixes)
     ]
 

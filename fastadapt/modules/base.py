@@ -96,6 +96,10 @@ class AdapterModule(nn.Module):
     (``nn.Linear``, or GPT-2's ``Conv1D`` whose weight is stored transposed: ``fan_in_fan_out``)."""
 
     base_layer: nn.Module
+    #: whether the active adapter adapts this module (False: wrapped only for other named adapters)
+    active: bool = True
+    #: what routes a forward through the adapter slots (named adapters, mixed batches): ``fastadapt.mixed``
+    router = None
 
     def _wrap(self, base_layer: nn.Module, device, dtype: torch.dtype) -> dict:
         """Keep ``base_layer`` and its dimensions; returns the factory kwargs of the adapter's own

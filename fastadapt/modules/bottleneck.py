@@ -105,6 +105,10 @@ class BottleneckLinear(AdapterModule):
         return self.adapter_scaling if self.learned_scaling else self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is not None:  # named adapters: a mixed batch, or the active one in its slot
+            y = self.router.forward(self, x)
+            if y is not None:
+                return y
         p = self.dropout if self.training else 0.0
         kw = {"activation": self.activation, "scaling": self.scaling_value(), "dropout_p": p}
         wd, wu = self.adapter_down.weight, self.adapter_up.weight

@@ -63,6 +63,10 @@ class LoraLinear(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.router is not None:  # named adapters: a mixed batch, or the active one in its slot
+            y = self.router.forward(self, x)
+            if y is not None:
+                return y
         if self.quantized is not None:
             return quantized.lora_forward(self.base_layer, x, self.lora_A.weight, self.lora_B.weight,
                                           scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0)

@@ -7,14 +7,17 @@ from .dora_linear import dora_linear, dora_merge, dora_norm
 from .lora_linear import lora_linear, lora_linear_group
 from .lora_linear_4bit import Weight4bit, lora_linear_4bit
 from .lora_merge import lora_delta, lora_merge
+from .lora_mixed import bottleneck_mixed, lora_mixed
 from .parallel_adapter import parallel_adapter
 from .reference import (
     bottleneck_adapter_ref,
+    bottleneck_mixed_ref,
     dora_linear_ref,
     dora_merge_ref,
     dora_norm_ref,
     lora_linear_ref,
     lora_merge_ref,
+    lora_mixed_ref,
     parallel_adapter_ref,
 )
 
@@ -22,6 +25,8 @@ __all__ = [
     "Weight4bit",
     "bottleneck_adapter",
     "bottleneck_adapter_ref",
+    "bottleneck_mixed",
+    "bottleneck_mixed_ref",
     "dora_linear",
     "dora_linear_ref",
     "dora_merge",
@@ -36,6 +41,8 @@ __all__ = [
     "lora_linear_ref",
     "lora_merge",
     "lora_merge_ref",
+    "lora_mixed",
+    "lora_mixed_ref",
     "parallel_adapter",
     "parallel_adapter_ref",
 ]

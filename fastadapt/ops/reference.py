@@ -205,3 +205,45 @@ def parallel_adapter_ref(x: Tensor, weight: Tensor, w_down: Tensor, w_up: Tensor
     del backend
     y = F.linear(x, weight, bias)
     return y + _bottleneck_term(x.to(y.dtype), w_down, w_up, activation, scaling, dropout_p).to(y.dtype)
+
+
+def _mixed_row_term(x_row: Tensor, bank, slot: int, activation: str | None) -> Tensor:
+    """One row's adapter term ``s · act(x down_slotᵀ) up_slot`` at the slot's own rank."""
+    off, rank = bank.offsets[slot], bank.ranks[slot]
+    h = F.linear(x_row, bank.down[off:off + rank])
+    if activation is not None:
+        h = BOTTLENECK_ACTIVATIONS[activation](h)
+    return (h @ bank.up[off:off + rank]) * bank.scalings[slot].to(h.dtype)
+
+
+def lora_mixed_ref(x: Tensor, weight: Tensor, sources, rows, *, bias: Tensor | None = None,
+                   activation: str | None = None, backend: str | None = None) -> Tensor:
+    """Row by row, each row with its own adapter alone: ``y = x Wᵀ (+ bias) + term`` (LoRA, parallel
+    adapter with ``activation``), or DoRA's ``g ⊙ (x Wᵀ + term) (+ bias)`` when the sources carry
+    ``magnitude``/``norm``. The oracle of ``fa.ops.lora_mixed`` (same signature; ``backend`` ignored)."""
+    del backend
+    out = []
+    for b in range(x.shape[0]):
+        y = F.linear(x[b], weight)
+        hit = [(bank, slots.slot[b]) for bank, slots in zip(sources, rows) if slots.slot[b] >= 0]
+        for bank, slot in hit:
+            y = y + _mixed_row_term(x[b], bank, slot, activation)
+            if bank.magnitude is not None:
+                y = y * (bank.magnitude[slot] / bank.norm[slot]).to(y.dtype)
+        out.append(y if bias is None else y + bias.to(y.dtype))
+    return torch.stack(out)
+
+
+def bottleneck_mixed_ref(x: Tensor, sources, rows, *, activation: str, residual: Tensor | None = None,
+                         backend: str | None = None) -> Tensor:
+    """Row by row: ``(residual or x) + term(x)``; the oracle of ``fa.ops.bottleneck_mixed``."""
+    del backend
+    base = x if residual is None else residual
+    out = []
+    for b in range(x.shape[0]):
+        y = base[b]
+        for bank, slots in zip(sources, rows):
+            if slots.slot[b] >= 0:
+                y = y + _mixed_row_term(x[b], bank, slots.slot[b], activation).to(y.dtype)
+        out.append(y)
+    return torch.stack(out)

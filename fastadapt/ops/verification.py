@@ -84,7 +84,8 @@ def _cuda_name(index: int) -> str:
 #: twins are not in it.
 _OPS = Path(__file__).resolve().parent
 _OP_FILES = ("_cache.py", "_inputs.py", "_library.py", "bottleneck_adapter.py", "dora_linear.py", "lora_linear.py",
-             "lora_merge.py", "parallel_adapter.py")
+             "lora_linear_4bit.py", "lora_merge.py", "lora_mixed.py",
+             "parallel_adapter.py")
 
 
 @functools.cache

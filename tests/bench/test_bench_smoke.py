@@ -36,7 +36,8 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     # every kernel-level variant and mode; end to end: the floor, fastadapt and PEFT (the rest is
     # the same code path; `pytest bench/` on CPU runs them all)
     select = ("test_smoke_lora_linear or (test_smoke_dora_linear and fwd_bwd) or "
-              "(test_smoke_e2e and ckptoff and (frozen or fastadapt_lora or peft_default))")
+              "(test_smoke_e2e and ckptoff and (frozen or fastadapt_lora or peft_default)) or "
+              "(test_smoke_mixed_batch_generation and lora)")
     cmd = [sys.executable, "-m", "pytest", str(BENCH), "-q", "-p", "no:cacheprovider", "-m", "smoke",
            "--bench-smoke", "-k", select, f"--benchmark-json={out_json}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -61,6 +62,8 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
         if i["variant"] != "frozen":
             assert i["ref_ms"] > 0 and i["ratio_to_ref"] > 0
     assert all(i["tokens_per_s"] > 0 and i["trainable_params"] >= 0 for i in e2e)
+    mixed = [i for i in infos if i["suite"] == "mixed_generation"]  # issue 27: vs base and PEFT
+    assert [i["method"] for i in mixed] == ["lora"] and mixed[0]["ratio_to_base"] > 0 < mixed[0]["ratio_to_peft"]
 
     report = tmp_path / "cpu" / "report.md"
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out_json.parent), "--out", str(report)],

@@ -1,16 +1,17 @@
 """Op-level GPU correctness, one test per verification-record key (op, backend, shape class, variant).
 
-``scripts/gpu-check.sh`` runs this file and ``scripts/gpu_records.py`` reads its JUnit result: a
-record is written only for a key whose test passed here (and whose backend's kernel-level GPU tests
-passed). Every case compares the op (forward and every gradient) with a float64 reference that uses
-the same dropout mask; the tolerance is twice the error of the same computation in eager PyTorch in
-the op's dtype, plus a little slack (DESIGN.md's rule). The CPU test ``tests/ops/test_gpu_harness.py``
+``scripts/gpu-check.sh`` runs this file and ``scripts/gpu_records.py`` reads its results: a record is
+written only for a key whose test passed here (and for which no GPU test that checks the same op and
+backend failed: ``gpu_records.TEST_OPS``). Every case compares the op (forward and every gradient)
+with a float64 reference that uses the same dropout mask; the tolerance is twice the error of the
+same computation in eager PyTorch in the op's dtype, plus a little slack (DESIGN.md's rule). The CPU test ``tests/ops/test_gpu_harness.py``
 runs the Triton cases of this harness in the interpreter at small sizes, so the harness itself is
 tested where there is no GPU.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -22,6 +23,11 @@ from fastadapt.ops._inputs import draw_seed
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 VARIANTS = ("addmm", "epilogue", "fused")
+VARIANTS_4BIT = ("fused", "dequantize")  # fastadapt.ops.lora_linear_4bit.VARIANTS
+#: NF4's 16 values (bitsandbytes' table, QLoRA paper)
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 #: rows per shape class (verification.shape_class: decode ≤ 64 < batch) and the widths used
 ROWS = {"decode": 16, "batch": 8192}  # 8192: the series adapter's fused (64-row wgmma) plan
 WIDTH = (1024, 1536)  # K (d), N; odd enough: N is not a power of two
@@ -48,6 +54,7 @@ def cases() -> list[Case]:
                 out += [Case(op, "triton", cls, v, p)
                         for op in ("lora_linear", "lora_linear_group", "parallel_adapter", "dora_linear")]
             out.append(Case("bottleneck_adapter", "triton", cls, "default", p))
+            out += [Case("lora_linear_4bit", "triton", cls, v, p) for v in VARIANTS_4BIT]
         out += [Case("bottleneck_adapter", "cuda", cls, "default", 0.0),
                 Case("parallel_adapter", "cuda", cls, "default", 0.0)]
     out.append(Case("lora_merge", "cuda", "any", "default", 0.0))
@@ -79,18 +86,34 @@ def _compare(name: str, got: torch.Tensor, same: torch.Tensor, exact: torch.Tens
     assert err <= tol, f"{name}: error {err:.3e} > tol {tol:.3e} (eager same-dtype error {base:.3e})"
 
 
+def weight4bit(n: int, k: int, generator: torch.Generator, device, *, scale: float):
+    """A random double-quantized NF4 weight (block size 64) in bitsandbytes' layout, drawn on ``device``:
+    any packed byte is a valid pair of codes, so no quantizer (nor bitsandbytes) is needed; the
+    reference is its exact dequantization (checked against bitsandbytes' in tests/kernels)."""
+    blocks = -(-n * k // 64)
+    packed = torch.randint(0, 256, ((n * k + 1) // 2,), generator=generator, device=device, dtype=torch.uint8)
+    q = torch.randint(0, 256, (blocks,), generator=generator, device=device, dtype=torch.uint8)
+    outer = torch.rand(-(-blocks // 256), generator=generator, device=device) * 0.5 * scale
+    return fa.ops.Weight4bit(packed, torch.tensor(NF4, device=device), q, (n, k), 64, nested_absmax=outer,
+                      nested_code=torch.linspace(-1, 1, 256, device=device), nested_offset=torch.tensor(scale, device=device))
+
+
 def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, int], dtype=torch.bfloat16,
                monkeypatch=None) -> None:
     """Run ``case`` on ``device`` and compare it with float64 (forward and every gradient)."""
-    if monkeypatch is not None and case.variant in VARIANTS:
+    if case.op == "lora_linear_4bit":  # its variant is chosen by rows until a record picks one: pin it
+        op4 = importlib.import_module("fastadapt.ops.lora_linear_4bit")  # the module (the package exports the op)
+        assert monkeypatch is not None, "a 4-bit case pins its variant with monkeypatch"
+        monkeypatch.setattr(op4, "FUSED_MAX_ROWS", 1 << 62 if case.variant == "fused" else 0)
+    elif monkeypatch is not None and case.variant in VARIANTS:
         monkeypatch.setenv("FASTADAPT_LORA_VARIANT", case.variant)
     slack = {torch.bfloat16: 2e-3, torch.float16: 5e-4, torch.float32: 1e-5}[dtype]
     k, n = width
     m = rows
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
 
     if case.op == "lora_merge":
         w = rnd(n, k, scale=k**-0.5)
@@ -127,10 +150,25 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
             xd = xx if keep is None else xx * keep.to(dt)
             return [xx @ w.to(dt).T + (0 if c is None else c.to(dt)) + 2.0 * ((xd @ a.to(dt).T) @ b.to(dt).T)
                     for w, a, b, c in zip(ws, a_s, b_s, biases)]
+    elif case.op == "lora_linear_4bit":
+        w4 = weight4bit(n, k, g, device, scale=k**-0.5)
+        a, b = rnd(8, k, scale=k**-0.5, dt=torch.float32), rnd(n, 8, scale=0.1, dt=torch.float32)
+        bias = rnd(n)
+        dys = [dy]
+        params = [a, b]
+
+        def run(xx, ps, backend):
+            return [fa.ops.lora_linear_4bit(xx, w4, *ps, scaling=2.0, bias=bias, dropout_p=p, backend=backend)]
+
+        def formula(xx, ps, keep, dt):
+            """The frozen product in the compute dtype (x's): deq(W) rounded to it once, as the op forms it."""
+            a_, b_ = ps
+            xd = xx if keep is None else xx * keep.to(dt)
+            return [xx @ w4.dequantize(dt).T + bias.to(dt) + 2.0 * ((xd @ a_.to(dt).T) @ b_.to(dt).T)]
     elif case.op == "dora_linear":
         w = rnd(n, k, scale=k**-0.5)
         a, b = rnd(8, k, scale=k**-0.5, dt=torch.float32), rnd(n, 8, scale=0.1, dt=torch.float32)
-        mag = (w.float().norm(dim=1) * (1 + 0.1 * torch.rand(n, generator=g).to(device))).float()
+        mag = (w.float().norm(dim=1) * (1 + 0.1 * torch.rand(n, generator=g, device=device))).float()
         bias = rnd(n)
         dys = [dy]
         params = [a, b, mag]
@@ -178,7 +216,7 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
     torch.manual_seed(seed_state)
     outs = run(inputs[0], inputs[1:], case.backend)
     got_grads = torch.autograd.grad(outs, inputs, dys)
-    keep = _mask(seed_state, m, k, p, device)
+    keep = _mask(seed_state, m, k, p, x.device)  # the generator the op drew from: its input's device
 
     def reference(dt):
         ins = [t.detach().to(dt).requires_grad_() for t in inputs]
@@ -196,12 +234,21 @@ def check_case(case: Case, device: torch.device, rows: int, width: tuple[int, in
         _compare(name, got, same, exact, slack)
 
 
+#: FASTADAPT_TINY_SHAPES (the CPU rehearsal of scripts/gpu-check.sh): the sizes and dtype of
+#: tests/ops/test_gpu_harness.py, which the Triton interpreter runs in seconds
+TINY_ROWS, TINY_WIDTH = {"decode": 16, "batch": 70}, (48, 40)
+
+
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
 def test_op_matches_float64(case, monkeypatch):
+    from fastadapt import settings
+
     if case.backend == "cuda":
         from fastadapt.ops import _native
 
         if not _native.native_available():
             pytest.fail(f"the CUDA extension is unavailable: {_native.native_load_error()}")
-    check_case(case, torch.device("cuda"), 1 if case.shape_class == "any" else ROWS[case.shape_class], WIDTH,
-               monkeypatch=monkeypatch)
+    tiny = settings.flag("FASTADAPT_TINY_SHAPES")
+    rows, width = (TINY_ROWS, TINY_WIDTH) if tiny else (ROWS, WIDTH)
+    check_case(case, torch.device("cuda"), 1 if case.shape_class == "any" else rows[case.shape_class], width,
+               dtype=torch.float32 if tiny else torch.bfloat16, monkeypatch=monkeypatch)

@@ -22,7 +22,8 @@ TRITON_CASES = [c for c in harness.cases() if c.backend == "triton"]
 
 def test_every_record_key_has_a_case():
     keys = {(c.op, c.backend, c.shape_class) for c in harness.cases()}
-    for op in ("lora_linear", "lora_linear_group", "parallel_adapter", "bottleneck_adapter", "dora_linear"):
+    for op in ("lora_linear", "lora_linear_group", "parallel_adapter", "bottleneck_adapter", "dora_linear",
+               "lora_linear_4bit"):
         assert {(op, "triton", "decode"), (op, "triton", "batch")} <= keys
     assert ("lora_merge", "cuda", "any") in keys
 

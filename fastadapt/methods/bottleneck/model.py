@@ -63,19 +63,25 @@ def series_position(model: nn.Module, config: SeriesConfig, name: str) -> str:
     )
 
 
-def apply(model: nn.Module, config: BottleneckConfig) -> tuple[list[str], list]:
+def targets(model: nn.Module, config: BottleneckConfig) -> dict[str, dict[str, Any]]:
+    """The modules an adapter of ``config`` goes on, each with its side (all checked here)."""
     names = resolve_targets(model, config)
     if config.method == "parallel":
-        positions = dict.fromkeys(names, "parallel")
-    else:
-        positions = {n: series_position(model, config, n) for n in names}  # all checked before any swap
-    for name in names:
-        module = BottleneckLinear(
-            model.get_submodule(name), position=positions[name], bottleneck=config.bottleneck,
-            activation=config.activation, dropout=config.dropout, scaling=config.scaling, init=config.init,
-        )
-        swap_module(model, name, module)
-    return names, []
+        return {n: {"position": "parallel"} for n in names}
+    return {n: {"position": series_position(model, config, n)} for n in names}
+
+
+def build(layer: nn.Module, config: BottleneckConfig, *, position: str) -> BottleneckLinear:
+    """One target's module, as ``apply`` builds it."""
+    return BottleneckLinear(layer, position=position, bottleneck=config.bottleneck, activation=config.activation,
+                            dropout=config.dropout, scaling=config.scaling, init=config.init)
+
+
+def apply(model: nn.Module, config: BottleneckConfig) -> tuple[list[str], list]:
+    chosen = targets(model, config)  # all checked before any swap
+    for name, options in chosen.items():
+        swap_module(model, name, build(model.get_submodule(name), config, **options))
+    return list(chosen), []
 
 
 def adapter_config(model: nn.Module, config: BottleneckConfig) -> dict[str, Any]:

@@ -16,6 +16,12 @@ PEFT_TYPE = lora.PEFT_TYPE
 TRAINING_OPTIONS = lora.TRAINING_OPTIONS
 read_config = lora.read_config
 check_loaded = lora.check_loaded
+targets = lora.targets
+
+
+def build(layer: nn.Module, config: DoraConfig) -> DoraLinear:
+    """One target's module, as ``apply`` builds it."""
+    return lora.build(layer, config, DoraLinear)
 
 
 def apply(model: nn.Module, config: DoraConfig) -> tuple[list[str], list]:

@@ -46,6 +46,16 @@ def apply(model: nn.Module, config: LoraConfig) -> tuple[list[str], list]:
     return names, []
 
 
+def targets(model: nn.Module, config: LoraConfig) -> dict[str, dict[str, Any]]:
+    """The modules a LoRA adapter of ``config`` goes on (already wrapped ones included), no options."""
+    return dict.fromkeys(resolve_targets(model, config.targets), {})
+
+
+def build(layer: nn.Module, config: LoraConfig, module_class: type[LoraLinear] = LoraLinear) -> LoraLinear:
+    """One target's module, as ``apply`` builds it."""
+    return module_class(layer, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora)
+
+
 def swap_in(model: nn.Module, config: LoraConfig, module_class: type[LoraLinear]) -> list[str]:
     """Put a ``module_class`` (LoraLinear or a subclass) on every target; returns their names."""
     names = resolve_targets(model, config.targets)
@@ -54,7 +64,7 @@ def swap_in(model: nn.Module, config: LoraConfig, module_class: type[LoraLinear]
     for name in names:
         base = model.get_submodule(name)
         try:
-            new = module_class(base, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora)
+            new = build(base, config, module_class)
         except (TypeError, ValueError) as e:  # the module's own check: say which target
             raise type(e)(f"target {name!r}: {e}") from None
         swap_module(model, name, new)
