@@ -647,7 +647,8 @@ def write_lora_adapter(model: nn.Module, path: str | os.PathLike, tensors: dict[
     folded into its ``lora_b``, so ``alpha / r · B' A`` is exactly its ``scaling · B A``."""
     check_lora_adapter(model)
     lay = layout(model)
-    modules = list(adapter_modules(model))
+    # with named adapters, a module the active adapter does not target holds zeros: not written
+    modules = [(name, m) for name, m in adapter_modules(model) if getattr(m, "active", True)]
     first_name, first = modules[0]
     first_r = tensors[f"{first_name}.lora_A.weight"].shape[0]
     # the file holds alpha as float32: fold against that value; a zero alpha means "no scaling" to llama.cpp

@@ -498,6 +498,38 @@ def test_adapter_refusals(tok, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_adapter_file_of_a_named_adapter(tmp_path):
+    """Named adapters (fa.load_adapter(adapter_name=)): the GGUF file holds the active adapter at its own
+    rank and scaling (slots keep the largest rank loaded) and only the modules it targets; another
+    adapter is refused by name."""
+    pytest.importorskip("peft")
+    from named_adapters import LORA_SPECS, peft_folders
+
+    folders = peft_folders(tmp_path / "peft")
+    model = tiny_model("llama")
+    for name in ("code", "math"):
+        fa.load_adapter(model, folders[name], adapter_name=name)
+    for name in ("math", "code"):
+        fa.set_adapter(model, name)
+        path = fa.save_adapter(model, tmp_path / f"{name}.gguf", format="gguf", adapter_name=name)
+        meta, pairs = adapter_pairs(path)
+        r, alpha, targets, _ = LORA_SPECS[name]
+        lay = gguf_io.layout(model)
+        written = [n for n, m in adapter_modules(model) if n.endswith(tuple(targets))]
+        assert len(pairs) == len(written) > 0
+        for module_name in written:
+            module = model.get_submodule(module_name)
+            gguf_name, kind = lay.name(f"{module_name}.weight")
+            a, b = pairs[gguf_name]["lora_a"], pairs[gguf_name]["lora_b"]
+            assert a.shape[0] == r
+            delta = meta["adapter.lora.alpha"] / r * lay.from_file(kind, b) @ a
+            want = alpha / r * module.lora_B.weight[:, :r] @ module.lora_A.weight[:r]
+            assert torch.allclose(delta, want, rtol=1e-5, atol=1e-7), (name, module_name)
+    with pytest.raises(ValueError, match=r"'math' is not the active adapter.*fa.set_adapter\(model, 'math'\)"):
+        fa.save_adapter(model, tmp_path / "x.gguf", format="gguf", adapter_name="math")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_gguf_is_needed_with_a_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)
     with pytest.raises(ImportError, match=r"pip install 'gguf>="):
