@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = ("transformers", "gguf")
 DEFAULT_GGUF_QUANT = "q8_0"
+#: a quantized GGUF export warns when its error on the probe batch is at least this fraction of the
+#: adapter's own effect there
+LOST_ADAPTER = 0.5
 #: The probe batch on which exports are checked (merged vs adapted, reloaded vs merged, quantized vs
 #: unquantized): a sentence and a GSM8K-style problem.
 PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Natalia sold 48 clips in April.")
@@ -220,10 +223,14 @@ class QuantizationError:
     max_abs_logit_diff: float
     argmax_agreement: float  # fraction of positions where both pick the same next token
     tokens: int
+    #: for scale, mean |Δlogit| of the unquantized merged model against its base (the adapter's own
+    #: effect); None without an unmerged adapter
+    adapter_effect: float | None = None
 
     def __str__(self) -> str:
+        effect = "" if self.adapter_effect is None else f"; the adapter itself moves them by {self.adapter_effect:.4f}"
         return (f"mean |Δlogit| {self.mean_abs_logit_diff:.4f}, max {self.max_abs_logit_diff:.3f}, "
-                f"argmax agreement {self.argmax_agreement:.1%} on {self.tokens} probe tokens")
+                f"argmax agreement {self.argmax_agreement:.1%} on {self.tokens} probe tokens{effect}")
 
 
 @dataclass(frozen=True)
@@ -272,13 +279,25 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any, qu
         if _tied(model):
             state_dict.pop("lm_head.weight", None)
         tensors = gguf_io.file_tensors(state_dict, lay, quant)
-        error = None if quant == "f32" else _quantization_error(model, state_dict, tensors, lay, tokenizer)
+        error = None if quant == "f32" else _quantization_error(model, state_dict, tensors, lay, tokenizer,
+                                                                _base_weights(model, state_dict))
+        effect = None if error is None else error.adapter_effect
+        if effect and error.mean_abs_logit_diff >= LOST_ADAPTER * effect:
+            # a short fine-tune moves each weight by less than a quantization step: rounding the merged
+            # weight lands it back on the base's grid point (docs/gguf.md, measured)
+            logger.warning("%s rounding moves the logits by %.0f%% of what the adapter itself moves them (mean "
+                           "|Δlogit| %.3g vs %.3g on the probe batch): the file has lost much of the adapter; "
+                           "q8_0, or the base GGUF plus save_adapter(format='gguf'), keeps it", quant,
+                           100 * error.mean_abs_logit_diff / error.adapter_effect, error.mean_abs_logit_diff,
+                           error.adapter_effect)
         extra = {"source": "fastadapt export", "adapter": state.method if state is not None else "none"}
         if error is not None:
             extra.update({"quantization.type": quant, "quantization.probe_tokens": error.tokens,
                           "quantization.mean_abs_logit_diff": error.mean_abs_logit_diff,
                           "quantization.max_abs_logit_diff": error.max_abs_logit_diff,
                           "quantization.argmax_agreement": error.argmax_agreement})
+            if error.adapter_effect is not None:
+                extra["quantization.adapter_effect_mean_abs_logit_diff"] = error.adapter_effect
         gguf_io.write_model(path, lay=lay, hp=hp, tokenizer=tok, tensors=tensors, quant=quant,
                             name=name or _model_name(model, path), extra=extra)
     finally:
@@ -315,9 +334,10 @@ def _model_name(model: nn.Module, path: Path) -> str:
 
 @torch.no_grad()
 def _quantization_error(model: nn.Module, state_dict: dict[str, torch.Tensor], tensors: list, lay: Any,
-                        tokenizer: Any) -> QuantizationError:
+                        tokenizer: Any, base: dict[str, torch.Tensor] | None = None) -> QuantizationError:
     """Logits of a plain copy of the model holding the file's (dequantized) weights against the same
-    copy holding ``state_dict`` (the unquantized merged weights)."""
+    copy holding ``state_dict`` (the unquantized merged weights); with ``base`` (the adapted weights'
+    base values, :func:`_base_weights`) also that copy's against its base."""
     dtype = next(iter(state_dict.values())).dtype
     device = next(iter(state_dict.values())).device
     values = {t.hf_name: t.values(lay).to(device, dtype) for t in tensors}
@@ -336,8 +356,29 @@ def _quantization_error(model: nn.Module, state_dict: dict[str, torch.Tensor], t
     mask = batch.get("attention_mask", torch.ones(batch["input_ids"].shape, device=device)).bool()
     diff = (quantized - reference).abs()[mask]
     agree = (quantized.argmax(-1) == reference.argmax(-1))[mask]
+    effect = None
+    if base:
+        twin.load_state_dict(base, strict=False)
+        effect = (twin(**batch).logits.float() - reference).abs()[mask].mean().item()
     return QuantizationError(mean_abs_logit_diff=diff.mean().item(), max_abs_logit_diff=diff.max().item(),
-                             argmax_agreement=agree.float().mean().item(), tokens=int(mask.sum()))
+                             argmax_agreement=agree.float().mean().item(), tokens=int(mask.sum()),
+                             adapter_effect=effect)
+
+
+def _base_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The base weights under the merged state dict's names, for the unmerged adapted modules of an
+    unsharded model (dequantized for a 4-bit/8-bit base); None when there are none."""
+    if distributed.is_sharded(model):
+        return None
+    out = {}
+    for name, module in adapter_modules(model):
+        key = f"{name}.weight"
+        if module.merged or key not in state_dict:
+            continue
+        base = module.base_layer
+        weight = dequantized_weight(base, torch.float32) if quantized_kind(base) is not None else base.weight
+        out[key] = weight.detach().to(state_dict[key].device, state_dict[key].dtype)
+    return out or None
 
 
 def _plain_class(model: nn.Module) -> type:

@@ -223,6 +223,28 @@ def test_metadata(tok, tmp_path):
     assert 0 <= meta["fastadapt.quantization.argmax_agreement"] <= 1
 
 
+def test_a_rounded_away_adapter_is_measured_and_warned(tok, tmp_path, caplog):
+    """The recorded error comes with the adapter's own effect for scale; an adapter far smaller than a
+    quantization step (rounded away, as a short fine-tune in q4_x/q5_x: docs/gguf.md) is warned about."""
+    model = adapted("llama", tok)
+    with caplog.at_level("WARNING", logger="fastadapt.export"):
+        kept = export_gguf(model, tmp_path / "big-q8_0.gguf", tokenizer=tok, quant="q8_0")
+    assert not caplog.records and kept.error.adapter_effect > 10 * kept.error.mean_abs_logit_diff
+    meta, _ = fields(kept.path)
+    assert meta["fastadapt.quantization.adapter_effect_mean_abs_logit_diff"] == pytest.approx(
+        kept.error.adapter_effect, rel=1e-6)
+    randomize_adapters(model, scale=0.003)  # ΔW ~ 1e-5: far below q4_0's steps (~0.03)
+    batch = probe(tok)
+    plain = copy.deepcopy(model)
+    fa.unpatch(plain)
+    want = mean_diff(logits(model, batch), logits(plain, batch), batch)
+    with caplog.at_level("WARNING", logger="fastadapt.export"):
+        lost = export_gguf(model, tmp_path / "small-q4_0.gguf", tokenizer=tok, quant="q4_0")
+    assert lost.error.adapter_effect == pytest.approx(want, rel=1e-3)
+    assert lost.error.mean_abs_logit_diff > lost.error.adapter_effect
+    assert "has lost much of the adapter" in caplog.text and "q4_0 rounding" in caplog.text
+
+
 def test_low_bit_types_keep_the_output_at_q8_0(tok, tmp_path):
     tied = gguf_model("llama", vocab_size=len(tok), tie_word_embeddings=True)
     _, tensors = fields(export_gguf(tied, tmp_path / "t.gguf", tokenizer=tok, quant="q4_0").path)
