@@ -486,6 +486,7 @@ def test_adapter_folds_other_scalings_and_ranks(tok, tmp_path):
     wide = model.get_submodule(modules[2][0])  # another rank (rank_pattern): rebuild its factors at r=6
     wide.lora_A.weight = torch.nn.Parameter(torch.randn(6, wide.in_features) * 0.1)
     wide.lora_B.weight = torch.nn.Parameter(torch.randn(wide.out_features, 6) * 0.1)
+    wide.r = 6  # saving cuts a module's tensors to its own rank (named adapters' slots)
     model.fastadapt_state.adapter_keys[:] = sorted(model.fastadapt_state.adapter_keys)
     path = fa.save_adapter(model, tmp_path / "a.gguf", format="gguf")
     meta, pairs = adapter_pairs(path)
