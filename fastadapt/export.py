@@ -368,7 +368,7 @@ def _quantization_error(model: nn.Module, state_dict: dict[str, torch.Tensor], t
 def _base_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """The base weights under the merged state dict's names, for the unmerged adapted modules of an
     unsharded model (dequantized for a 4-bit/8-bit base); None when there are none."""
-    if distributed.is_sharded(model):
+    if get_state(model) is None or distributed.is_sharded(model):
         return None
     out = {}
     for name, module in adapter_modules(model):
