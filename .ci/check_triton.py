@@ -90,6 +90,7 @@ class TritonLaunch:
     kwargs: dict
     configs: list | None = None  # an autotuned launch: every config it may take
     grid: tuple | None = None  # a fixed grid (None: computed per autotune config)
+    spec_keys: list = field(default_factory=list)  # its compile specs (the first: the untuned config)
 
     @property
     def programs(self) -> int | None:
@@ -184,7 +185,10 @@ def recording():
         while not isinstance(fn, JITFunction):
             fn = fn.fn
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        rec.launches.append(TritonLaunch(fn, args, kwargs, configs=list(self.configs)))
+        configs = list(self.configs)
+        if self.early_config_prune:  # what the autotuner would time for these arguments
+            configs = self.early_config_prune(configs, dict(zip(self.arg_names, args)), **kwargs)
+        rec.launches.append(TritonLaunch(fn, args, kwargs, configs=configs))
 
     JITFunction.run, Autotuner.run = jit_run, tuned_run
     try:
@@ -215,7 +219,8 @@ def _triton_flops(name: str, b: dict) -> float:
     return {
         "_lora_shrink_kernel": 2.0 * M * K * R,
         "_lora_rank_kernel": 2.0 * M * N * R,
-        "_lora_gemm_kernel": 2.0 * M * N * (K + R),
+        "_lora_gemm_kernel": 2.0 * M * N * (K + R) + (4.0 * M * N * R if b.get("GRAD_A") else 0.0),
+        "_lora_gemm_tma_kernel": 2.0 * M * N * (K + R) + (4.0 * M * N * R if b.get("GRAD_A") else 0.0),
         "_lora_dy_pass_kernel": 4.0 * M * N * R,
         "_dora_norm_kernel": 2.0 * N * K * R,
         "_lora_ds_kernel": 2.0 * M * N * R,
@@ -232,28 +237,121 @@ def _triton_flops(name: str, b: dict) -> float:
 
 #: Triton kernels whose time may be MMA-bound: the model runs them at peak × an assumed efficiency
 #: (1 in the headline figures; break-even efficiencies are recorded beside them).
-TRITON_GEMMS = {"_lora_gemm_kernel", "_lora_gemm_4bit_kernel",
+TRITON_GEMMS = {"_lora_gemm_kernel", "_lora_gemm_tma_kernel", "_lora_gemm_4bit_kernel",
                 "_weight_grad_kernel", "_bottleneck_fwd_kernel", "_bottleneck_bwd_kernel",
                 "_bottleneck_hidden_kernel", "_bottleneck_dh_kernel", "_bottleneck_expand_kernel"}
 
 
-def to_plan(rec: Recording) -> perf_model.Plan:
+def _launch_kwargs(launch: TritonLaunch) -> dict:
+    """The launch's bound arguments with its config (an autotuned launch: the first config, the one
+    the untuned path runs)."""
+    b = _bound(launch)
+    b.update({k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs})  # launch options
+    if launch.configs:
+        b.update(launch.configs[0].all_kwargs())
+    return b
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _programs(launch: TritonLaunch, b: dict) -> int | None:
+    """Grid size: recorded for a fixed grid; for an autotuned GEMM, from its (first) config."""
+    if launch.programs is not None:
+        return launch.programs
+    if "BLOCK_M" in b and "BLOCK_N" in b and "M" in b and "N" in b:
+        tiles = _cdiv(b["M"], b["BLOCK_M"]) * _cdiv(b["N"], b["BLOCK_N"])
+        return min(tiles, b["NUM_SMS"]) if b.get("NUM_SMS") else tiles
+    return None
+
+
+def _trips(name: str, b: dict) -> int:
+    """How many times the kernel's main loop (the largest loop in its SASS) runs per program."""
+    rows = b.get("rows_per_split")
+    trips = {
+        "_lora_shrink_kernel": lambda: _cdiv(b["K"], b["BLOCK_K"]),
+        "_lora_norm_shrink_kernel": lambda: _cdiv(b["K"], b["BLOCK_K"]),
+        "_lora_rank_kernel": lambda: _cdiv(b["R"], b["BLOCK_R"]),
+        "_lora_gemm_kernel": lambda: _cdiv(b["K"], b["BLOCK_K"]),
+        "_lora_gemm_tma_kernel": lambda: _cdiv(b["K"], b["BLOCK_K"]),
+        "_lora_dy_pass_kernel": lambda: _cdiv(rows, b["BLOCK_M"]),
+        "_lora_ds_kernel": lambda: _cdiv(b["N"], b["BLOCK_N"]),
+        "_weight_grad_kernel": lambda: _cdiv(rows, b["BLOCK_M"]),
+        "_dora_norm_kernel": lambda: _cdiv(b["K"], b["BLOCK_K"]),
+        "_sum_partials_kernel": lambda: max(b.get("parts_a", 1), b.get("parts_b", 1)),
+    }.get(name)
+    try:
+        return max(1, trips()) if trips else 1
+    except (KeyError, TypeError):
+        return 1
+
+
+def _l2_rereads(name: str, b: dict, programs: int | None) -> float:
+    """Bytes a launch reads from L2 beyond one read of each tensor: operands every program (or every
+    row / column block) reads again. A GEMM's own tile re-reads are left out (cuBLAS pays them
+    too; perf_model's docstring); the rank operands it adds are counted."""
+    def size(key):
+        t = b.get(key)
+        return _nbytes(t) if isinstance(t, torch.Tensor) else 0
+
+    def blocks(n_key, blk_key):
+        return _cdiv(b[n_key], b[blk_key]) if b.get(n_key) and b.get(blk_key) else 1
+
+    if name in ("_lora_shrink_kernel", "_lora_norm_shrink_kernel"):
+        # every row block reads its rank tile of A over all of K (A is often an fp32 master copy)
+        m_blocks = blocks("M", "BLOCK_M")
+        return (m_blocks - 1) * size("a_ptr")
+    if name in ("_lora_rank_kernel", "_lora_gemm_kernel", "_lora_gemm_tma_kernel"):
+        return (blocks("N", "BLOCK_N") - 1) * size("s_ptr") + (blocks("M", "BLOCK_M") - 1) * size("b_ptr")
+    if name == "_lora_dy_pass_kernel":
+        return (b.get("n_blocks", blocks("N", "BLOCK_N")) - 1) * size("s_ptr")
+    if name == "_lora_ds_kernel":
+        return (blocks("M", "BLOCK_M") - 1) * size("b_ptr")
+    if name == "_weight_grad_kernel":
+        j1 = blocks("J1", "BLOCK_J1")
+        return (j1 - 1) * size("a1_ptr") + (blocks("I1", "BLOCK_I1") - 1) * size("b1_ptr")
+    return 0.0
+
+
+def _launch_bytes(launch: TritonLaunch, b: dict) -> int:
+    seen, nbytes = set(), 0
+    for arg in launch.args:
+        t = getattr(arg, "base", arg)  # a TMA descriptor moves its tensor's bytes
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            nbytes += _nbytes(t)
+    if b.get("ACCUMULATE"):  # read-modify-write of the output: it is read as well
+        nbytes += _nbytes(b["out_ptr"])
+    if launch.name == "_masked_scale_kernel":  # in place: read and written
+        nbytes += _nbytes(b["t_ptr"])
+    return nbytes
+
+
+def to_plan(rec: Recording, compiled: dict | None = None,
+            device: perf_model.Device | None = None) -> perf_model.Plan:
+    """The model's launches for a recording. ``compiled`` (spec key -> compile result) gives the
+    Triton launches their instruction-issue time from the SASS (on ``device``); without it that
+    term is 0 (``--no-compile``)."""
     plan = perf_model.Plan()
     for launch in rec.launches:
         if isinstance(launch, TritonLaunch):
-            b = _bound(launch)
-            seen, nbytes = set(), 0
-            for arg in launch.args:
-                if isinstance(arg, torch.Tensor) and id(arg) not in seen:
-                    seen.add(id(arg))
-                    nbytes += _nbytes(arg)
-            if b.get("ACCUMULATE"):  # read-modify-write of the output: it is read as well
-                nbytes += _nbytes(b["out_ptr"])
-            if launch.name == "_masked_scale_kernel":  # in place: read and written
-                nbytes += _nbytes(b["t_ptr"])
+            b = _launch_kwargs(launch)
+            programs = _programs(launch, b)
+            nbytes = _launch_bytes(launch, b)
+            issue = 0.0
+            res = (compiled or {}).get(launch.spec_keys[0]) if launch.spec_keys else None
+            if res and res.get("ok") and res.get("mix") and device is not None:
+                mix = perf_model.InstructionMix.from_json(res["mix"])
+                warps = b.get("num_warps", 4)
+                issue = perf_model.issue_seconds(mix.per_warp(_trips(launch.name, b)), warps * (programs or 1),
+                                                 device, programs=programs)
             plan.launches.append(perf_model.Launch(launch.name, _triton_flops(launch.name, b), nbytes,
                                                    triton_gemm=launch.name in TRITON_GEMMS,
-                                                   programs=launch.programs))
+                                                   programs=launch.programs,
+                                                   l2_bytes=nbytes + _l2_rereads(launch.name, b, programs)
+                                                   + _weight_rereads(launch),
+                                                   issue_s=issue))
         else:
             nbytes = sum(_nbytes(t) for t in launch.outputs)
             if launch.name not in _WRITE_ONLY:
@@ -507,6 +605,16 @@ def _weight_reads(launch: TritonLaunch) -> int:
     return per_program() * (launch.programs or 1) if per_program else 0
 
 
+def _weight_rereads(launch: TritonLaunch) -> int:
+    """A bottleneck row kernel's adapter-weight reads beyond the first (from L2)."""
+    total = _weight_reads(launch)
+    if not total:
+        return 0
+    b = _bound(launch)
+    once = sum(_nbytes(b[k]) for k in ("wd_ptr", "wu_ptr", "w_ptr") if isinstance(b.get(k), torch.Tensor))
+    return max(0, total - once)
+
+
 def bottleneck_fields(sc: Scenario, fwd: perf_model.Plan, bwd: perf_model.Plan, fwd_rec: Recording,
                       bwd_rec: Recording, device: perf_model.Device) -> dict:
     """The series adapter's record: the plan, bytes against the eager baseline and the memory
@@ -578,6 +686,8 @@ def compile_specs(launch: TritonLaunch, all_configs: bool) -> list[dict]:
         kwargs = dict(launch.kwargs)
         if cfg is not None:
             kwargs.update(cfg.all_kwargs())
+            if cfg.pre_hook is not None:  # e.g. TMA descriptors taking the config's block shapes
+                cfg.pre_hook({**dict(zip(launch.fn.arg_names, launch.args)), **kwargs})
         bound_args, specialization, options = binder(*launch.args, **kwargs)
         options, signature, constexprs, attrs = launch.fn._pack_args(backend, kwargs, bound_args, specialization,
                                                                      options)
@@ -634,7 +744,7 @@ def compile_one(spec: dict, sass_dir: Path | None = None) -> dict:
         spill = max(int(fields["LOCAL"]), int(fields["STACK"]) if local_traffic else 0)
         return {"ok": True, "registers": int(fields["REG"]), "spill_bytes": spill,
                 "stack_bytes": int(fields["STACK"]), "shared_bytes": int(kernel.metadata.shared),
-                "sass_instructions": n_sass,
+                "sass_instructions": n_sass, "mix": perf_model.sass_mix(sass).to_json(),
                 "seconds": round(time.time() - started, 1)}
     except Exception as exc:  # a failed compile is a record (and a red exit), not a crash
         return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}",
@@ -651,6 +761,13 @@ SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 #: compiles them too. Keeps the CI report within ~10 s of its time without DoRA.
 DORA_DROPOUT_CI = {"_lora_shrink_kernel", "_masked_scale_kernel"}
 TARGET = Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1)
+#: The gates' ragged cases (every variant, every config they may select): M ≡ 1 mod 16 at a batch
+#: and a decode size, with K = 4100 (rows not 16-byte aligned: the plain GEMM path, not TMA); M = 65
+#: on both paths (its bucket, 128, may select every tile of 16 to 128 rows; dA inside dX at 128);
+#: and a q/k/v group of rank 12 whose S slices start off 16-byte boundaries.
+RAGGED = (Scenario("lora_linear", 8193, 4100, 4096, 16, 0.1), Scenario("lora_linear", 17, 4100, 4096, 16, 0.1),
+          Scenario("lora_linear", 65, 4100, 4096, 16, 0.1), Scenario("lora_linear", 65, 4096, 4096, 16, 0.1),
+          Scenario("lora_group", 8193, 4096, (4096, 4096, 4096), 12, 0.1))
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -677,6 +794,7 @@ def scenarios(full: bool) -> list[Scenario]:
             for r in ((8, 16, 64) if full else (16,)):
                 for p in (0.0, 0.1):
                     out.append(Scenario("dora_linear", M, K, N, r, p))
+    out += RAGGED
     if full:
         out.append(Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1, torch.float32))
         for M in (2048, 8192):  # the fp32 tiles of both plans
@@ -696,163 +814,233 @@ def weight_sized_temporaries(rec: Recording, results: list[torch.Tensor], sc: Sc
                 and sc.M not in t.shape), default=0)
 
 
+def peft_records(sc: Scenario, frozen_fwd: perf_model.Plan, frozen_bwd: perf_model.Plan,
+                 device: perf_model.Device) -> list[dict]:
+    """PEFT's LoRA (or DoRA) layer on the scenario, fp32 and bf16 adapters: the baselines' records."""
+    out = []
+    dora_peft = sc.op == "dora_linear"
+    for name, fp32 in (("peft_default", True), ("peft_bf16", False)):
+        peft = peft_plans(sc, fp32_adapters=fp32, dora=dora_peft)
+        name = name.replace("peft", "peft_dora") if dora_peft else name
+        if peft is not None:
+            out.append({"op": sc.op, "scenario": sc.name, "variant": name, "default": False,
+                        "device_model": device.name, "M": sc.M, "K": sc.K, "N": sc.N, "r": sc.r,
+                        "dropout": sc.p, "launches_fwd": len(peft[0]), "launches_bwd": len(peft[1]),
+                        "bytes_moved": peft[0].bytes + peft[1].bytes, "temp_bytes": peft[2],
+                        "weight_sized_temp_bytes": peft[3],
+                        "predicted_over_frozen": round(perf_model.over_frozen(
+                            *peft[:2], frozen_fwd, frozen_bwd, device), 4),
+                        "dominant": perf_model.dominant_terms(list(peft[:2]), [frozen_fwd, frozen_bwd], device)})
+    return out
+
+
+def curve_fields(plans: list[perf_model.Plan], frozen: list[perf_model.Plan], device: perf_model.Device) -> dict:
+    """× frozen at cuBLAS parity and along the Triton-GEMM fraction curve, and what dominates."""
+    def over(eff):
+        return sum(p.seconds(device, triton_gemm_efficiency=eff) for p in plans) / sum(
+            p.seconds(device, triton_gemm_efficiency=eff) for p in frozen)
+
+    mid = perf_model.CUBLAS_FRACTIONS[1]
+    return {"predicted_over_frozen": round(over(1.0), 4),
+            "over_frozen_at": {f"{e:.2f}": round(over(e), 4) for e in perf_model.CUBLAS_FRACTIONS},
+            "dominant": perf_model.dominant_terms(plans, frozen, device, triton_gemm_efficiency=mid),
+            "top_launches": perf_model.top_launches(plans, device, triton_gemm_efficiency=mid)}
+
+
+def _triton_launches(run: dict):
+    """(pass name, launch) for every Triton launch of a recorded op call."""
+    parts = [("fwd", run["fwd"][0]), ("bwd", run["bwd"][0])] + ([("norm", run["norm"][0])] if "norm" in run else [])
+    for part, recd in parts:
+        for launch in recd.launches:
+            if isinstance(launch, TritonLaunch):
+                yield part, launch
+
+
+def compile_all(jobs: dict[str, dict], n_jobs: int, sass_dir: Path | None) -> dict[str, dict]:
+    """Compile every job for sm_90a in a process pool; spec key -> result."""
+    results: dict[str, dict] = {}
+    if not jobs:
+        return results
+    if sass_dir:
+        sass_dir.mkdir(parents=True, exist_ok=True)
+    with futures.ProcessPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+        pending = {pool.submit(compile_one, spec, sass_dir): key for key, spec in jobs.items()}
+        for n, done in enumerate(futures.as_completed(pending), 1):
+            key = pending[done]
+            results[key] = res = done.result()
+            spec = jobs[key]
+            state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['stack_bytes']} B stack, "
+                     f"{res['shared_bytes']} B smem, {res['sass_instructions']} SASS" if res["ok"] else "FAILED")
+            print(f"[check_triton] {n}/{len(jobs)} {spec['kernel']} [{spec['config']}]: {state} ({res['seconds']} s)",
+                  flush=True)
+    return results
+
+
+def gate_compiles(launch: TritonLaunch, results: dict, problems: list, where: str) -> None:
+    """Every config the autotuner may select must compile without spills: a config over sm_90's
+    shared memory cannot launch (the autotuner skips it), so it only fails the gate when no config
+    of the launch fits."""
+    fits = 0
+    for key in launch.spec_keys:
+        res = results.get(key)
+        if res is None:
+            continue
+        cfg = json.loads(key)[0]
+        if not res["ok"]:
+            problems.append(f"{where}: {cfg} failed to compile: {res['error'][-300:]}")
+            continue
+        if res["shared_bytes"] > SMEM_LIMIT:
+            continue
+        fits += 1
+        if res["spill_bytes"]:
+            problems.append(f"{where}: {launch.name} [{_config_of(key, results)}] spills {res['spill_bytes']} B")
+    if launch.spec_keys and all(k in results for k in launch.spec_keys) and not fits:
+        problems.append(f"{where}: no config of {launch.name} fits sm_90's {SMEM_LIMIT} B of shared memory")
+
+
+def _config_of(key: str, results: dict) -> str:
+    return results[key].get("config", "")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the records here")
-    ap.add_argument("--full", action="store_true", help="the whole sweep and every autotune config")
+    ap.add_argument("--full", action="store_true", help="the whole sweep (more shapes, ranks, M, fp32)")
     ap.add_argument("--device", choices=sorted(perf_model.DEVICES), default="h100", help="model ceilings")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
-    ap.add_argument("--no-compile", action="store_true", help="the model only (no sm_90a compiles)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="the model only (no sm_90a compiles: the instruction-issue term is left out)")
     ap.add_argument("--sass-dir", type=Path, help="also write each compile's SASS here (to read the inner loop)")
     ap.add_argument("--only", action="append", metavar="OP", help="only this op's scenarios (repeatable)")
     args = ap.parse_args(argv)
     device = perf_model.DEVICES[args.device]
     started = time.time()
 
-    records, problems = [], []
-    lora_plans: dict[tuple, tuple[perf_model.Plan, perf_model.Plan]] = {}  # LoRA's default, for DoRA's over_lora
+    records, problems, goals = [], [], []
     jobs: dict[str, dict] = {}  # spec key -> spec
-    uses: list[tuple[dict, str, bool]] = []  # (context record, spec key, default path)
+    runs: list[tuple[Scenario, str, dict]] = []
     sweep = [sc for sc in scenarios(args.full) if not args.only or sc.op in args.only]
+    # 1. record every scenario and variant on meta tensors; every config any launch may take is a compile
     for sc in sweep:
-        frozen_fwd, frozen_bwd = frozen_plans(sc)
-        plans = {}
-        if sc.op in ("lora_linear", "dora_linear") and sc.M >= 512:
-            dora_peft = sc.op == "dora_linear"
-            for name, fp32 in (("peft_default", True), ("peft_bf16", False)):
-                peft = peft_plans(sc, fp32_adapters=fp32, dora=dora_peft)
-                name = name.replace("peft", "peft_dora") if dora_peft else name
-                if peft is not None:
-                    records.append({"op": sc.op, "scenario": sc.name, "variant": name, "default": False,
-                                    "device_model": device.name, "M": sc.M, "K": sc.K, "N": sc.N, "r": sc.r,
-                                    "dropout": sc.p, "launches_fwd": len(peft[0]), "launches_bwd": len(peft[1]),
-                                    "bytes_moved": peft[0].bytes + peft[1].bytes, "temp_bytes": peft[2],
-                                    "weight_sized_temp_bytes": peft[3],
-                                    "predicted_over_frozen": round(perf_model.over_frozen(
-                                        *peft[:2], frozen_fwd, frozen_bwd, device), 4)})
         for variant in VARIANTS if has_variants(sc.op) else (DEFAULT_VARIANT,):
-            default = variant == DEFAULT_VARIANT
             run = run_op(sc, variant)
-            (fwd_rec, fwd_res), (bwd_rec, bwd_res) = run["fwd"], run["bwd"]
-            fwd, bwd = to_plan(fwd_rec), to_plan(bwd_rec)
-            norm_plan = None
-            if "norm" in run:  # DoRA's row norms: once per training step; cached when decoding
-                norm_plan = to_plan(run["norm"][0])
-                if sc.M > 16:
-                    fwd = perf_model.Plan(norm_plan.launches + fwd.launches)
-            plans[variant] = (fwd, bwd)
-            temp = max(temporaries(fwd_rec, fwd_res), temporaries(bwd_rec, bwd_res))
-            s_saved, bits = run["saved"]
-            mask_bits_per_elem = bits.numel() * 32 / (sc.M * sc.K) if bits.numel() else 0.0
-            mask_bits_allowed = -(-sc.K // 32) * 32 / sc.K  # 1 bit per element, rows padded to 32
-            rec = {
-                "op": sc.op, "scenario": sc.name, "variant": variant, "default": default, "device_model": device.name,
-                "M": sc.M, "K": sc.K, "N": sc.N, "r": sc.r, "dropout": sc.p, "dtype": str(sc.dtype),
-                "temp_bytes": temp, "launches_fwd": len(fwd), "launches_bwd": len(bwd),
-                "kernels_fwd": [k.name for k in fwd.launches], "kernels_bwd": [k.name for k in bwd.launches],
-                "bytes_moved": fwd.bytes + bwd.bytes, "flops": fwd.flops + bwd.flops,
-                "saved_extra_bytes": sum(_nbytes(t) for t in (s_saved, bits, *run.get("saved_more", []))),
-                "mask_bits_per_element": mask_bits_per_elem,
-                "predicted_us": round((fwd.seconds(device) + bwd.seconds(device)) * 1e6, 1),
-            }
-            if sc.op == "bottleneck_adapter":
-                rec.update(bottleneck_fields(sc, fwd, bwd, fwd_rec, bwd_rec, device))
-                if (default and sc.M >= 8192 and sc.dtype == BF16 and device.name == "H100"
-                        and rec["predicted_speedup_over_eager"] < BOTTLENECK_TARGET):
-                    problems.append(f"{sc.op} {sc.name}: predicted {rec['predicted_speedup_over_eager']}x eager "
-                                    f"(target {BOTTLENECK_TARGET}x)")
-            else:
-                rec["frozen_us"] = round((frozen_fwd.seconds(device) + frozen_bwd.seconds(device)) * 1e6, 1)
-                rec["predicted_over_frozen"] = round(
-                    perf_model.over_frozen(fwd, bwd, frozen_fwd, frozen_bwd, device), 4)
-                rec["predicted_fwd_over_frozen"] = round(fwd.seconds(device) / frozen_fwd.seconds(device), 4)
-                if variant == "fused":
-                    rec["fused_needs_triton_gemm_efficiency"] = perf_model.break_even_efficiency(
-                        (fwd, bwd), plans[DEFAULT_VARIANT], device)
-            if norm_plan is not None:
-                rec["norm_us"] = round(norm_plan.seconds(device) * 1e6, 1)
-                rec["norm_bytes"] = norm_plan.bytes
-                rec["weight_sized_temp_bytes"] = max(
-                    weight_sized_temporaries(fwd_rec, fwd_res, sc), weight_sized_temporaries(bwd_rec, bwd_res, sc),
-                    weight_sized_temporaries(run["norm"][0], run["norm"][1], sc))
-                lora_ref = lora_plans.get((sc.M, sc.K, sc.N, sc.r, sc.p))
-                if lora_ref is not None:
-                    rec["over_lora"] = round((fwd.seconds(device) + bwd.seconds(device))
-                                             / (lora_ref[0].seconds(device) + lora_ref[1].seconds(device)), 4)
-                for peft_rec in (x for x in records if x["scenario"] == sc.name and x["op"] == sc.op
-                                 and x["variant"].startswith("peft_dora")):
-                    rec[f"speedup_vs_{peft_rec['variant']}"] = round(
-                        peft_rec["predicted_over_frozen"] / rec["predicted_over_frozen"], 3)
-            elif sc.op == "lora_linear" and default:
-                lora_plans[(sc.M, sc.K, sc.N, sc.r, sc.p)] = (fwd, bwd)
-            records.append(rec)
-            if norm_plan is not None:
-                if default and rec["weight_sized_temp_bytes"]:
-                    problems.append(f"{sc.op} {sc.name}: a weight-sized temporary of "
-                                    f"{rec['weight_sized_temp_bytes'] / 2**20:.0f} MiB")
-            elif default and temp > TEMP_CAP:
-                problems.append(f"{sc.op} {sc.name}: a {temp / 2**20:.0f} MiB temporary (cap 64 MiB)")
-            decode = sc.op == "lora_linear" or (sc.op == "dora_linear" and sc.p == 0)  # decoding runs no dropout
-            if default and decode and sc.M <= 16 and len(fwd) > DECODE_MAX_LAUNCHES:
-                problems.append(f"{sc.op} {sc.name}: decode forward takes {len(fwd)} launches (max 3)")
-            if default and mask_bits_per_elem > mask_bits_allowed + 1e-12:
-                problems.append(f"{sc.op} {sc.name}: the saved mask holds {mask_bits_per_elem:.2f} bits per element")
-            compile_here = args.full or default or (sc == TARGET and variant != DEFAULT_VARIANT)
-            if args.no_compile or not compile_here:
-                continue
-            parts = [("fwd", fwd_rec), ("bwd", bwd_rec)] + ([("norm", run["norm"][0])] if "norm" in run else [])
-            for part, recd in parts:
-                for launch in (x for x in recd.launches if isinstance(x, TritonLaunch)):
-                    if not args.full and sc.op == "dora_linear" and sc.p > 0 and launch.name not in DORA_DROPOUT_CI:
-                        continue
-                    for spec in compile_specs(launch, args.full):
-                        key = _spec_key(spec)
+            for _, launch in _triton_launches(run):
+                specs = compile_specs(launch, True)
+                launch.spec_keys = [_spec_key(spec) for spec in specs]
+                if not args.no_compile:
+                    for key, spec in zip(launch.spec_keys, specs):
                         jobs.setdefault(key, spec)
-                        uses.append(({"op": sc.op, "scenario": sc.name, "variant": variant, "pass": part}, key,
-                                     default))
-    print(f"[check_triton] {len(records)} op records from {len(sweep)} scenarios; "
-          f"{len(jobs)} distinct compiles", flush=True)
-
-    results: dict[str, dict] = {}
-    if jobs:
-        with futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            if args.sass_dir:
-                args.sass_dir.mkdir(parents=True, exist_ok=True)
-            pending = {pool.submit(compile_one, spec, args.sass_dir): key for key, spec in jobs.items()}
-            for n, done in enumerate(futures.as_completed(pending), 1):
-                key = pending[done]
-                results[key] = done.result()
-                spec, res = jobs[key], results[key]
-                state = (f"{res['registers']} regs, {res['spill_bytes']} B spill, {res['stack_bytes']} B stack, "
-                         f"{res['shared_bytes']} B smem, "
-                         f"{res['sass_instructions']} SASS"
-                         if res["ok"] else "FAILED")
-                print(f"[check_triton] {n}/{len(jobs)} {spec['kernel']} [{spec['config']}]: {state} "
-                      f"({res['seconds']} s)", flush=True)
-    for ctx, key, default in uses:
-        spec, res = jobs[key], results[key]
-        records.append({**ctx, "kernel": spec["kernel"], "config": spec["config"], "default": default,
-                        "ok": res["ok"], "registers": res.get("registers"), "spill_bytes": res.get("spill_bytes"),
-                        "stack_bytes": res.get("stack_bytes"), "shared_bytes": res.get("shared_bytes"),
-                        "sass_instructions": res.get("sass_instructions"),
-                        **({"error": res["error"]} if not res["ok"] else {})})
-        if not res["ok"]:
-            problems.append(f"{spec['kernel']} [{spec['config']}] failed to compile: {res['error'][-300:]}")
-        elif default and res["spill_bytes"]:
-            problems.append(f"{spec['kernel']} [{spec['config']}] spills {res['spill_bytes']} B on the default path")
-        elif res["shared_bytes"] > SMEM_LIMIT:
-            problems.append(f"{spec['kernel']} [{spec['config']}] needs {res['shared_bytes']} B of shared memory "
-                            f"(sm_90 allows {SMEM_LIMIT})")
+            runs.append((sc, variant, run))
+    print(f"[check_triton] {len(runs)} op calls recorded from {len(sweep)} scenarios; {len(jobs)} distinct compiles",
+          flush=True)
+    # 2. compile them for sm_90a
+    compile_started = time.time()
+    results = compile_all(jobs, args.jobs, args.sass_dir)
+    for key, spec in jobs.items():
+        results[key]["config"] = spec["config"]
+    compile_s = time.time() - compile_started
+    # 3. the model (with each launch's SASS), the gates, the records
+    lora_plans: dict[tuple, tuple[perf_model.Plan, perf_model.Plan]] = {}  # LoRA's default, for DoRA's over_lora
+    op_plans: dict[tuple, tuple] = {}  # (op, scenario, variant) -> (fwd, bwd, frozen_fwd, frozen_bwd)
+    frozen_cache: dict[str, tuple] = {}
+    for sc, variant, run in runs:
+        if sc.name + sc.op not in frozen_cache:
+            frozen_cache[sc.name + sc.op] = frozen_plans(sc)
+            if sc.op in ("lora_linear", "dora_linear") and sc.M >= 512:
+                records += peft_records(sc, *frozen_cache[sc.name + sc.op], device)
+        frozen_fwd, frozen_bwd = frozen_cache[sc.name + sc.op]
+        default = variant == DEFAULT_VARIANT
+        (fwd_rec, fwd_res), (bwd_rec, bwd_res) = run["fwd"], run["bwd"]
+        fwd, bwd = to_plan(fwd_rec, results, device), to_plan(bwd_rec, results, device)
+        norm_plan = None
+        if "norm" in run:  # DoRA's row norms: once per training step; cached when decoding
+            norm_plan = to_plan(run["norm"][0], results, device)
+            if sc.M > 16:
+                fwd = perf_model.Plan(norm_plan.launches + fwd.launches)
+        op_plans[(sc.op, sc.name, variant)] = (fwd, bwd, frozen_fwd, frozen_bwd)
+        temp = max(temporaries(fwd_rec, fwd_res), temporaries(bwd_rec, bwd_res))
+        s_saved, bits = run["saved"]
+        mask_bits_per_elem = bits.numel() * 32 / (sc.M * sc.K) if bits.numel() else 0.0
+        mask_bits_allowed = -(-sc.K // 32) * 32 / sc.K  # 1 bit per element, rows padded to 32
+        rec = {
+            "op": sc.op, "scenario": sc.name, "variant": variant, "default": default, "device_model": device.name,
+            "M": sc.M, "K": sc.K, "N": sc.N, "r": sc.r, "dropout": sc.p, "dtype": str(sc.dtype),
+            "temp_bytes": temp, "launches_fwd": len(fwd), "launches_bwd": len(bwd),
+            "kernels_fwd": [k.name for k in fwd.launches], "kernels_bwd": [k.name for k in bwd.launches],
+            "bytes_moved": fwd.bytes + bwd.bytes, "flops": fwd.flops + bwd.flops,
+            "saved_extra_bytes": sum(_nbytes(t) for t in (s_saved, bits, *run.get("saved_more", []))),
+            "mask_bits_per_element": mask_bits_per_elem,
+            "predicted_us": round((fwd.seconds(device) + bwd.seconds(device)) * 1e6, 1),
+            "issue_term": not args.no_compile,
+        }
+        if sc.op == "bottleneck_adapter":
+            rec.update(bottleneck_fields(sc, fwd, bwd, fwd_rec, bwd_rec, device))
+            if default and sc.M >= 8192 and sc.dtype == BF16 and device.name == "H100":
+                met = rec["predicted_speedup_over_eager"] >= BOTTLENECK_TARGET
+                goals.append(f"series adapter {sc.name} ≥ {BOTTLENECK_TARGET}x eager (issue 18): predicted "
+                             f"{rec['predicted_speedup_over_eager']}x — {'met' if met else 'MISSED'}")
+        else:
+            rec["frozen_us"] = round((frozen_fwd.seconds(device) + frozen_bwd.seconds(device)) * 1e6, 1)
+            rec.update(curve_fields([fwd, bwd], [frozen_fwd, frozen_bwd], device))
+            rec["predicted_fwd_over_frozen"] = round(fwd.seconds(device) / frozen_fwd.seconds(device), 4)
+            if variant == "fused":
+                rec["fused_needs_triton_gemm_efficiency"] = perf_model.break_even_efficiency(
+                    (fwd, bwd), op_plans[(sc.op, sc.name, DEFAULT_VARIANT)][:2], device)
+        if norm_plan is not None:
+            rec["norm_us"] = round(norm_plan.seconds(device) * 1e6, 1)
+            rec["norm_bytes"] = norm_plan.bytes
+            rec["weight_sized_temp_bytes"] = max(
+                weight_sized_temporaries(fwd_rec, fwd_res, sc), weight_sized_temporaries(bwd_rec, bwd_res, sc),
+                weight_sized_temporaries(run["norm"][0], run["norm"][1], sc))
+            lora_ref = lora_plans.get((sc.M, sc.K, sc.N, sc.r, sc.p))
+            if lora_ref is not None:
+                rec["over_lora"] = round((fwd.seconds(device) + bwd.seconds(device))
+                                         / (lora_ref[0].seconds(device) + lora_ref[1].seconds(device)), 4)
+            for peft_rec in (x for x in records if x["scenario"] == sc.name and x["op"] == sc.op
+                             and x["variant"].startswith("peft_dora")):
+                rec[f"speedup_vs_{peft_rec['variant']}"] = round(
+                    peft_rec["predicted_over_frozen"] / rec["predicted_over_frozen"], 3)
+        elif sc.op == "lora_linear" and default:
+            lora_plans[(sc.M, sc.K, sc.N, sc.r, sc.p)] = (fwd, bwd)
+        records.append(rec)
+        where = f"{sc.op} {sc.name} {variant}"
+        if norm_plan is not None:
+            if rec["weight_sized_temp_bytes"]:
+                problems.append(
+                    f"{where}: a weight-sized temporary of {rec['weight_sized_temp_bytes'] / 2**20:.0f} MiB")
+        elif temp > TEMP_CAP:
+            problems.append(f"{where}: a {temp / 2**20:.0f} MiB temporary (cap 64 MiB)")
+        decode = sc.op == "lora_linear" or (sc.op == "dora_linear" and sc.p == 0)  # decoding runs no dropout
+        if default and decode and sc.M <= 16 and len(fwd) > DECODE_MAX_LAUNCHES:
+            problems.append(f"{where}: decode forward takes {len(fwd)} launches (max 3)")
+        if mask_bits_per_elem > mask_bits_allowed + 1e-12:
+            problems.append(f"{where}: the saved mask holds {mask_bits_per_elem:.2f} bits per element")
+        for part, launch in _triton_launches(run):
+            gate_compiles(launch, results, problems, f"{where} ({part})")
+            for key in launch.spec_keys:
+                res = results.get(key)
+                if res is not None:
+                    records.append({"op": sc.op, "scenario": sc.name, "variant": variant, "pass": part,
+                                    "kernel": launch.name, "config": res["config"], "default": default,
+                                    **{k: res.get(k) for k in ("ok", "registers", "spill_bytes", "stack_bytes",
+                                                               "shared_bytes", "sass_instructions")},
+                                    **({"error": res["error"]} if not res["ok"] else {})})
 
     if not args.only or "lora_linear_4bit" in args.only:
         qlora_report(records, problems, device, compile_kernels=not args.no_compile, full=args.full)
     if not args.only or "lora_mixed" in args.only:
         mixed_report(records, problems, device, compile_kernels=not args.no_compile)
-    _summary(records, device)
+    _summary(records, device, op_plans)
+    records += layer_report(op_plans, device)
+    records += grad_a_placement(op_plans, device)
+    print(f"\n[check_triton] compiled {len(jobs)} distinct launches for sm_90a in {compile_s:.0f} s "
+          f"({args.jobs} workers)" + ("" if jobs else " (--no-compile: the issue term is left out of the model)"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=1, default=str) + "\n")
         print(f"[check_triton] wrote {len(records)} records to {args.json}")
+    for g in goals:
+        print(f"[check_triton] goal (prediction, not a gate): {g}")
     for p in sorted(set(problems)):
         print(f"[check_triton] PROBLEM: {p}")
     print(f"[check_triton] {'FAIL' if problems else 'ok'} in {time.time() - started:.0f} s")
@@ -863,9 +1051,9 @@ def main(argv=None) -> int:
 # QLoRA: the 4-bit dequantizing GEMM (fastadapt/ops/lora_linear_4bit.py) vs bitsandbytes
 # ------------------------------------------------------------------------------------------------
 
-#: The SM clock the issue-rate term uses (H100 SXM boost) and the dequantize kernel's tile, whose
-#: SASS per element stands for the per-element dequantization work of the GEMM's inner loop.
-SM_CLOCK_HZ = 1.755e9
+#: The SM clock the issue-rate term uses (H100 SXM boost; perf_model's) and the dequantize kernel's
+#: tile, whose SASS per element stands for the per-element dequantization work of the GEMM's inner loop.
+SM_CLOCK_HZ = perf_model.SM_CLOCK_HZ
 QLORA_RANKS = 16
 
 
@@ -1089,22 +1277,22 @@ def mixed_report(records: list, problems: list, device: perf_model.Device, *, co
               f"{r['predicted_term_over_base_without_launch_cost']:11.3f} {r['predicted_over_single_adapter']:8.3f}")
 
 
-def _summary(records: list[dict], device: perf_model.Device) -> None:
+def _summary(records: list[dict], device: perf_model.Device, op_plans: dict) -> None:
     ops = [r for r in records if ("predicted_us" in r or r.get("variant", "").startswith("peft"))
-           and r["M"] in (1, 16, 8192)]
-    print(f"\npredictions ({device.name} model; per op call, forward + backward):")
-    print(f"{'op':18s} {'scenario':28s} {'variant':12s} {'x frozen':>9s} {'fwd only':>9s} {'vs eager':>9s} "
-          f"{'fwd':>4s} {'bwd':>4s} {'temp MiB':>9s} {'fused≥eff':>9s}")
+           and r["M"] in (1, 16, 8192) and r["op"] != "bottleneck_adapter"]
+    fr = "/".join(f"{e:.2f}" for e in perf_model.CUBLAS_FRACTIONS)
+    print(f"\npredictions ({device.name} model; per op call, forward + backward; × frozen with the Triton GEMM at "
+          f"{fr} of cuBLAS; dominant terms of the extra time at {perf_model.CUBLAS_FRACTIONS[1]:.2f}):")
+    print(f"{'op':12s} {'scenario':28s} {'variant':12s} {'x frozen ' + fr:>22s} {'fwd only':>8s} "
+          f"{'fwd':>3s} {'bwd':>3s} {'temp MiB':>8s}  dominant")
     for r in ops:
+        curve = r.get("over_frozen_at")
         over = r.get("predicted_over_frozen")
-        eager = r.get("predicted_speedup_over_eager")
-        eff = r.get("fused_needs_triton_gemm_efficiency")
+        cells = " ".join(f"{v:6.3f}" for v in curve.values()) if curve else f"{over:6.3f} (PEFT: no Triton GEMM)"
         fwd_only = r.get("predicted_fwd_over_frozen")
-        print(f"{r['op'][:18]:18s} {r['scenario'][:28]:28s} {r['variant'][:12]:12s} "
-              f"{(f'{over:.3f}' if over else '-'):>9s} {(f'{fwd_only:.3f}' if fwd_only else '-'):>9s} "
-              f"{(f'{eager:.2f}x' if eager else '-'):>9s} "
-              f"{r['launches_fwd']:4d} {r['launches_bwd']:4d} {r.get('temp_bytes', 0) / 2**20:9.1f} "
-              f"{(f'{eff:.2f}' if eff else '-'):>9s}")
+        print(f"{r['op'][:12]:12s} {r['scenario'][:28]:28s} {r['variant'][:12]:12s} {cells:>22s} "
+              f"{(f'{fwd_only:.3f}' if fwd_only else '-'):>8s} {r['launches_fwd']:3d} {r['launches_bwd']:3d} "
+              f"{r.get('temp_bytes', 0) / 2**20:8.1f}  {r.get('dominant', '')}")
     series = [r for r in records if r["op"] == "bottleneck_adapter" and "predicted_us" in r]
     if series:
         print(f"\nseries adapter vs eager LLM-Adapters ({device.name} model; fwd + bwd):")
@@ -1118,6 +1306,133 @@ def _summary(records: list[dict], device: perf_model.Device) -> None:
                   f"{r['bytes_moved'] / 2**20:6.0f} {r['eager_bytes_moved'] / 2**20:9.0f} "
                   f"{r['fwd_bytes_over_floor']:9.2f} {r['weight_l2_reads_fwd']:7.0f}/{r['weight_l2_reads_bwd']:<7.0f} "
                   f"{cuda}")
+            key = ("bottleneck_adapter", r["scenario"], r["variant"])
+            if key in op_plans:
+                print(f"{'':28s} where the time goes: "
+                      f"{perf_model.top_launches(list(op_plans[key][:2]), device, top=4)}")
+
+
+#: One LLaMA-7B decoder layer's seven adapted projections (M = 8192 tokens, r = 16, p = 0.1): the
+#: q/k/v and gate/up groups share their input; o_proj and down_proj run alone.
+LAYER = (("q/k/v", Scenario("lora_group", 8192, 4096, (4096, 4096, 4096), 16, 0.1)),
+         ("o_proj", Scenario("lora_linear", 8192, 4096, 4096, 16, 0.1)),
+         ("gate/up", Scenario("lora_group", 8192, 4096, (11008, 11008), 16, 0.1)),
+         ("down_proj", Scenario("lora_linear", 8192, 11008, 4096, 16, 0.1)))
+#: The issue-26 goals, at 0.90 of cuBLAS: the layer and one 4096² linear without producer fusion.
+LAYER_GOAL, LINEAR_GOAL = 1.10, 1.15
+
+
+def layer_report(op_plans: dict, device: perf_model.Device) -> list[dict]:
+    """The layer's seven projections, fwd + bwd, × the frozen projections (fwd + dX), per variant and
+    with the best variant per projection; and the single-linear goal. Predictions."""
+    if not all((sc.op, sc.name, DEFAULT_VARIANT) in op_plans for _, sc in LAYER):
+        return []
+    out = []
+    print(f"\nLLaMA-7B decoder layer, 7 adapted projections, M=8192 r=16 p=0.1 (PREDICTIONS, {device.name} model):")
+    frozen = [p for _, sc in LAYER for p in op_plans[(sc.op, sc.name, DEFAULT_VARIANT)][2:]]
+    for choice in (*VARIANTS, "best"):
+        row = {"op": "layer", "scenario": "llama7b-M8192-r16-p0.1", "variant": choice, "device_model": device.name,
+               "over_frozen_at": {}, "picks": {}}
+        for eff in perf_model.CUBLAS_FRACTIONS:
+            plans = []
+            for label, sc in LAYER:
+                options = [v for v in VARIANTS if (sc.op, sc.name, v) in op_plans] if choice == "best" else [choice]
+                pick = min(options, key=lambda v: sum(p.seconds(device, triton_gemm_efficiency=eff)
+                                                      for p in op_plans[(sc.op, sc.name, v)][:2]))
+                row["picks"].setdefault(f"{eff:.2f}", {})[label] = pick
+                plans += op_plans[(sc.op, sc.name, pick)][:2]
+            row["over_frozen_at"][f"{eff:.2f}"] = round(
+                sum(p.seconds(device, triton_gemm_efficiency=eff) for p in plans)
+                / sum(p.seconds(device) for p in frozen), 4)
+            if eff == perf_model.CUBLAS_FRACTIONS[1]:
+                row["dominant"] = perf_model.dominant_terms(plans, frozen, device, triton_gemm_efficiency=eff)
+                row["top_launches"] = perf_model.top_launches(plans, device, triton_gemm_efficiency=eff, top=5,
+                                                              skip=("aten.addmm_", "aten.mm", "aten.addmm"))
+        out.append(row)
+        curve = " ".join(f"{v:.3f}" for v in row["over_frozen_at"].values())
+        picks = row["picks"][f"{perf_model.CUBLAS_FRACTIONS[1]:.2f}"]
+        print(f"  {choice:9s} × frozen at {'/'.join(row['over_frozen_at'])}: {curve}   dominant: {row['dominant']}"
+              + (f"   picks at 0.90: {picks}" if choice == "best" else ""))
+        print(f"  {'':9s} costliest adapter launches at 0.90: {row['top_launches']}")
+    mid = f"{perf_model.CUBLAS_FRACTIONS[1]:.2f}"
+    best = out[-1]["over_frozen_at"][mid]
+    lin = [r for r in (_linear_best(op_plans, device),) if r]
+    print(f"  goal: layer ≤ {LAYER_GOAL} at {mid} of cuBLAS: predicted {best:.3f} — "
+          f"{'met' if best <= LAYER_GOAL else 'MISSED'}")
+    if lin:
+        v, ratio = lin[0]
+        print(f"  goal: one 4096² linear (no producer fusion) ≤ {LINEAR_GOAL} at {mid}: predicted {ratio:.3f} "
+              f"({v}) — {'met' if ratio <= LINEAR_GOAL else 'MISSED'}")
+        out.append({"op": "goal", "scenario": "K4096xN4096-M8192-r16-p0.1", "variant": v, "over_frozen": ratio,
+                    "goal": LINEAR_GOAL})
+    out.append({"op": "goal", "scenario": "layer", "variant": "best", "over_frozen": best, "goal": LAYER_GOAL})
+    return out
+
+
+def grad_a_placement(op_plans: dict, device: perf_model.Device) -> list[dict]:
+    """Where dA = s · dSᵀ (mask ⊙ X) goes, per variant, for the layer's projections (PREDICTIONS, at
+    0.90 of cuBLAS): its own pass over X (``lora_grad_a``: a weight-gradient launch and its partials'
+    sum) against inside the dX kernel that holds dS and the mask bits. ``fused``: inside the Triton
+    dX GEMM (what runs: X's read hides under the MMAs, + the dA MMAs and 128-row partials).
+    ``addmm``/``epilogue`` (dX by cuBLAS): inside the rank pass, modelled as that launch also reading
+    X, doing the dA MMAs and writing one fp32 (R, K) partial per 64-row block, then a sum — its
+    integer work left out (which favours it). The op layer follows the cheaper (``grad_a_inside_dx``)."""
+    eff = perf_model.CUBLAS_FRACTIONS[1]
+    out = []
+    print(f"\ndA placement (PREDICTIONS, {device.name} model, µs at {eff:.2f} of cuBLAS; own pass vs inside dX):")
+    for label, sc in LAYER:
+        R = sc.r * (len(sc.N) if isinstance(sc.N, tuple) else 1)
+        x_bytes = sc.M * sc.K * sc.dtype.itemsize
+        own = None
+        for variant in ("addmm", "epilogue", "fused"):
+            plans = op_plans.get((sc.op, sc.name, variant))
+            if plans is None:
+                continue
+            bwd = plans[1].launches
+            names = [k.name for k in bwd]
+            if "_weight_grad_kernel" in names:  # dA by its own pass: the weight-gradient launch (+ its sum)
+                i = names.index("_weight_grad_kernel")
+                own = bwd[i:i + 1 + (names[i + 1:i + 2] == ["_sum_partials_kernel"])]
+                t_own = sum(k.seconds(device) for k in own)
+                rows_inside = 64
+                host = next(k for k in bwd if k.name == "_lora_rank_kernel")
+                partial = -(-sc.M // rows_inside) * R * sc.K * 4
+                merged = perf_model.Launch(host.name, host.flops + 2.0 * sc.M * sc.K * R,
+                                           host.bytes + x_bytes + partial, programs=host.programs,
+                                           l2_bytes=host.l2_bytes + x_bytes + partial, issue_s=host.issue_s)
+                t_inside = merged.seconds(device) - host.seconds(device)
+            elif own is not None:  # fused: inside the dX GEMM (as recorded) vs the addmm plan's own pass
+                t_own = sum(k.seconds(device) for k in own)
+                gemm = next(k for k in bwd if k.name in ("_lora_gemm_kernel", "_lora_gemm_tma_kernel"))
+                partial = -(-sc.M // 128) * R * sc.K * 4
+                bare = perf_model.Launch(gemm.name, gemm.flops - 4.0 * sc.M * sc.K * R,
+                                         gemm.bytes - x_bytes - partial, triton_gemm=True, programs=gemm.programs)
+                t_inside = (gemm.seconds(device, triton_gemm_efficiency=eff)
+                            - bare.seconds(device, triton_gemm_efficiency=eff))
+            else:
+                continue
+            t_inside += perf_model.Launch("_sum_partials_kernel", 0.0, partial + R * sc.K * 4).seconds(device)
+            pick = "inside dX" if t_inside < t_own else "own pass"
+            out.append({"op": "grad_a_placement", "scenario": sc.name, "projection": label, "variant": variant,
+                        "own_pass_us": round(t_own * 1e6, 1), "inside_dx_us": round(t_inside * 1e6, 1),
+                        "pick": pick})
+            print(f"  {label:9s} {variant:9s} own pass {t_own * 1e6:6.1f}   inside dX {t_inside * 1e6:6.1f}"
+                  f"   -> {pick}")
+    return out
+
+
+def _linear_best(op_plans: dict, device: perf_model.Device) -> tuple[str, float] | None:
+    sc = LAYER[1][1]
+    eff = perf_model.CUBLAS_FRACTIONS[1]
+    best = None
+    for v in VARIANTS:
+        if (sc.op, sc.name, v) not in op_plans:
+            continue
+        fwd, bwd, ffwd, fbwd = op_plans[(sc.op, sc.name, v)]
+        ratio = perf_model.over_frozen(fwd, bwd, ffwd, fbwd, device, triton_gemm_efficiency=eff)
+        if best is None or ratio < best[1]:
+            best = (v, round(ratio, 4))
+    return best
 
 
 if __name__ == "__main__":

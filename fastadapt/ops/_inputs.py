@@ -72,3 +72,19 @@ def draw_seed(device: torch.device) -> int:
         gen.set_offset(offset + 4)  # consume like one philox call; restored by checkpoint's RNG stash
         return (gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % (2**62)
     return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def draw_kernel_seed(device: torch.device) -> int | torch.Tensor:
+    """The seed of a mask drawn by a kernel that takes it either way (``lora_shrink``): while a CUDA
+    graph is being captured (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``), a
+    one-element int64 tensor drawn on the device by torch's generator, which the kernel reads at run
+    time — each replay draws a fresh seed, so a fresh mask, where a host int would be baked into the
+    graph; else :func:`draw_seed`'s host int (no extra launch). Both follow ``torch.manual_seed`` and
+    ``torch.utils.checkpoint``'s RNG restore."""
+    if _capturing(device):
+        return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+    return draw_seed(device)

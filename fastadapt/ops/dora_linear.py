@@ -51,11 +51,11 @@ import torch
 
 from .. import _checks, settings
 from ._cache import InferenceCache
-from ._inputs import autocast_inputs, check_tensors, draw_seed
+from ._inputs import autocast_inputs, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
 from .dispatch import register_op, resolve_backend, triton_usable
 from .lora_linear import _validate as _validate_lora
-from .lora_linear import frozen_plus_rank, keep_scale, selected_variant
+from .lora_linear import dx_and_grad_a, frozen_plus_rank, keep_scale, selected_variant
 from .reference import dora_apply, dora_merge_ref, dora_norm_ref
 
 __all__ = ["dora_linear", "dora_merge", "dora_norm", "selected_backend"]
@@ -160,9 +160,12 @@ def dora_norm_triton(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
 # -- Triton backend: forward and backward ----------------------------------------------------------
 
 
-def _forward_variant(m: int, device: torch.device) -> str:
-    # g scales the base product as well: an addmm_ onto a precomputed rank term cannot apply it
-    return "fused" if selected_variant(m, device, op="dora_linear") == "fused" else "epilogue"
+def _forward_variant(m: int, device: torch.device, dropout: bool) -> str:
+    # g scales the base product as well: an addmm_ onto a precomputed rank term cannot apply it.
+    # PEFT's dropout form needs the rank term apart from the base product, which the fused GEMM's
+    # one accumulator does not keep (a second one spilled at every tile): the epilogue takes it.
+    fused = selected_variant(m, device, op="dora_linear") == "fused" and not dropout
+    return "fused" if fused else "epilogue"
 
 
 def _fwd_fake(x, weight, lora_a, lora_b, magnitude, norm, bias, scaling, dropout_p, save_z):
@@ -190,13 +193,13 @@ def dora_linear_fwd(
     m, k = x.shape
     n = weight.shape[0]
     dropout = dropout_p > 0
-    seed = draw_seed(x.device) if dropout else 0
+    seed = draw_kernel_seed(x.device) if dropout else 0
     x_d = x.new_empty((m, k)) if dropout else None
     s, bits = kernels.lora_shrink(x, lora_a, scaling=scaling, dropout_p=dropout_p, seed=seed, dropped=x_d)
     a = x_d if dropout else x
     dora = kernels.DoraScale(magnitude.contiguous(), norm, dropout)
     y = x.new_empty((m, n)) if save_z or dropout else None  # else y overwrites the base product
-    if _forward_variant(m, x.device) == "fused":
+    if _forward_variant(m, x.device, dropout) == "fused":
         z = kernels.lora_gemm(a, weight, s, lora_b, bias=bias, dora=dora, y=y, tune=settings.flag("FASTADAPT_AUTOTUNE"))
     else:
         z = a @ weight.t()
@@ -244,17 +247,20 @@ def dora_linear_bwd(
     dora = kernels.DoraScale(magnitude.contiguous(), norm, dropout)
     ds, db, dm = kernels.dy_pass(dy, s, lora_b, dora=dora, z=z, side=side)
     keep = keep_scale(dropout_p)
-    dx = dy.new_empty(0)
-    if need_dx:
+    dx = da = dy.new_empty(0)
+    if need_dx and not dropout:  # dX = dZ W + s·dS A, and dA inside it where the variant allows
+        dx, da = dx_and_grad_a(side, weight, ds, lora_a, x, scaling=scaling, dropout_p=0.0, bits=None,
+                               variant=selected_variant(m, dy.device, op="dora_linear"), need_dx=True)
+    elif need_dx:
         dx = frozen_plus_rank(side, weight.t(), ds, lora_a.t(), scale=scaling,
                               variant=selected_variant(m, dy.device, op="dora_linear"))
-        if dropout:
-            dx = kernels.masked_scale_(dx, mask, keep).addmm_(dy, weight)
+        dx = kernels.masked_scale_(dx, mask, keep).addmm_(dy, weight)
     dw = weight.new_empty(0)
     if need_dw:  # the base product sees dZ (dropout: dY on x, (g - 1) ⊙ dY on x_d)
         dw = side.t() @ x if not dropout else (dy.t() @ x).float() + kernels.weight_grad(side, x, scale=keep, bits=mask)
         dw = dw.to(weight.dtype)
-    da = kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, bits=mask)
+    if not da.numel():
+        da = kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, bits=mask)
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dm.to(magnitude.dtype), dw
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import _checks, settings
 from . import verification
-from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_seed
+from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
 from .dispatch import decide, register_op, triton_usable
 from .reference import lora_linear_ref
@@ -181,7 +181,7 @@ def lora_linear_fwd(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K) -> (y (M, N), s (M, r), the packed dropout mask (M, ⌈K/32⌉) int32 or empty)."""
-    seed = draw_seed(x.device) if dropout_p > 0 else 0
+    seed = draw_kernel_seed(x.device) if dropout_p > 0 else 0
     s, bits = _kernels().lora_shrink(x, lora_a, scaling=scaling, dropout_p=dropout_p, seed=seed)
     y = frozen_plus_rank(x, weight, s, lora_b, bias=bias, variant=selected_variant(x.shape[0], x.device))
     return y, s, bits if bits is not None else _no_bits(x)
@@ -209,14 +209,33 @@ def lora_linear_bwd(
     kernels = _kernels()
     mask = _bits_or_none(bits)
     ds, db = kernels.lora_dy_pass(dy, s, lora_b)
-    scale = scaling * keep_scale(dropout_p)
-    if need_dx:
-        dx = frozen_plus_rank(dy, weight.t(), ds, lora_a.t(), scale=scale, bits=mask,
-                              variant=selected_variant(dy.shape[0], dy.device))
-    else:
-        dx = dy.new_empty(0)
-    da = kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, bits=mask)
+    dx, da = dx_and_grad_a(dy, weight, ds, lora_a, x, scaling=scaling, dropout_p=dropout_p, bits=mask,
+                           variant=selected_variant(dy.shape[0], dy.device), need_dx=need_dx)
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype)
+
+
+def grad_a_inside_dx(variant: str, m: int, k: int, r: int) -> bool:
+    """Where dA is computed: inside dX's GEMM when we own it (``fused``) and its per-row-block
+    partials stay under the temporaries' cap; else by its own pass over X (``lora_grad_a``). For
+    ``addmm`` / ``epilogue`` (cuBLAS dX) the model puts it in its own pass: inside the rank kernel
+    it would write one (r, K) partial per 128-row block where the pass splits M only to fill the
+    GPU (bench/NOTES.md, "dA placement")."""
+    return variant == "fused" and _kernels().grad_a_partial_bytes(m, k, r) <= _kernels().PARTIAL_BYTES_CAP
+
+
+def dx_and_grad_a(dy, weight, ds, lora_a, x, *, scaling, dropout_p, bits, variant: str, need_dx: bool):
+    """(dX or empty, dA fp32) for the backward: dX = dY W + mask ⊙ (s · dS A) by ``variant``, dA =
+    s · dSᵀ (mask ⊙ X) inside it or by its own pass (:func:`grad_a_inside_dx`); s = scaling / (1-p).
+    ``dy``/``weight`` may be one member's of a group whose other members add their dY W later."""
+    kernels = _kernels()
+    scale = scaling * keep_scale(dropout_p)
+    m, k = x.shape
+    if need_dx and grad_a_inside_dx(variant, m, k, ds.shape[1]):
+        return kernels.lora_gemm_dx(dy, weight.t(), ds, lora_a.t(), x, scale=scale, bits=bits,
+                                    tune=settings.flag("FASTADAPT_AUTOTUNE"))
+    dx = (frozen_plus_rank(dy, weight.t(), ds, lora_a.t(), scale=scale, bits=bits, variant=variant) if need_dx
+          else dy.new_empty(0))
+    return dx, kernels.lora_grad_a(x, ds, scaling=scaling, dropout_p=dropout_p, bits=bits)
 
 
 def _setup_context(ctx, inputs, output):
@@ -314,7 +333,7 @@ def lora_linear_group_fwd(
     dropout_p: float,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """x (M, K) -> (ys [(M, N_i)], s_cat (M, Σr_i), the shared packed mask or empty)."""
-    seed = draw_seed(x.device) if dropout_p > 0 else 0
+    seed = draw_kernel_seed(x.device) if dropout_p > 0 else 0
     s_cat, bits = _kernels().lora_shrink(x, torch.cat(list(lora_as)), scaling=scaling, dropout_p=dropout_p,
                                          seed=seed)
     variant = selected_variant(x.shape[0], x.device, op="lora_linear_group")
@@ -359,19 +378,16 @@ def lora_linear_group_bwd(
         dbs.append(db.to(b.dtype))
     ds_cat = torch.cat(ds_parts, dim=1)
     a_cat = torch.cat(list(lora_as))
-    scale = scaling * keep_scale(dropout_p)
     live = [(dy, w) for dy, w in zip(dys, weights) if dy.numel()]
     if need_dx and live:
         (dy0, w0), rest = live[0], live[1:]
-        dx = frozen_plus_rank(dy0, w0.t(), ds_cat, a_cat.t(), scale=scale, bits=mask,
-                              variant=selected_variant(m, dy0.device, op="lora_linear_group"))
+        dx, da_cat = dx_and_grad_a(dy0, w0, ds_cat, a_cat, x, scaling=scaling, dropout_p=dropout_p, bits=mask,
+                                   variant=selected_variant(m, dy0.device, op="lora_linear_group"), need_dx=True)
         for dy, w in rest:
             dx.addmm_(dy, w)  # cuBLAS, beta=1: the other members' dY W onto the same dX
-    elif need_dx:
-        dx = x.new_zeros(x.shape)
     else:
-        dx = x.new_empty(0)
-    da_cat = kernels.lora_grad_a(x, ds_cat, scaling=scaling, dropout_p=dropout_p, bits=mask)
+        dx = x.new_zeros(x.shape) if need_dx else x.new_empty(0)
+        da_cat = kernels.lora_grad_a(x, ds_cat, scaling=scaling, dropout_p=dropout_p, bits=mask)
     das = [da_cat[sl].to(a.dtype, copy=True) for a, sl in zip(lora_as, slices)]  # outputs must not alias
     return dx, das, dbs
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .. import _checks
 from . import verification
-from ._inputs import check_dropout_p, check_tensors, draw_seed
+from ._inputs import check_dropout_p, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
 from .dispatch import register_op, resolve_backend, triton_usable
 from .lora_linear import frozen_plus_rank, keep_scale
@@ -293,7 +293,7 @@ def lora_linear_4bit_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K) in the compute dtype -> (y (M, N), s (M, r), the packed dropout mask or empty)."""
     weight = _rebuild(packed, code, absmax, a2, c2, off, shape, blocksize, nested_blocksize)
-    seed = draw_seed(x.device) if dropout_p > 0 else 0
+    seed = draw_kernel_seed(x.device) if dropout_p > 0 else 0
     s, bits = _lora_kernels().lora_shrink(x, lora_a, scaling=scaling, dropout_p=dropout_p, seed=seed)
     y = _frozen_plus_rank(x, weight, s, lora_b, trans_w=False, bias=bias)
     return y, s, bits if bits is not None else x.new_empty(0, dtype=torch.int32)

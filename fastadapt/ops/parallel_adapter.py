@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._inputs import autocast_inputs, check_linear, check_tensors, draw_seed
+from ._inputs import autocast_inputs, check_linear, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
 from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, cuda_usable, scaling_tensor
 from .dispatch import register_op, triton_usable
@@ -112,7 +112,7 @@ def parallel_adapter_fwd(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K) -> (y (M, N), H (M, b) pre-activation (dropout applied), the packed mask or empty)."""
-    seed = draw_seed(x.device) if dropout_p > 0 else 0
+    seed = draw_kernel_seed(x.device) if dropout_p > 0 else 0
     h, bits = _kernels().lora_shrink(x, w_down, scaling=1.0, dropout_p=dropout_p, seed=seed)
     y = frozen_plus_rank(x, weight, _s_from_h(h, scaling, activation), w_up, bias=bias,
                          variant=selected_variant(x.shape[0], x.device, op="parallel_adapter"))

@@ -84,18 +84,38 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+#: SMs of the GPU the offline report (``.ci/check_triton.py``, meta tensors) compiles for: an H100 SXM.
+OFFLINE_SMS = 132
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (132 on an H100 SXM); 2 in the interpreter."""
+    """Streaming multiprocessors of ``device`` (132 on an H100 SXM); ``OFFLINE_SMS`` for ``meta``
+    tensors (the offline report); 2 in the interpreter."""
+    if device.type == "meta":
+        return OFFLINE_SMS
     if device.type != "cuda":
         return 2
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def check_dropout(dropout_p: float, seed: int) -> None:
+def check_dropout(dropout_p: float, seed: int | torch.Tensor) -> None:
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed as a tensor must hold one int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63) or a one-element int64 tensor, got {seed!r}")
+
+
+def seed_args(seed: int | torch.Tensor, like: torch.Tensor) -> tuple:
+    """(seed as an int, seed pointer, SEED_FROM_PTR) for a kernel that draws the mask: a host int is
+    passed by value; a one-element int64 tensor on ``like``'s device is read by the kernel (a CUDA
+    graph replays the read, so each replay draws the mask its seed tensor holds then)."""
+    if isinstance(seed, torch.Tensor):
+        assert seed.device == like.device, f"seed tensor on {seed.device}, expected {like.device}"
+        return 0, seed, True
+    return int(seed), like, False
 
 
 def check_activation(activation: str) -> int:
@@ -243,10 +263,13 @@ def _dropout_bits_kernel(bits_ptr, M, K, threshold, seed, BLOCK_M: tl.constexpr,
              mask=(offs_m < M)[:, None] & (offs_w < n_words)[None, :])
 
 
-def dropout_bits(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
+def dropout_bits(
+    seed: int | torch.Tensor, M: int, K: int, dropout_p: float, *, device: torch.device | str
+) -> torch.Tensor:
     """The packed keep-mask (``bits_shape(M, K)`` int32) that a forward with ``(seed, dropout_p)``
     draws for an (M, K) input — what the shrink kernels store, from the same :func:`keep_bits`."""
     check_dropout(dropout_p, seed)
+    seed = int(seed.item()) if isinstance(seed, torch.Tensor) else seed  # a reference: the host sync is fine
     if M < 0 or K < 0:
         raise ValueError(f"M and K must be ≥ 0, got M={M}, K={K}")
     bits = alloc(bits_shape(M, K), dtype=torch.int32, device=torch.device(device))
@@ -265,7 +288,9 @@ def unpack_bits(bits: torch.Tensor, K: int) -> torch.Tensor:
     return lanes.reshape(bits.shape[0], -1)[:, :K].bool()
 
 
-def dropout_mask(seed: int, M: int, K: int, dropout_p: float, *, device: torch.device | str) -> torch.Tensor:
+def dropout_mask(
+    seed: int | torch.Tensor, M: int, K: int, dropout_p: float, *, device: torch.device | str
+) -> torch.Tensor:
     """The keep-mask (M, K) bool, True = kept, of a forward with ``(seed, dropout_p)``."""
     if dropout_p == 0.0:
         check_dropout(dropout_p, seed)

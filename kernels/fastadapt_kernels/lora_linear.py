@@ -79,8 +79,10 @@ from ._common import dropout_mask as dropout_mask
 __all__ = [
     "dropout_bits",
     "dropout_mask",
+    "grad_a_partial_bytes",
     "lora_dy_pass",
     "lora_gemm",
+    "lora_gemm_dx",
     "lora_grad_a",
     "lora_rank",
     "lora_shrink",
@@ -221,15 +223,17 @@ def _lora_shrink_kernel(
     stride_ar, stride_ak,
     stride_sm, stride_sr,
     stride_bits_m,
-    scale, threshold, seed,
+    scale, threshold, seed, seed_ptr,
     xd_ptr, stride_xdm, keep_scale,
-    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # R-tiles of one M-block are adjacent program ids, so for R > BLOCK_R the X tile is re-read
     # from L2, not HBM; the first R-tile alone stores the mask.
+    if SEED_FROM_PTR:  # read at run time: a CUDA graph's replay sees the seed tensor's current value
+        seed = tl.load(seed_ptr)
     pid = tl.program_id(0)
     num_pid_r = tl.cdiv(R, BLOCK_R)
     pid_m = pid // num_pid_r
@@ -269,7 +273,7 @@ def lora_shrink(
     *,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     dropped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S = scaling · (mask ⊙ x) @ lora_aᵀ / (1-p) in one pass over x; with ``dropped`` (an (M, K)
@@ -279,7 +283,9 @@ def lora_shrink(
         x: (M, K), bf16/fp16/fp32, any strides.
         lora_a: (R, K), any float dtype (an fp32 master copy is rounded to x's dtype on load); for a
             q/k/v group the row-concatenation of the members' A.
-        scaling: LoRA scaling (alpha / r). dropout_p, seed: the mask is drawn here from them.
+        scaling: LoRA scaling (alpha / r). dropout_p, seed: the mask is drawn here from them; ``seed``
+            a host int, or a one-element int64 tensor on x's device that the kernel reads (graph
+            capture: each replay draws the mask of the seed the tensor then holds).
     Returns:
         s: (M, R) contiguous, x's dtype, fp32 accumulation;
         bits: the packed keep-mask (``bits_shape(M, K)`` int32) when ``dropout_p > 0``, else None.
@@ -311,6 +317,7 @@ def lora_shrink(
         num_warps = 8 if has_dropout or BLOCK_R > 64 else 4
         num_stages = 3 if BLOCK_R <= 64 else 2
     bits_ptr, stride_bits = _bits_args(bits, s)
+    seed_int, seed_ptr, seed_from_ptr = _common.seed_args(seed, x)
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(R, BLOCK_R),)
     with device_ctx(x):
         _lora_shrink_kernel[grid](
@@ -320,10 +327,11 @@ def lora_shrink(
             lora_a.stride(0), lora_a.stride(1),
             s.stride(0), s.stride(1),
             stride_bits,
-            _keep_scale(scaling, dropout_p), dropout_threshold(dropout_p), int(seed),
+            _keep_scale(scaling, dropout_p), dropout_threshold(dropout_p), seed_int, seed_ptr,
             dropped if dropped is not None else s, dropped.stride(0) if dropped is not None else 0,
             keep_scale(dropout_p),
-            HAS_DROPOUT=has_dropout, STORE_DROPPED=dropped is not None, DOT_PRECISION=dot_precision(x.dtype),
+            HAS_DROPOUT=has_dropout, STORE_DROPPED=dropped is not None, SEED_FROM_PTR=seed_from_ptr and has_dropout,
+            DOT_PRECISION=dot_precision(x.dtype),
             INTERPRET=interpreting(),
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
             num_warps=num_warps, num_stages=num_stages,
@@ -410,7 +418,9 @@ def lora_rank(
     if interpreting():
         BLOCK_M, BLOCK_N, num_warps = 32, 64, 4
     else:
-        BLOCK_M, BLOCK_N, num_warps = 64, 128, 4  # bandwidth-bound on out; the rank dot is tiny
+        # bandwidth-bound on out; the rank dot is tiny. Reading out and the mask bits as well: twice
+        # the threads (4 warps spill 304 B/thread at an unaligned N: offline compile)
+        BLOCK_M, BLOCK_N, num_warps = 64, 128, 8 if accumulate and bits is not None else 4
     bits_ptr, stride_bits = _bits_args(bits, out)
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
     with device_ctx(s):
@@ -432,8 +442,79 @@ def lora_rank(
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. fused: out = a wᵀ + scale · [mask ⊙] (S Bᵀ) (+ bias), the rank as extra reduction steps
+# 3. fused: out = a wᵀ + scale · [mask ⊙] (S Bᵀ) (+ bias) in one accumulator, the rank term first;
+#    dX's kernel also takes dA's share of its row block (dA inside dX)
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rank_first(
+    s_ptr, b_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, n0, N, R,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_bits_m, scale,
+    HAS_MASK: tl.constexpr, SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The accumulator's first value: scale · [mask ⊙] (S Bᵀ) of the tile, i.e. the rank term as the
+    GEMM's first R reduction steps, the mask applied in registers before the main loop adds a wᵀ.
+    One BLOCK_M × BLOCK_N fp32 accumulator lives through the kernel: no second one for the rank."""
+    acc = _rank_loop(s_ptr, b_ptr, offs_m.to(tl.int64), offs_n.to(tl.int64), mask_m, mask_n, R,
+                     stride_sm, stride_sr, stride_bn, stride_br, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                     scale, SCALED, DOT_PRECISION, INTERPRET, BLOCK_R)
+    if HAS_MASK:
+        acc = tl.where(load_keep(bits_ptr, stride_bits_m, offs_m, mask_m, n0, N, BLOCK_N), acc, 0.0)
+    return acc
+
+
+@triton.jit
+def _grad_a_part(
+    x_ptr, s_ptr, bits_ptr, da_ptr, pid_m, offs_m, offs_n, mask_m, mask_n, n0, N, R,
+    stride_xm, stride_xk, stride_sm, stride_sr, stride_bits_m, stride_dap, stride_dar, stride_dak, da_scale,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dA inside dX: this row block's share of dA = da_scale · dSᵀ (mask ⊙ X) over the columns of the
+    dX tile, stored in slot ``pid_m`` of the partials (summed in a fixed order afterwards). The
+    X tile has the dX tile's (m, k) index; dS and the mask bits are what the tile reads anyway.
+    A 16-bit X multiplies dS split into two 16-bit halves (hi + lo: near-fp32 dS, 16-bit MMAs)."""
+    offs_m64 = offs_m.to(tl.int64)
+    x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_n.to(tl.int64)[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    if HAS_MASK:
+        x = tl.where(load_keep(bits_ptr, stride_bits_m, offs_m, mask_m, n0, N, BLOCK_N), x, tl.zeros_like(x))
+    xt = tl.trans(x)  # (BLOCK_N, BLOCK_M): the partial is stored transposed, BLOCK_N ≥ 64 rows for wgmma
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < R
+        ds = tl.load(s_ptr + offs_m64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32) * da_scale
+        part = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        if x.dtype == tl.float32:
+            part = mma(xt, ds, part, DOT_PRECISION, INTERPRET)
+        else:
+            hi = to_dtype(ds, x.dtype, INTERPRET)
+            part = mma(xt, hi, part, DOT_PRECISION, INTERPRET)
+            part = mma(xt, to_dtype(ds - hi.to(tl.float32), x.dtype, INTERPRET), part, DOT_PRECISION, INTERPRET)
+        tl.store(da_ptr + pid_m.to(tl.int64) * stride_dap + rr[None, :] * stride_dar
+                 + offs_n.to(tl.int64)[:, None] * stride_dak, part, mask=mask_n[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _gemm_epilogue(
+    acc, out_ptr, bias_ptr, mag_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n,
+    stride_om, stride_on, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, STORE_Z: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs_m64 = offs_m.to(tl.int64)
+    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    if DORA:
+        _dora_store(acc, acc, out_ptrs, y_ptr, mag_ptr, norm_ptr, bias_ptr, offs_m64, offs_n, mask_n, mask,
+                    stride_ym, stride_yn, HAS_BIAS, STORE_Z, DORA, INTERPRET)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -448,22 +529,31 @@ def _lora_gemm_kernel(
     stride_bits_m,
     scale,
     mag_ptr, norm_ptr, y_ptr, stride_ym, stride_yn,
+    x_ptr, da_ptr, stride_xm, stride_xk, stride_dap, stride_dar, stride_dak, da_scale,
+    M_BUCKET,  # the autotuner's key for M (a power of two): variable-length batches do not retune
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SCALED: tl.constexpr, DORA: tl.constexpr, STORE_Z: tl.constexpr,
+    GRAD_A: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # The plain path: pointer loads, one program per output tile (any strides, any device).
+    tl.static_assert(DORA != 2, "DoRA's dropout form needs the rank term apart: it takes the epilogue variant")
     pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GRAD_A:
+        _grad_a_part(x_ptr, s_ptr, bits_ptr, da_ptr, pid_m, offs_m, offs_n, mask_m, mask_n, pid_n * BLOCK_N, N, R,
+                     stride_xm, stride_xk, stride_sm, stride_sr, stride_bits_m, stride_dap, stride_dar, stride_dak,
+                     da_scale, HAS_MASK, DOT_PRECISION, INTERPRET, BLOCK_N, BLOCK_R)
+    acc = _rank_first(s_ptr, b_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, pid_n * BLOCK_N, N, R,
+                      stride_sm, stride_sr, stride_bn, stride_br, stride_bits_m, scale,
+                      HAS_MASK, SCALED, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
     # 64-bit pointers advanced per step: no int32 overflow even for huge strides (e.g. x.t()).
-    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + offs_n64[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -471,50 +561,170 @@ def _lora_gemm_kernel(
         acc = mma(a, w, acc, DOT_PRECISION, INTERPRET)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    if HAS_MASK or DORA == 2:
-        # the mask is elementwise on the rank term alone, and DoRA's dropout form needs the rank
-        # term by itself: its own accumulator
-        rank = _rank_loop(s_ptr, b_ptr, offs_m64, offs_n64, mask_m, mask_n, R, stride_sm, stride_sr,
-                          stride_bn, stride_br, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), scale,
-                          SCALED, DOT_PRECISION, INTERPRET, BLOCK_R)
-        if HAS_MASK:
-            rank = tl.where(load_keep(bits_ptr, stride_bits_m, offs_m, mask_m, pid_n * BLOCK_N, N, BLOCK_N),
-                            rank, 0.0)
-        acc += rank
-    else:
-        # no mask: the rank is R more reduction steps into the same accumulator
-        acc = _rank_loop(s_ptr, b_ptr, offs_m64, offs_n64, mask_m, mask_n, R, stride_sm, stride_sr,
-                         stride_bn, stride_br, acc, scale, SCALED, DOT_PRECISION, INTERPRET, BLOCK_R)
-        rank = acc  # unused: only DORA == 2 reads the rank term alone
-    mask = mask_m[:, None] & mask_n[None, :]
-    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n64[None, :] * stride_on
-    if DORA:
-        _dora_store(acc, rank, out_ptrs, y_ptr, mag_ptr, norm_ptr, bias_ptr, offs_m64, offs_n, mask_n, mask,
-                    stride_ym, stride_yn, HAS_BIAS, STORE_Z, DORA, INTERPRET)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    _gemm_epilogue(acc, out_ptr, bias_ptr, mag_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n,
+                   stride_om, stride_on, stride_ym, stride_yn, HAS_BIAS, DORA, STORE_Z, INTERPRET)
 
 
-def _gemm_configs() -> list:
-    # Hopper tiles (as the Triton matmul tutorial's sm90 configs); the 16/32-row entries cover
-    # decode sizes where a 128-row tile would be mostly padding. Not yet timed on a GPU.
+@triton.jit
+def _lora_gemm_tma_kernel(
+    a_desc, w_desc, s_ptr, b_ptr, bias_ptr, bits_ptr, out_ptr,
+    M, N, K, R,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    stride_om, stride_on,
+    stride_bits_m,
+    scale,
+    mag_ptr, norm_ptr, y_ptr, stride_ym, stride_yn,
+    x_ptr, da_ptr, stride_xm, stride_xk, stride_dap, stride_dar, stride_dak, da_scale,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SCALED: tl.constexpr, DORA: tl.constexpr, STORE_Z: tl.constexpr,
+    GRAD_A: tl.constexpr, W_NK: tl.constexpr, NUM_SMS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # The Hopper path: a and W tiles by TMA descriptors (out-of-range rows and columns read as
+    # zero), a persistent grid of NUM_SMS programs walking the output tiles in GROUP_M order.
+    # W_NK: the descriptor covers W as (N, K) rows (forward); else as (K, N) rows (dX: W itself,
+    # whose transpose is the GEMM's weight). Everything around the main loop is the plain path's.
+    tl.static_assert(DORA != 2, "DoRA's dropout form needs the rank term apart: it takes the epilogue variant")
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
+        pid_m, pid_n = swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if GRAD_A:
+            _grad_a_part(x_ptr, s_ptr, bits_ptr, da_ptr, pid_m, offs_m, offs_n, mask_m, mask_n, pid_n * BLOCK_N, N,
+                         R, stride_xm, stride_xk, stride_sm, stride_sr, stride_bits_m, stride_dap, stride_dar,
+                         stride_dak, da_scale, HAS_MASK, DOT_PRECISION, INTERPRET, BLOCK_N, BLOCK_R)
+        acc = _rank_first(s_ptr, b_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, pid_n * BLOCK_N, N, R,
+                          stride_sm, stride_sr, stride_bn, stride_br, stride_bits_m, scale,
+                          HAS_MASK, SCALED, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_R)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            if W_NK:
+                w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))
+            else:
+                w = w_desc.load([k0, pid_n * BLOCK_N])
+            acc = mma(a, w, acc, DOT_PRECISION, INTERPRET)
+        _gemm_epilogue(acc, out_ptr, bias_ptr, mag_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n,
+                       stride_om, stride_on, stride_ym, stride_yn, HAS_BIAS, DORA, STORE_Z, INTERPRET)
+
+
+def _gemm_configs(*, block_m: int | None = None) -> list:
+    """Hopper tiles (as the Triton matmul tutorial's sm90 configs); the 16/32-row entries cover
+    decode sizes where a 128-row tile would be mostly padding. ``block_m``: the host fixes the row
+    block (dA inside dX: one partial per row block), so the configs leave it out. Not yet timed."""
     cfg = triton.Config
-    return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        cfg({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    ]
+    tiles = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+             (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4)]
+    if block_m is not None:
+        # dA inside dX holds an X tile beside the accumulator: 8 warps, at most 128 columns (the
+        # plain path 64: ``_prune_by_rows``)
+        tiles = [(block_m, 128, 64, 4, 8), (block_m, 64, 64, 4, 8), (block_m, 64, 128, 3, 8)]
+    out = []
+    for bm, bn, bk, stages, warps in tiles:
+        meta = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        if block_m is None:
+            meta["BLOCK_M"] = bm
+        out.append(cfg(meta, num_stages=stages, num_warps=warps, pre_hook=_tma_blocks))
+    return out
 
 
-_lora_gemm_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"])(_lora_gemm_kernel)
+def _tma_blocks(nargs: dict) -> None:
+    """Autotune pre-hook: a TMA launch's descriptors take the config's tile shapes."""
+    a_desc, w_desc = nargs.get("a_desc"), nargs.get("w_desc")
+    if a_desc is None or not hasattr(a_desc, "block_shape"):
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    a_desc.block_shape = [bm, bk]
+    w_desc.block_shape = [bn, bk] if nargs["W_NK"] else [bk, bn]
+
+
+def _prune_by_rows(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs worth timing for an M bucket: no row block taller than the bucket, and from
+    1024 rows on only the 128/256-row Hopper tiles (the small ones are for decode); and none the
+    offline compile found spilling (``_fits_registers``). What the offline report compiles for a
+    launch is exactly this set (its gate covers what can be picked)."""
+    bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 30))
+    flags = {**named_args, **kwargs}
+
+    def keep(c) -> bool:
+        bm = c.kwargs.get("BLOCK_M")
+        rows_ok = bm is None or (bm <= max(16, bucket) and (bucket < 1024 or bm >= 128))
+        return rows_ok and _fits_registers(c, tma="W_NK" in flags, dora=bool(flags.get("DORA")),
+                                           grad_a=bool(flags.get("GRAD_A")), block_m=flags.get("BLOCK_M"))
+
+    return [c for c in configs if keep(c)] or configs[-1:]
+
+
+def _fits_registers(c, *, tma: bool, dora: bool, grad_a: bool, block_m: int | None = None) -> bool:
+    """Whether a tile stays within sm_90's 255 registers, by accumulator elements per warp (what
+    the offline sm_90a compile of every config found, bench/NOTES.md): the TMA LoRA GEMM fits all
+    its tiles; the plain path's pointer loads, DoRA's epilogue and dA's X tile cost registers, so
+    there at most 2048 per warp at 8 warps (128×128) and 1024 at 4 (64×128 at 4 warps spills 384 B
+    at an unaligned K), and dA inside dX needs 8 warps and, on the plain path, at most 1024
+    (128×64)."""
+    per_warp = c.kwargs.get("BLOCK_M", block_m or _GRAD_A_BLOCK_M) * c.kwargs["BLOCK_N"] // c.num_warps
+    if grad_a:
+        return c.num_warps == 8 and per_warp <= (2048 if tma else 1024)
+    return (tma and not dora) or per_warp <= (2048 if c.num_warps == 8 else 1024)
+
+
+#: the autotuner's key: M bucketed (M_BUCKET), and every constexpr that changes the kernel's code
+_GEMM_KEY = ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "HAS_MASK", "SCALED", "DORA", "STORE_Z", "GRAD_A"]
+_PRUNE = {"early_config_prune": _prune_by_rows}
+
+
+def _tuned(kernel, *, block_m: int | None = None, tma: bool = False):
+    return triton.autotune(configs=_gemm_configs(block_m=block_m), key=[*_GEMM_KEY, "W_NK"] if tma else _GEMM_KEY,
+                           prune_configs_by=_PRUNE)(kernel)
+
+
+_GRAD_A_BLOCK_M = 128
+_lora_gemm_kernel_tuned = _tuned(_lora_gemm_kernel)
+_lora_gemm_tma_tuned = _tuned(_lora_gemm_tma_kernel, tma=True)
+_lora_gemm_grad_a_tuned = _tuned(_lora_gemm_kernel, block_m=_GRAD_A_BLOCK_M)
+_lora_gemm_grad_a_tma_tuned = _tuned(_lora_gemm_tma_kernel, block_m=_GRAD_A_BLOCK_M, tma=True)
 # Interpreter: one small config, several K-steps and N-blocks at the test shapes (K/N ~ 40-100).
 _INTERP_GEMM_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two (at least 16): the autotuner's key, so a batch of 8191 tokens
+    reuses the tuning of 8192 instead of benchmarking every config again."""
+    return max(16, triton.next_power_of_2(max(int(m), 1)))
+
+
+def _tma_ok(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The TMA path's requirements: a Hopper-class target (the meta device stands for the offline
+    report's sm_90a), 16-byte aligned bases and row strides, unit stride along the tile's rows,
+    16-bit operands; and a Triton with host tensor descriptors (3.6 and 3.9 both have them)."""
+    if _TensorDescriptor is None or (interpreting() and not _FORCE_TMA):
+        return False
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if a.device.type == "cuda":
+        if torch.cuda.get_device_capability(a.device)[0] < 9:
+            return False
+    elif a.device.type != "meta" and not _FORCE_TMA:
+        return False
+    e = a.element_size()
+
+    def aligned(t: torch.Tensor, row: int, unit: int) -> bool:
+        return t.stride(unit) == 1 and (t.stride(row) * e) % 16 == 0 and (t.data_ptr() % 16 == 0)
+
+    return aligned(a, 0, 1) and (aligned(weight, 0, 1) or aligned(weight, 1, 0))
+
+
+try:  # host-side TMA descriptors (triton ≥ 3.4; the GPU image's 3.6 and CI's 3.9 both have them)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - an older triton: the plain path only
+    _TensorDescriptor = None
+#: tests: take the TMA path in the interpreter too (triton's interpreter emulates descriptors)
+_FORCE_TMA = False
 
 
 def lora_gemm(
@@ -530,10 +740,12 @@ def lora_gemm(
     dora: DoraScale | None = None,
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out = a @ weightᵀ + scale · [mask ⊙] (s @ lora_bᵀ) (+ bias): one GEMM, the rank as its last
-    reduction steps (forward: a = x, weight = W; backward: a = dY, weight = Wᵀ, s = dS, lora_b = Aᵀ).
-    With ``dora``: that sum (without bias) is DoRA's z, and the epilogue writes y (``_dora_store``)
-    to ``y`` with z in the returned ``out``, or into ``out`` itself when ``y`` is None.
+    """out = a @ weightᵀ + scale · [mask ⊙] (s @ lora_bᵀ) (+ bias): one GEMM, one fp32 accumulator
+    that starts as the rank term (its first reduction steps, the mask applied in registers) and
+    then takes a @ weightᵀ (forward: a = x, weight = W; backward: a = dY, weight = Wᵀ, s = dS,
+    lora_b = Aᵀ). With ``dora`` (not its dropout form): that sum (without bias) is DoRA's z, and the
+    epilogue writes y (``_dora_store``) to ``y`` with z in the returned ``out``, or into ``out``
+    itself when ``y`` is None.
 
     Args:
         a: (M, K) bf16/fp16/fp32, any strides. weight: (N, K), a's dtype, any strides.
@@ -543,6 +755,45 @@ def lora_gemm(
     Returns:
         out: (M, N) contiguous, a's dtype; fp32 accumulation, one rounding.
     """
+    out, _ = _gemm(a, weight, s, lora_b, scale=scale, bias=bias, bits=bits, tune=tune, dora=dora, y=y)
+    return out
+
+
+def lora_gemm_dx(
+    dy: torch.Tensor,
+    weight_t: torch.Tensor,
+    ds: torch.Tensor,
+    lora_a_t: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    scale: float,
+    bits: torch.Tensor | None = None,
+    tune: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dX = dY W + mask ⊙ (scale · dS A) by ``lora_gemm`` (weight_t = Wᵀ, lora_a_t = Aᵀ) and, from
+    the same tiles, dA = scale · dSᵀ (mask ⊙ X) (fp32, (R, K)): each dX tile has the (m, k) index of
+    an X tile and holds dS and the mask bits, so it adds its row block's share of dA
+    (``_grad_a_part``); the shares are summed in a fixed order (deterministic). X is read once,
+    inside a compute-bound GEMM, instead of by a pass of its own (``lora_grad_a``).
+
+    ``grad_a_partial_bytes`` says what the shares take; the op layer uses this only under its cap.
+    """
+    out, da = _gemm(dy, weight_t, ds, lora_a_t, scale=scale, bits=bits, tune=tune, grad_a=(x, scale))
+    return out, da
+
+
+def grad_a_partial_bytes(M: int, K: int, R: int) -> int:
+    """Bytes of ``lora_gemm_dx``'s dA partials (one fp32 (R, K) slot per row block)."""
+    return 4 * triton.cdiv(M, _grad_a_block_m(M)) * R * K
+
+
+def _grad_a_block_m(M: int) -> int:
+    if interpreting():
+        return _INTERP_GEMM_META["BLOCK_M"]
+    return 64 if M <= 64 else _GRAD_A_BLOCK_M
+
+
+def _gemm(a, weight, s, lora_b, *, scale, bits, tune, bias=None, dora=None, y=None, grad_a=None):
     _check_2d(("a", a), ("weight", weight), ("s", s), ("lora_b", lora_b))
     M, K = a.shape
     N, R = weight.shape[0], s.shape[1]
@@ -551,43 +802,92 @@ def lora_gemm(
         f"lora_b {tuple(lora_b.shape)}"
     )
     assert weight.dtype == a.dtype, f"weight dtype {weight.dtype} != a dtype {a.dtype}"
+    assert dora is None or not dora.dropout_form, "DoRA's dropout form takes the epilogue variant"
     if bias is not None:
         assert bias.dim() == 1 and bias.shape[0] == N and bias.stride(0) == 1, "bias must be contiguous (N,)"
     out = _common.alloc((M, N), dtype=a.dtype, device=a.device)
     dora_ptrs, dora_meta = _dora_args(dora, out, y)
+    da = da_part = None
+    if grad_a is not None:
+        x, da_scale = grad_a
+        assert tuple(x.shape) == (M, N), f"x must be ({M}, {N}), got {tuple(x.shape)}"
+        block_m = _grad_a_block_m(M)
+        da_part = _common.alloc((triton.cdiv(M, block_m), R, N), dtype=torch.float32, device=a.device)
+        grad_a_args = (x, da_part, x.stride(0), x.stride(1), da_part.stride(0), da_part.stride(1),
+                       da_part.stride(2), float(da_scale))
+    else:
+        grad_a_args = (out, out, 0, 0, 0, 0, 0, 0.0)
     if M == 0 or N == 0:
-        return out
+        if da_part is not None:
+            da = torch.zeros((R, N), dtype=torch.float32, device=a.device)
+        return out, da
     bits_ptr, stride_bits = _bits_args(bits, out)
-    args = (
-        a, weight, s, lora_b, bias if bias is not None else out, bits_ptr, out,
+    tail = (
+        s, lora_b, bias if bias is not None else out, bits_ptr, out,
         M, N, K, R,
-        a.stride(0), a.stride(1),
-        weight.stride(0), weight.stride(1),
+    )
+    rest = (
         s.stride(0), s.stride(1),
         lora_b.stride(0), lora_b.stride(1),
         out.stride(0), out.stride(1),
         stride_bits,
         float(scale),
         *dora_ptrs,
+        *grad_a_args,
+        m_bucket(M),
     )
+    # BLOCK_R 16 for every rank: the rank term loops over R in 16-wide steps (one compile per
+    # kernel variant whatever the rank; the steps are a few percent of the main loop's)
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=bits is not None, SCALED=scale != 1.0, **dora_meta,
-                BLOCK_R=pow2_block(R, cap=64), DOT_PRECISION=dot_precision(a.dtype), INTERPRET=interpreting())
+                GRAD_A=grad_a is not None, BLOCK_R=16, DOT_PRECISION=dot_precision(a.dtype),
+                INTERPRET=interpreting())
+    fixed_m = {"BLOCK_M": _grad_a_block_m(M)} if grad_a is not None else {}
+    use_tma = _tma_ok(a, weight)
     with device_ctx(a):
         if interpreting() or not tune:
-            # untuned: the classic Hopper tile, or with the mask's unpacking in the K loop the
-            # 128x128 one (128x256 spills ~2 KiB/thread there: offline compile)
-            first = _gemm_configs()[2 if bits is not None else 0]
-            cfg = _INTERP_GEMM_META if interpreting() else first.kwargs
-            launch = {"num_warps": 4, "num_stages": 1} if interpreting() else {
-                # a rank tile of 64 pipelines its S and B tiles too: 3-4 stages pass sm_90's 227 KiB
-                "num_warps": first.num_warps, "num_stages": 2 if meta["BLOCK_R"] >= 64 else first.num_stages}
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-            _lora_gemm_kernel[grid](*args, **meta, **cfg, **launch)
+            if interpreting():
+                cfg, launch = {**_INTERP_GEMM_META, **fixed_m}, {"num_warps": 4, "num_stages": 1}
+            else:  # untuned: the first config (what FASTADAPT_AUTOTUNE=0 and gpu-check measure)
+                flags = {**meta, **({"W_NK": True} if use_tma else {})}
+                first = _prune_by_rows(_gemm_configs(block_m=fixed_m.get("BLOCK_M")), {"M_BUCKET": m_bucket(M)},
+                                       **flags)[0]
+                cfg = {**first.kwargs, **fixed_m}
+                launch = {"num_warps": first.num_warps, "num_stages": first.num_stages}
+            tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+            if use_tma:
+                a_desc, w_desc, w_nk = _descriptors(a, weight, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+                n_sms = _common.num_sms(a.device)
+                _lora_gemm_tma_kernel[(min(n_sms, tiles),)](a_desc, w_desc, *tail, *rest, **meta, W_NK=w_nk,
+                                                           NUM_SMS=n_sms, **cfg, **launch)
+            else:
+                _lora_gemm_kernel[(tiles,)](a, weight, *tail, a.stride(0), a.stride(1), weight.stride(0),
+                                            weight.stride(1), *rest, **meta, **cfg, **launch)
+        elif use_tma:
+            n_sms = _common.num_sms(a.device)
+            a_desc, w_desc, w_nk = _descriptors(a, weight, 128, 128, 64)  # block shapes set per config
+
+            def grid(META):
+                return (min(n_sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),)
+            kernel = _lora_gemm_grad_a_tma_tuned if grad_a is not None else _lora_gemm_tma_tuned
+            kernel[grid](a_desc, w_desc, *tail, *rest, **meta, W_NK=w_nk, NUM_SMS=n_sms, **fixed_m)
         else:
             def grid(META):
                 return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-            _lora_gemm_kernel_tuned[grid](*args, **meta)
-    return out
+            kernel = _lora_gemm_grad_a_tuned if grad_a is not None else _lora_gemm_kernel_tuned
+            kernel[grid](a, weight, *tail, a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), *rest,
+                         **meta, **fixed_m)
+    if da_part is not None:
+        da = _common.sum_partials(da_part)[0]
+    return out, da
+
+
+def _descriptors(a: torch.Tensor, weight: torch.Tensor, bm: int, bn: int, bk: int):
+    """TMA descriptors of the GEMM's operands: a (M, K) by [bm, bk] tiles; the weight (N, K) as its
+    own rows (W_NK) or, when it is the transposed view of a row-major (K, N) tensor, as that tensor."""
+    a_desc = _TensorDescriptor.from_tensor(a, [bm, bk])
+    if weight.stride(1) == 1:
+        return a_desc, _TensorDescriptor.from_tensor(weight, [bn, bk]), True
+    return a_desc, _TensorDescriptor.from_tensor(weight.t(), [bk, bn]), False
 
 
 # ----------------------------------------------------------------------------------------------

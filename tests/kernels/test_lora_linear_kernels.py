@@ -135,6 +135,26 @@ def test_large_seed_same_mask_everywhere():
     assert torch.equal(s != 0, mask) and torch.equal(_common.unpack_bits(bits, K), mask)
 
 
+@pytest.mark.parametrize("seed", [5, 2**62 + 12345])
+def test_seed_from_a_device_tensor(seed):
+    """The graph-safe seed: a one-element int64 tensor the shrink kernel reads at run time draws the
+    mask of the same seed as a host int; the kernel reads the tensor's value at launch (a CUDA
+    graph's replay sees what the tensor holds then), and bad seed tensors are refused by name."""
+    M, K, R, p = 17, 40, 3, 0.3
+    x, a = _x(M, K, F32, True), _x(R, K, F32, False, seed=3)
+    s_int, bits_int = L.lora_shrink(x, a, scaling=0.5, dropout_p=p, seed=seed)
+    seed_t = torch.tensor([seed], dtype=torch.int64)
+    s_t, bits_t = L.lora_shrink(x, a, scaling=0.5, dropout_p=p, seed=seed_t)
+    assert torch.equal(bits_t, bits_int) and torch.equal(s_t, s_int)
+    assert torch.equal(_common.unpack_bits(bits_t, K), L.dropout_mask(seed_t, M, K, p, device="cpu"))
+    seed_t.fill_(seed + 1)  # the same tensor, a new value: a new mask
+    _, bits_next = L.lora_shrink(x, a, scaling=0.5, dropout_p=p, seed=seed_t)
+    assert torch.equal(bits_next, L.dropout_bits(seed + 1, M, K, p, device="cpu"))
+    assert not torch.equal(bits_next, bits_int)
+    with pytest.raises(ValueError, match="one int64"):
+        L.dropout_mask(torch.tensor([5], dtype=torch.int32), M, K, p, device="cpu")
+
+
 def test_dropout_mask_p0_keeps_all():
     assert L.dropout_mask(7, 3, 50, 0.0, device="cpu").all()
 
@@ -365,6 +385,84 @@ def test_dx_rank_pass_then_addmm_and_epilogue(M, N, K, R, dtype, p, wt):
     assert_matches(dx.addmm_(dy, w), ref, lowp)
     epi = L.lora_rank(ds, a.t(), out=dy @ w, scale=scale, bits=bits, accumulate=True)
     assert_matches(epi, ref, lowp)
+
+
+_DX_GRAD_A_CASES = _DX_CASES + [
+    (129, 104, 72, 40, BF16, 0.1, False),  # several row blocks, R past the 16-wide rank steps
+    (33, 40, 100, 5, F32, 0.0, True),
+]
+
+
+@pytest.mark.parametrize("M,N,K,R,dtype,p,wt", _DX_GRAD_A_CASES)
+@pytest.mark.parametrize("tma", [False, True], ids=["plain", "tma"])
+def test_dx_with_grad_a_inside(M, N, K, R, dtype, p, wt, tma, monkeypatch):
+    """dA inside dX: lora_gemm_dx returns dX (as lora_gemm) and dA = scale · dSᵀ (mask ⊙ X), the
+    row blocks' shares summed in a fixed order; vs float64, with and without dropout. ``tma``: the
+    Hopper path (descriptors, persistent grid), which triton's interpreter emulates."""
+    if tma:
+        if L._TensorDescriptor is None or dtype == F32 or wt:
+            pytest.skip("the TMA path takes 16-bit operands with unit-stride rows (else the plain path runs)")
+        monkeypatch.setattr(L, "_FORCE_TMA", True)
+    dy, w, ds, a, bits, scale, ref, lowp = _dx_inputs(M, N, K, R, dtype, p, wt)
+    if tma:
+        dy = dy.contiguous()  # TMA rows: 16-byte aligned strides
+        if not L._tma_ok(dy, w.t()):
+            pytest.skip("rows not 16-byte aligned: the plain path runs (the other parametrization)")
+    x = _x(M, K, dtype, noncontig=not tma and M > 1, seed=11)
+    mask = L.dropout_mask(4321, M, K, p, device="cpu")
+    dx, da = L.lora_gemm_dx(dy, w.t(), ds, a.t(), x, scale=scale, bits=bits)
+    assert dx.dtype == dtype and dx.shape == (M, K) and da.dtype == F32 and da.shape == (R, K)
+    assert_matches(dx, ref, lowp)
+    da_ref = scale * _d(ds).T @ (_d(x) * mask)
+
+    def da_lowp():
+        return (scale * ds.to(dtype)).T @ (x * mask).to(dtype)
+
+    assert_matches(da, da_ref, _lowp(dtype, da_lowp))
+    assert da.abs().sum() > 0
+    # deterministic: the same shares summed in the same order
+    dx2, da2 = L.lora_gemm_dx(dy, w.t(), ds, a.t(), x, scale=scale, bits=bits)
+    assert torch.equal(dx, dx2) and torch.equal(da, da2)
+
+
+@pytest.mark.parametrize("M,K,N,R,dtype,has_bias,noncontig,wt", [c for c in _FWD_CASES if c[4] != F32 and not c[6]])
+def test_gemm_forward_tma_path(M, K, N, R, dtype, has_bias, noncontig, wt, monkeypatch):
+    """The Hopper path of the fused forward (TMA descriptors for x and W, persistent grid of
+    ``num_sms`` programs: 2 in the interpreter, so each program walks several tiles)."""
+    if L._TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    monkeypatch.setattr(L, "_FORCE_TMA", True)
+    x, w, s, b, bias, ref, lowp = _fwd_inputs(M, K, N, R, dtype, has_bias, noncontig, wt)
+    assert L._tma_ok(x, w)
+    y = L.lora_gemm(x, w, s, b, bias=bias)
+    assert_matches(y, ref, lowp)
+
+
+def test_autotune_key_buckets_m_and_configs_fit_the_bucket():
+    """The autotuner keys on M rounded up to a power of two (a batch of 8191 tokens reuses 8192's
+    tuning) and times only configs whose row block fits the bucket, and none that the offline
+    compile found spilling on that path (plain pointer loads, DoRA's epilogue, dA inside dX)."""
+    assert [L.m_bucket(m) for m in (1, 16, 17, 4095, 4096, 8191, 8193)] == [16, 16, 32, 4096, 4096, 8192, 16384]
+    configs = L._gemm_configs()
+
+    def tiles(kept):
+        return {(c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps) for c in kept}
+
+    for bucket, rows in ((16, {16}), (64, {16, 32, 64}), (8192, {128, 256})):
+        kept = L._prune_by_rows(configs, {"M_BUCKET": bucket}, W_NK=True)  # the TMA LoRA GEMM: every tile
+        assert {c.kwargs["BLOCK_M"] for c in kept} == rows
+    plain = L._prune_by_rows(configs, {"M_BUCKET": 8192})
+    assert tiles(plain) == {(128, 128, 8)}  # 128×256, 256×128 and 128×128 at 4 warps spill there
+    plain_small = L._prune_by_rows(configs, {"M_BUCKET": 128})
+    assert tiles(plain_small) == {(128, 128, 8), (32, 128, 4), (16, 128, 4)}  # 64×128 at 4 warps spills
+    dora = L._prune_by_rows(configs, {"M_BUCKET": 8192}, W_NK=True, DORA=1)
+    assert tiles(dora) == {(128, 128, 8)}
+    fixed = L._gemm_configs(block_m=128)  # dA inside dX: the host fixes the row block
+    assert all("BLOCK_M" not in c.kwargs and c.num_warps == 8 for c in fixed)
+    assert L._prune_by_rows(fixed, {"M_BUCKET": 16}, GRAD_A=True, BLOCK_M=128, W_NK=True) == fixed
+    plain_da = L._prune_by_rows(fixed, {"M_BUCKET": 16}, GRAD_A=True, BLOCK_M=128)
+    assert {c.kwargs["BLOCK_N"] for c in plain_da} == {64}
+    assert "M_BUCKET" in L._lora_gemm_kernel_tuned.keys and "HAS_MASK" in L._lora_gemm_kernel_tuned.keys
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

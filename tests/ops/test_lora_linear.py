@@ -128,6 +128,40 @@ def test_saved_tensors_are_x_s_and_the_mask_at_one_bit_per_element():
     assert torch.equal(kernel_common.unpack_bits(bits[0], 48), want)
 
 
+def test_seed_under_graph_capture_is_a_device_tensor_the_kernel_reads(monkeypatch):
+    """The plumbing of the graph-safe seed on CPU: with capture forced on, the op draws the seed as a
+    one-element int64 tensor from torch's generator (on x's device) and hands the tensor itself to
+    the shrink kernel, which draws the mask from its value; manual_seed repeats it, the next draw
+    differs. (test_gpu_each_cuda_graph_replay_draws_a_fresh_mask: a real replay on a GPU.)"""
+    from fastadapt.ops import _inputs
+
+    monkeypatch.setattr(_inputs, "_capturing", lambda device: True)
+    kernels = op_module._kernels()
+    seeds = []
+    real_shrink = kernels.lora_shrink
+    monkeypatch.setattr(kernels, "lora_shrink", lambda x, a, **kw: seeds.append(kw["seed"]) or real_shrink(x, a, **kw))
+    x, w, a, b, _ = make(33, 48, 40, 4, bias=False)
+    saved = []
+    torch.manual_seed(11)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fa.ops.lora_linear(x, w, a, b, scaling=1.0, dropout_p=0.3, backend="triton")
+    (seed,) = seeds
+    assert isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1
+    assert seed.device == x.device
+    torch.manual_seed(11)
+    assert torch.equal(seed, torch.randint(0, 2**62, (1,), dtype=torch.int64))  # torch's generator drew it
+    (bits,) = [t for t in saved if t.dtype == torch.int32]
+    mask = kernel_common.dropout_mask(int(seed), 33, 48, 0.3, device=x.device)
+    assert torch.equal(kernel_common.unpack_bits(bits, 48), mask)
+    xd, wd = x.double(), w.double()
+    y_ref = xd @ wd.t() + ((xd * mask) @ a.double().t()) @ b.double().t() / 0.7
+    assert rel_err(y, y_ref) < 1e-5
+    torch.manual_seed(11)
+    assert torch.equal(fa.ops.lora_linear(x, w, a, b, scaling=1.0, dropout_p=0.3, backend="triton"), y)
+    y_next = fa.ops.lora_linear(x, w, a, b, scaling=1.0, dropout_p=0.3, backend="triton")
+    assert not torch.equal(seeds[2], seeds[1]) and not torch.equal(y_next, y)
+
+
 def test_bad_backend_and_forced_backend(monkeypatch):
     x, w, a, b, _ = make(3, 8, 6, 2, bias=False)
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
@@ -202,6 +236,36 @@ def test_gpu_real_shapes_bf16(k, n):
     for got, ref, want in zip(grads(y, (x, a, b)), grads(same, (x, a, b)), grads(exact, (x, a, b))):
         assert torch.isfinite(got).all()
         assert norm_rel_err(got, want) <= 2 * norm_rel_err(ref, want) + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="CUDA graphs: compiled kernels only")
+def test_gpu_each_cuda_graph_replay_draws_a_fresh_mask():
+    """Under torch.cuda.graph the shrink reads its seed from a device tensor drawn inside the graph,
+    so each replay draws a fresh mask (a host int would be baked in). W = 0, A = B = I, scaling 1:
+    y = mask ⊙ x / (1-p) shows the mask itself."""
+    k, m, p = 256, 512, 0.25
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).abs() + 0.5
+    w = torch.zeros(k, k, device="cuda", dtype=torch.bfloat16)
+    eye = torch.eye(k, device="cuda")
+
+    def step():
+        return fa.ops.lora_linear(x, w, eye, eye, scaling=1.0, dropout_p=p, backend="triton")
+
+    step()  # compile and autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    kept = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        keep = y != 0
+        torch.testing.assert_close(y[keep].float(), (x[keep].float() / (1 - p)).to(torch.bfloat16).float())
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+        kept.append(keep.clone())
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])
 
 
 def test_shared_input_groups_read_x_once_per_group(monkeypatch):
