@@ -6,7 +6,7 @@ Adding an architecture is adding one row to :data:`ARCHITECTURES` (docs/architec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -26,6 +26,8 @@ class Architecture:
     ``fused``: single linears that compute several projections (qkv_proj, gate_up_proj, ...).
     ``no_prefix_tuning``: why prefix tuning cannot hook this architecture's attention (it needs
     transformers' attention interface and a ``layer_idx``), or None.
+    ``gguf_arch``: the llama.cpp architecture (``general.architecture`` of a GGUF file) whose graph
+    computes this model exactly, or None when fastadapt does not write this model type as GGUF.
     """
 
     lora_targets: tuple[str, ...]
@@ -35,6 +37,7 @@ class Architecture:
     shared_input: tuple[tuple[str, ...], ...] = ()
     fused: tuple[str, ...] = ()
     no_prefix_tuning: str | None = None
+    gguf_arch: str | None = None
 
     def mlp_side(self, name: str) -> str | None:
         """``"input"`` / ``"output"`` when ``name`` is one of the MLP projections, else None."""
@@ -79,9 +82,11 @@ _GPT2 = _fused_qkv("c_attn", "mlp.c_fc", "mlp.c_proj")
 
 #: model_type -> :class:`Architecture`. "tested" in the README lists which rows the test suite covers.
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
+    "llama": replace(_LLAMA, gguf_arch="llama"),
+    # llama.cpp runs Mistral as "llama" (its converter does too); the sliding window is handled by
+    # the GGUF writer (fastadapt/gguf_io.py)
+    "mistral": replace(_LLAMA, gguf_arch="llama"),
+    "qwen2": replace(_LLAMA, gguf_arch="qwen2"),
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,

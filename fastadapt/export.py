@@ -1,20 +1,25 @@
-"""``fa.export``: a merged, plain-transformers checkpoint that loads without fastadapt."""
+"""``fa.export``: the model with its adapter merged, as a plain-transformers checkpoint that loads
+without fastadapt, or as one GGUF file for llama.cpp and Ollama (:func:`export_gguf`; the file
+format itself is :mod:`.gguf_io`)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import _files, distributed
+from . import _files, distributed, gguf_io
 from .methods import adapter_modules, get_method, get_state
 from .methods.targets import parent_and_attr
 from .modules.quantized import (
@@ -29,6 +34,14 @@ from .modules.quantized import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FORMATS = ("transformers", "gguf")
+DEFAULT_GGUF_QUANT = "q8_0"
+#: a quantized GGUF export warns when its error on the probe batch is at least this fraction of the
+#: adapter's own effect there
+LOST_ADAPTER = 0.5
+#: The probe batch on which exports are checked (merged vs adapted, reloaded vs merged, quantized vs
+#: unquantized): a sentence and a GSM8K-style problem.
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Natalia sold 48 clips in April.")
 #: written beside an export from a quantized base: how it was merged, and (quantized export) the
 #: output change the re-quantization adds
 METADATA_NAME = "fastadapt_export.json"
@@ -85,24 +98,42 @@ def merged_state_dict(
     return out
 
 
+def probe_batch(tokenizer: Any, vocab_size: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """:data:`PROBE_TEXTS` tokenized (random ids without a tokenizer), on ``device``."""
+    if tokenizer is not None:
+        batch = dict(tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True))
+    else:
+        g = torch.Generator().manual_seed(0)
+        batch = {"input_ids": torch.randint(0, vocab_size, (2, 12), generator=g)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def export(
     model: nn.Module,
     path: str | os.PathLike,
     *,
+    format: str = "transformers",
     tokenizer: Any = None,
     dtype: str | torch.dtype | None = None,
+    quant: str | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     quantize: bool = False,
     probe: dict[str, torch.Tensor] | torch.Tensor | None = None,
 ) -> Path:
-    """Write ``model`` with its LoRA/DoRA adapters merged as a plain transformers checkpoint (safetensors,
-    config, generation config, and the tokenizer when given) that
-    ``AutoModelForCausalLM.from_pretrained(path)`` loads without fastadapt. The model itself is not
-    changed. Writes into a temporary folder beside ``path`` and swaps it in at the end (one atomic
+    """Write ``model`` with its LoRA/DoRA adapters merged; the model itself is not changed.
+
+    ``format="transformers"`` (default): a plain transformers checkpoint folder (safetensors, config,
+    generation config, and the tokenizer when given) that ``AutoModelForCausalLM.from_pretrained(path)``
+    loads without fastadapt, weights in ``dtype`` ("bf16", "fp16", "fp32"; default: the model's).
+    Writes into a temporary folder beside ``path`` and swaps it in at the end (one atomic
     step on Linux: ``path`` is always the old export or the new one, even if the process is
     killed); a later export removes what a killed one left. Refuses a non-empty ``path`` unless
     ``overwrite=True``.
+
+    ``format="gguf"``: one GGUF file at ``path`` for llama.cpp / Ollama, weights in ``quant``
+    (:data:`.gguf_io.QUANTS`: "q8_0" (default), "q4_0", "q4_1", "q5_0", "q5_1", "f16", "bf16", "f32");
+    ``tokenizer`` is required (the file carries it). See :func:`export_gguf`.
 
     Distributed: a ``DistributedDataParallel`` wrapper is looked through and, with more than one
     process, only global rank 0 writes. An FSDP2-sharded model is gathered to full CPU tensors on
@@ -116,11 +147,19 @@ def export(
     logits on ``probe`` (token ids, or a batch dict; default: 2x16 seeded random ids) against the
     unmerged adapted model is logged and written, with the adapter's own effect for scale, to
     ``fastadapt_export.json`` in the export; that checkpoint needs bitsandbytes to load."""
-    from transformers import PreTrainedModel
-
-    model = distributed.unwrap(model)
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if format == "gguf":
+        if dtype is not None:
+            raise ValueError("dtype is for format='transformers'; a GGUF export takes quant= (e.g. 'f16', 'q8_0')")
+        if quantize or probe is not None:
+            raise ValueError("quantize/probe are for format='transformers' (a bitsandbytes checkpoint); a GGUF "
+                             "export dequantizes a 4-bit/8-bit base and takes quant= (e.g. 'q4_0', 'q8_0')")
+        return export_gguf(model, path, quant=quant or DEFAULT_GGUF_QUANT, tokenizer=tokenizer,
+                           overwrite=overwrite).path
+    if quant is not None:
+        raise ValueError("quant is for format='gguf'; a transformers export takes dtype= ('bf16', 'fp16', 'fp32')")
+    model = _pretrained(model)
     path = _export_target(Path(path))
     if distributed.is_main_process():
         _files.clean_stale(path)  # temporaries of a killed export; a target it moved aside comes back
@@ -150,6 +189,204 @@ def export(
     _write_export(model, path, merged_state_dict(model, torch_dtype), tokenizer=tokenizer,
                   torch_dtype=torch_dtype, max_shard_size=max_shard_size)
     return path
+
+
+def _pretrained(model: nn.Module) -> nn.Module:
+    from transformers import PreTrainedModel
+
+    model = distributed.unwrap(model)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    return model
+
+
+def _full_state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    """What an export writes: the merged state dict (the model's own when it has no adapter), gathered
+    from shards on rank 0 (a collective: every rank calls it); None off rank 0."""
+    full = _gather_full_state_dict(model) if distributed.is_sharded(model) else None
+    if not distributed.is_main_process():
+        return None
+    if get_state(model) is None:
+        source = full if full is not None else model.state_dict()
+        # a 4-bit/8-bit base is written dequantized, as merged_state_dict does for an adapted one
+        replaced, dropped = ({}, set()) if full is not None else _dequantized_entries(
+            model, dtype or activation_dtype(model))
+        return {k: replaced.get(k, v).detach() for k, v in source.items() if k not in dropped}
+    return merged_state_dict(model, dtype, full_state_dict=full)
+
+
+@dataclass(frozen=True)
+class QuantizationError:
+    """The quantized model's logits against the unquantized merged model's on :data:`PROBE_TEXTS`."""
+
+    mean_abs_logit_diff: float
+    max_abs_logit_diff: float
+    argmax_agreement: float  # fraction of positions where both pick the same next token
+    tokens: int
+    #: for scale, mean |Δlogit| of the unquantized merged model against its base (the adapter's own
+    #: effect); None without an unmerged adapter
+    adapter_effect: float | None = None
+
+    def __str__(self) -> str:
+        effect = "" if self.adapter_effect is None else f"; the adapter itself moves them by {self.adapter_effect:.4f}"
+        return (f"mean |Δlogit| {self.mean_abs_logit_diff:.4f}, max {self.max_abs_logit_diff:.3f}, "
+                f"argmax agreement {self.argmax_agreement:.1%} on {self.tokens} probe tokens{effect}")
+
+
+@dataclass(frozen=True)
+class GgufExport:
+    """What :func:`export_gguf` wrote: the file, its type, the error its quantization adds (None for
+    f32), and the wall-clock seconds it took."""
+
+    path: Path
+    quant: str
+    error: QuantizationError | None
+    seconds: float
+
+
+def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any, quant: str = DEFAULT_GGUF_QUANT,
+                overwrite: bool = False, name: str | None = None) -> GgufExport:
+    """Write ``model`` (its LoRA/DoRA adapter merged; a model without an adapter as it is) as one GGUF file
+    that llama.cpp and Ollama run with no other file: the architecture's metadata, tensors named by
+    the ``gguf`` package's maps, the tokenizer, and weights in ``quant`` (:mod:`.gguf_io` says what
+    goes in and why). Model types: :func:`.gguf_io.supported_model_types` (LLaMA, Mistral, Qwen2 and
+    SmolLM); others are refused by name.
+
+    Except for ``f32``, the quantization's error is measured before writing: the logits of the model
+    with the file's weights (dequantized) against those of the unquantized merged model on
+    :data:`PROBE_TEXTS`; it is logged, returned and recorded in the file under
+    ``fastadapt.quantization.*``. Measuring holds one more copy of the weights (in the model's dtype).
+    The file is written to a temporary name and renamed: a killed export never leaves a half-written
+    file at ``path``. An existing ``path`` is refused unless ``overwrite=True``. ``name``: the file's
+    ``general.name`` (default: the model's name or path). Distributed as :func:`export`."""
+    start = time.perf_counter()
+    model = _pretrained(model)
+    quant = gguf_io.check_quant(quant)
+    path = Path(path)
+    if distributed.is_main_process():
+        _files.clean_stale(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"export path {str(path)!r} is a directory; a GGUF export is one file (model.gguf)")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"export path {str(path)!r} exists; pass overwrite=True to replace it")
+    # everything that can refuse the model runs on every rank before any collective
+    lay, hp, tok = check_gguf(model, tokenizer)
+    state = get_state(model)
+    try:
+        state_dict = _full_state_dict(model, None)
+        if state_dict is None:  # not rank 0
+            return GgufExport(path=path, quant=quant, error=None, seconds=time.perf_counter() - start)
+        if _tied(model):
+            state_dict.pop("lm_head.weight", None)
+        tensors = gguf_io.file_tensors(state_dict, lay, quant)
+        error = None if quant == "f32" else _quantization_error(model, state_dict, tensors, lay, tokenizer,
+                                                                _base_weights(model, state_dict))
+        effect = None if error is None else error.adapter_effect
+        if effect and error.mean_abs_logit_diff >= LOST_ADAPTER * effect:
+            # a short fine-tune moves each weight by less than a quantization step: rounding the merged
+            # weight lands it back on the base's grid point (docs/gguf.md, measured)
+            logger.warning("%s rounding moves the logits by %.0f%% of what the adapter itself moves them (mean "
+                           "|Δlogit| %.3g vs %.3g on the probe batch): the file has lost much of the adapter; "
+                           "q8_0, or the base GGUF plus save_adapter(format='gguf'), keeps it", quant,
+                           100 * error.mean_abs_logit_diff / error.adapter_effect, error.mean_abs_logit_diff,
+                           error.adapter_effect)
+        extra = {"source": "fastadapt export", "adapter": state.method if state is not None else "none"}
+        if error is not None:
+            extra.update({"quantization.type": quant, "quantization.probe_tokens": error.tokens,
+                          "quantization.mean_abs_logit_diff": error.mean_abs_logit_diff,
+                          "quantization.max_abs_logit_diff": error.max_abs_logit_diff,
+                          "quantization.argmax_agreement": error.argmax_agreement})
+            if error.adapter_effect is not None:
+                extra["quantization.adapter_effect_mean_abs_logit_diff"] = error.adapter_effect
+        gguf_io.write_model(path, lay=lay, hp=hp, tokenizer=tok, tensors=tensors, quant=quant,
+                            name=name or _model_name(model, path), extra=extra)
+    finally:
+        if distributed.is_sharded(model):
+            distributed.barrier()
+    seconds = time.perf_counter() - start
+    logger.info("exported %s GGUF (%s) to %s in %.1f s%s", lay.arch, quant, path, seconds,
+                f"; quantization error: {error}" if error is not None else "")
+    return GgufExport(path=path, quant=quant, error=error, seconds=seconds)
+
+
+def check_gguf(model: nn.Module, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """Raise, naming what and why, when ``model`` (with its adapter) and ``tokenizer`` cannot be written as
+    GGUF; else ``(layout, hyper-parameters, tokenizer facts)`` (:mod:`.gguf_io`)."""
+    model = _pretrained(model)
+    if tokenizer is None:
+        raise ValueError("tokenizer is required for format='gguf': the file carries the tokenizer llama.cpp runs")
+    state = get_state(model)
+    if state is not None and get_method(state.method).merge_error is not None:
+        merged_state_dict(model)  # raises the guidance error
+    lay = gguf_io.layout(model)
+    hp = gguf_io.hparams(model, lay.arch)
+    return lay, hp, gguf_io.tokenizer_facts(tokenizer, hp.vocab_size)
+
+
+def _tied(model: nn.Module) -> bool:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _model_name(model: nn.Module, path: Path) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or path.stem)
+
+
+@torch.no_grad()
+def _quantization_error(model: nn.Module, state_dict: dict[str, torch.Tensor], tensors: list, lay: Any,
+                        tokenizer: Any, base: dict[str, torch.Tensor] | None = None) -> QuantizationError:
+    """Logits of a plain copy of the model holding the file's (dequantized) weights against the same
+    copy holding ``state_dict`` (the unquantized merged weights); with ``base`` (the adapted weights'
+    base values, :func:`_base_weights`) also that copy's against its base."""
+    dtype = next(iter(state_dict.values())).dtype
+    device = next(iter(state_dict.values())).device
+    values = {t.hf_name: t.values(lay).to(device, dtype) for t in tensors}
+    config = copy.deepcopy(model.config)
+    if getattr(config, "quantization_config", None) is not None:  # a 4-bit/8-bit base: the twin is plain
+        del config.quantization_config
+    twin = _plain_class(model).from_pretrained(None, config=config, state_dict=values, dtype=dtype).to(device).eval()
+    batch = probe_batch(tokenizer, model.config.vocab_size, device)
+    quantized = twin(**batch).logits.float()
+    if not torch.isfinite(quantized).all():  # a block scale overflowed float16: say which tensor
+        bad = next((n for n, v in values.items() if not torch.isfinite(v).all()), "none (the activations)")
+        raise FloatingPointError(f"the quantized model's logits are not finite; non-finite tensor: {bad!r}")
+    missing, unexpected = twin.load_state_dict(state_dict, strict=False)  # copies into the twin's tensors
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    reference = twin(**batch).logits.float()
+    mask = batch.get("attention_mask", torch.ones(batch["input_ids"].shape, device=device)).bool()
+    diff = (quantized - reference).abs()[mask]
+    agree = (quantized.argmax(-1) == reference.argmax(-1))[mask]
+    effect = None
+    if base:
+        twin.load_state_dict(base, strict=False)
+        effect = (twin(**batch).logits.float() - reference).abs()[mask].mean().item()
+    return QuantizationError(mean_abs_logit_diff=diff.mean().item(), max_abs_logit_diff=diff.max().item(),
+                             argmax_agreement=agree.float().mean().item(), tokens=int(mask.sum()),
+                             adapter_effect=effect)
+
+
+def _base_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The base weights under the merged state dict's names, for the unmerged adapted modules of an
+    unsharded model (dequantized for a 4-bit/8-bit base); None when there are none."""
+    if get_state(model) is None or distributed.is_sharded(model):
+        return None
+    out = {}
+    for name, module in adapter_modules(model):
+        key = f"{name}.weight"
+        if module.merged or key not in state_dict:
+            continue
+        base = module.base_layer
+        weight = dequantized_weight(base, torch.float32) if quantized_kind(base) is not None else base.weight
+        out[key] = weight.detach().to(state_dict[key].device, state_dict[key].dtype)
+    return out or None
+
+
+def _plain_class(model: nn.Module) -> type:
+    """The model's transformers class (FSDP2 swaps the class of a sharded model for ``FSDP<Class>``)."""
+    from transformers import PreTrainedModel
+
+    return next(c for c in type(model).__mro__
+                if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))
 
 
 def _export_target(path: Path) -> Path:
@@ -235,16 +472,11 @@ def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
 
 def _unshard_architectures(config_file: Path, model: nn.Module) -> None:
     # FSDP2 swaps the class of a sharded model for "FSDP<Class>"; the config must name <Class>.
-    from transformers import PreTrainedModel
-
     if not type(model).__name__.startswith("FSDP"):
         return
-    plain = next(
-        (c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP")),
-        None,
-    )
+    plain = _plain_class(model)
     config = json.loads(config_file.read_text())
-    if plain is not None and config.get("architectures") == [type(model).__name__]:
+    if config.get("architectures") == [type(model).__name__]:
         config["architectures"] = [plain.__name__]
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

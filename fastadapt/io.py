@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import _files, distributed
+from . import _files, distributed, gguf_io
 from .methods import Method, NamedAdapter, adapter_modules, get_method, get_state, method_for_peft_type
 from .methods.registry import peft_types
 from .modules.bank import active_tensors, trim_saved
@@ -67,16 +67,24 @@ def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | N
     return out
 
 
+#: what ``save_adapter(format=...)`` writes
+ADAPTER_FORMATS = ("peft", "gguf")
+
+
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, *, adapter_name: str | None = None, _state_dict: dict | None = None,
-    _writer: bool | None = None
+    model: nn.Module, path: str | os.PathLike, *, format: str = "peft", adapter_name: str | None = None,
+    _state_dict: dict | None = None, _writer: bool | None = None,
 ) -> Path:
-    """Write the adapter: ``adapter_config.json`` and ``adapter_model.safetensors``. LoRA is PEFT's
-    format: keys ``base_model.model.<module>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r);
-    loads with ``peft.PeftModel.from_pretrained`` and ``fa.load_adapter``. Files are written to a
+    """Write the adapter. ``format="peft"`` (default): the folder ``path`` gets ``adapter_config.json``
+    and ``adapter_model.safetensors``; LoRA is PEFT's format: keys
+    ``base_model.model.<module>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r); loads with
+    ``peft.PeftModel.from_pretrained`` and ``fa.load_adapter``. ``format="gguf"``: the file ``path``
+    (``adapter.gguf``) is a LoRA adapter for llama.cpp's ``--lora`` (:func:`.gguf_io.write_lora_adapter`:
+    per-module scalings folded in; DoRA and bottleneck adapters are refused). Files are written to a
     temporary name and renamed, so an interrupted save never leaves a half-written file.
 
-    ``adapter_name``: one of the model's named adapters (``fa.load_adapter(..., adapter_name=)``),
+    ``adapter_name``: one of the model's named adapters (``fa.load_adapter(..., adapter_name=)``);
+    ``format="gguf"`` takes the active one only (``fa.set_adapter`` first). ``format="peft"``: it is
     written back as the folder it came from — its ``adapter_config.json``, its file's name, keys,
     dtypes and metadata, its current values (bit for bit what was loaded, unless it was trained or
     hot-swapped since); one made by ``fa.patch`` in fastadapt's format. None: the active adapter.
@@ -86,6 +94,8 @@ def save_adapter(
     is gathered to full tensors, which is a collective: call it on every rank; all ranks return
     once the files are written."""
     model = distributed.unwrap(model)
+    if format not in ADAPTER_FORMATS:
+        raise ValueError(f"format must be one of {list(ADAPTER_FORMATS)}, got {format!r}")
     state = get_state(model)
     if state is None:
         raise ValueError("model has no adapter to save: call fa.patch(model, ...) first")
@@ -93,7 +103,11 @@ def save_adapter(
         if adapter_name not in state.named:
             raise ValueError(f"adapter_name {adapter_name!r} is not one of the model's adapters {list(state.named)}")
         record = state.named[adapter_name]
-        if record.saved is not None or adapter_name != state.active:
+        if format == "gguf" and adapter_name != state.active:
+            raise ValueError(f"adapter_name {adapter_name!r} is not the active adapter ({state.active!r}): a GGUF "
+                             f"adapter is written from the active adapter's tensors; call "
+                             f"fa.set_adapter(model, {adapter_name!r}) first")
+        if format == "peft" and (record.saved is not None or adapter_name != state.active):
             distributed.check_not_sharded(model, "saving a named adapter")
             if distributed.is_main_process() if _writer is None else _writer:
                 write_named_adapter(model, Path(path), record)
@@ -102,6 +116,12 @@ def save_adapter(
         raise ValueError(f"adapter_name {adapter_name!r} is not one of the model's adapters [{state.active!r}]")
     method = get_method(state.method)
     path = Path(path)
+    if format == "gguf":  # every check before the collective gather
+        gguf_io.check_lora_adapter(model)
+        gguf_io.layout(model)
+        if path.is_dir():
+            raise IsADirectoryError(f"adapter path {str(path)!r} is a directory; a GGUF adapter is one file "
+                                    "(adapter.gguf)")
     # _writer: the caller already chose the writing process (save_pretrained's is_main_process).
     writer = distributed.is_main_process() if _writer is None else _writer
     sharded = _state_dict is None and distributed.is_sharded(model)
@@ -113,6 +133,8 @@ def save_adapter(
             distributed.barrier()  # return when rank 0 has written, as rank 0 does
         return path
     try:
+        if format == "gguf":
+            return gguf_io.write_lora_adapter(model, path, gathered)
         if method.saved_tensors is None:
             tensors = {PEFT_PREFIX + k: v for k, v in gathered.items()}
         else:

@@ -145,6 +145,38 @@ def test_kill_during_export(base_folder, tmp_path):
     assert leftovers(tmp_path, "merged") == []
 
 
+def test_kill_during_gguf_export(tmp_path):
+    """A GGUF export killed at any point: the file is the old version or the new one, whole."""
+    from tiny_tokenizers import gguf_model, tiny_tokenizer
+
+    tok = tiny_tokenizer("gpt-2")
+    ids = torch.tensor([tok("Natalia sold 48 clips in April.")["input_ids"]])
+    models = []
+    for seed in (0, 1):
+        model = gguf_model("llama", vocab_size=len(tok))
+        fa.patch(model, "lora", r=4, alpha=8, targets=["q_proj", "v_proj"])
+        randomize_adapters(model, seed=seed)
+        models.append(model.eval())
+    target = tmp_path / "model.gguf"
+
+    def export(model):
+        fa.export(model, target, format="gguf", quant="f32", tokenizer=tok, overwrite=True)
+
+    def read():
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=target.name).eval()(ids).logits
+
+    versions = {}
+    for name, model in zip("BA", models[::-1]):  # each version as read back; A is on disk last
+        export(model)
+        versions[name] = read()
+    for _ in kills(lambda: export(models[0]), lambda: export(models[1]), seed=4):
+        which(read(), versions)  # loads, complete
+    export(models[1])
+    assert which(read(), versions) == "B"
+    assert leftovers(tmp_path, "model.gguf") == []
+
+
 def test_kill_during_save_pretrained(base_folder, tmp_path):
     """Into the base model's own folder (its files never change) and into a checkpoint folder (each
     file the old or the new version; model.safetensors is what Trainer's resume reads)."""

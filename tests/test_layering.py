@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fastadapt.modules",),
     ("fastadapt.architectures",),
     ("fastadapt.methods",),
-    ("fastadapt.io",),
+    ("fastadapt.io", "fastadapt.gguf_io"),
     ("fastadapt.patch", "fastadapt.mixed"),
     ("fastadapt.named",),
     ("fastadapt.merge", "fastadapt.export"),

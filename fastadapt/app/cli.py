@@ -18,6 +18,9 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..export import DEFAULT_GGUF_QUANT
+from ..export import FORMATS as EXPORT_FORMATS
+from ..gguf_io import QUANTS
 from ..io import BIN_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, read_adapter_config
 from ..methods import get_method, method_for_peft_type, method_names
 from ..models import EMBEDDED_MODELS, QUANTIZE, load_model, locate_model, require_bitsandbytes
@@ -29,7 +32,7 @@ from .data import (
     load_train_records,
 )
 from .evaluation import run_eval, run_heldout_loss
-from .exporting import merge_export_and_check
+from .exporting import describe_gguf_check, export_gguf_and_check, merge_export_and_check
 from .generation import parse_adapters, read_requests, run_generate
 from .main_job import CPU_DEFAULTS, GPU_DEFAULTS, main_job_settings, main_job_train_config, run_main_job
 from .train import DEFAULT_PRESET, DEFAULT_WARMUP_STEPS, TrainConfig, check_run_folder, default_lr, method_options
@@ -234,22 +237,31 @@ def _add_loss(sub, common) -> None:
 def _add_export(sub, common) -> None:
     p = sub.add_parser(
         "export", parents=[common],
-        help="merge an adapter into its base model and write a plain transformers checkpoint",
+        help="merge an adapter into its base model: a plain transformers checkpoint, or one GGUF file for "
+        "llama.cpp / Ollama",
         description=(
-            "Load the base model, apply the adapter, merge it, write a merged checkpoint that loads "
-            "with transformers alone, then reload the export and check its logits against the "
-            "adapted model on a probe batch. Exits non-zero on any mismatch."
+            "Load the base model, apply the adapter, merge it and write the merged model: with --format "
+            "transformers (default) a checkpoint folder that loads with transformers alone, reloaded and checked "
+            "against the adapted model's logits on a probe batch; with --format gguf one GGUF file (weights in "
+            "--quant, the tokenizer included) that llama.cpp and Ollama run with no other file, its quantization "
+            "error measured and recorded in the file, then read back with transformers' GGUF loader and checked. "
+            "Exits non-zero on any mismatch."
         ),
     )
     _add_model(p)
     _add_adapter(p, required=True)
-    _add_output(p, "output folder (must be empty or absent unless --overwrite); --out is the same flag")
+    _add_output(p, "output folder (transformers; must be empty or absent unless --overwrite) or file (gguf, e.g. "
+                "model-q8_0.gguf; must not exist unless --overwrite); --out is the same flag")
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="transformers",
+                   help="transformers (a checkpoint folder, default) or gguf (one file for llama.cpp / Ollama)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="dtype of the written weights (default: the base model's)")
+                   help="--format transformers: dtype of the written weights (default: the base model's)")
+    p.add_argument("--quant", choices=list(QUANTS), default=None,
+                   help=f"--format gguf: weight type of the file (default {DEFAULT_GGUF_QUANT})")
     p.add_argument("--quantize", choices=list(QUANTIZE), default=None,
                    help="the adapter was trained on this quantized base (train --quantize): load the base so, "
-                        "merge into its dequantized weights (the export is full precision)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+                        "merge into its dequantized weights (the export is full precision, or --quant for gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=cmd_export)
 
 
@@ -462,12 +474,25 @@ def cmd_loss(args, parser) -> int:
     return 0
 
 
+def check_output_file(path: str, overwrite: bool) -> None:
+    out = Path(path)
+    if out.is_dir():
+        raise CliError(f"--output: {path!r} is a folder; a GGUF export is one file, e.g. {str(out / 'model.gguf')!r}")
+    if out.exists() and not overwrite:
+        raise CliError(f"--output: {path!r} exists; pass --overwrite to replace it")
+
+
 def cmd_export(args, parser) -> int:
     import fastadapt as fa
 
+    gguf = args.format == "gguf"
+    if gguf and args.dtype is not None:
+        raise CliError("--dtype: is for --format transformers; a GGUF file's weight type is --quant")
+    if not gguf and args.quant is not None:
+        raise CliError("--quant: is for --format gguf; a transformers checkpoint's weight type is --dtype")
     check_model(args.model)
     check_adapter(args.adapter, mergeable=True)
-    check_empty_output(args.output, args.overwrite)
+    (check_output_file if gguf else check_empty_output)(args.output, args.overwrite)
     if args.quantize is not None:
         try:
             require_bitsandbytes(f"--quantize {args.quantize}")
@@ -475,6 +500,13 @@ def cmd_export(args, parser) -> int:
             raise CliError(f"--quantize: {e}") from e
     model, tokenizer = load_model(args.model, quantize=args.quantize)
     fa.load_adapter(model, args.adapter)
+    if gguf:
+        if tokenizer is None:
+            raise CliError(f"--model: {args.model!r} has no tokenizer, and a GGUF file must carry one")
+        checked = export_gguf_and_check(model, tokenizer, args.output, quant=args.quant or DEFAULT_GGUF_QUANT,
+                                        overwrite=args.overwrite)
+        print(describe_gguf_check(checked))
+        return 0
     check = merge_export_and_check(model, tokenizer, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported merged model to {check.path} (merge check {check.merge_diff:.1e}, "
           f"reload check {check.reload_diff:.1e})")

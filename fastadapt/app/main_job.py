@@ -1,5 +1,6 @@
 """The main job (README command 1): on the embedded model, measure the base, fine-tune it with
-LoRA on GSM8K train, measure again, export the merged model and print a before/after table.
+LoRA on GSM8K train, measure again, export the merged model (a transformers checkpoint and a q8_0
+GGUF file for llama.cpp / Ollama) and print a before/after table.
 
 What it measures, before and after: the **held-out loss** (the teacher-forced mean per-token loss
 of the reference solutions of GSM8K *test* problems, which training never sees: the signal that
@@ -11,7 +12,8 @@ Sizes: on CPU the slices are small so the whole job finishes in under 15 minutes
 (:data:`CPU_DEFAULTS`); with CUDA they are larger (:data:`GPU_DEFAULTS`). Everything lands in
 ``<output>/``: ``eval-base/`` and ``eval-lora/`` (metrics.json, predictions.jsonl, loss.json),
 ``adapter/`` (adapter, training_config.json, train_log.jsonl), ``merged/`` (plain transformers
-checkpoint) and ``summary.json``.
+checkpoint), ``model-q8_0.gguf`` with ``eval-gguf/`` (the held-out loss of that file as transformers'
+GGUF loader reads it) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from typing import Any
 
 import torch
 
+from ..export import check_gguf
 from ..models import load_model
 from .evaluation import run_eval, run_heldout_loss
-from .exporting import merge_export_and_check
+from .exporting import export_gguf_and_check, merge_export_and_check
 from .train import DEFAULT_PRESET, TrainConfig, loss_means, train
 
 logger = logging.getLogger(__name__)
 
+#: The GGUF file the main job writes: 8-bit, close to lossless, what llama.cpp users run by default.
+GGUF_QUANT = "q8_0"
 #: 2 CPU cores, < 15 minutes in all (the measured run is in the README).
 CPU_DEFAULTS: dict[str, Any] = {
     "eval_limit": 20, "heldout_limit": 50, "train_limit": 400, "max_steps": 30, "batch_size": 4,
@@ -84,7 +89,7 @@ def run_main_job(*, model: str = "smollm2-135m", output: str | Path = "runs/main
                    max_new_tokens=cfg["max_new_tokens"])
     loss_kw = dict(model=model, data="gsm8k", limit=cfg["heldout_limit"], batch_size=cfg["eval_batch_size"])
     t = time.time()
-    say(f"1/4 base model: held-out loss on {cfg['heldout_limit']} GSM8K test solutions, accuracy on "
+    say(f"1/5 base model: held-out loss on {cfg['heldout_limit']} GSM8K test solutions, accuracy on "
         f"{cfg['eval_limit']} GSM8K test problems")
     loss_before = run_heldout_loss(output=out / "eval-base", loaded=(net, tokenizer), **loss_kw)
     before = run_eval(output=out / "eval-base", loaded=(net, tokenizer), **eval_kw)
@@ -92,12 +97,12 @@ def run_main_job(*, model: str = "smollm2-135m", output: str | Path = "runs/main
 
     t = time.time()
     steps = cfg["max_steps"]
-    say(f"2/4 LoRA fine-tuning on GSM8K train: {steps} steps x {cfg['batch_size']} examples")
+    say(f"2/5 LoRA fine-tuning on GSM8K train: {steps} steps x {cfg['batch_size']} examples")
     result = train(tcfg, overwrite=True, loaded=(net, tokenizer))
     timings["train"] = time.time() - t
 
     t = time.time()
-    say("3/4 the fine-tuned model: held-out loss and accuracy")
+    say("3/5 the fine-tuned model: held-out loss and accuracy")
     adapter = str(out / "adapter")
     loss_after = run_heldout_loss(output=out / "eval-lora", loaded=(net, tokenizer), **loss_kw)
     after = run_eval(output=out / "eval-lora", loaded=(net, tokenizer), **eval_kw)
@@ -107,9 +112,13 @@ def run_main_job(*, model: str = "smollm2-135m", output: str | Path = "runs/main
     timings["eval_lora"] = time.time() - t
 
     t = time.time()
-    say("4/4 merging and exporting; reloading the export with plain transformers")
+    say("4/5 merging and exporting; reloading the export with plain transformers")
     check = merge_export_and_check(net, tokenizer, out / "merged", overwrite=True)
     timings["export"] = time.time() - t
+
+    t = time.time()
+    gguf = gguf_step(net, tokenizer, out, loss_kw)
+    timings["gguf"] = time.time() - t
     timings["total"] = time.time() - t_all
 
     summary = {
@@ -123,11 +132,34 @@ def run_main_job(*, model: str = "smollm2-135m", output: str | Path = "runs/main
         "warmup_steps": json.loads((Path(adapter) / "training_config.json").read_text())["warmup_steps"],
         "export": str(check.path),
         "merge_check_max_rel_diff": check.merge_diff, "reload_check_max_rel_diff": check.reload_diff,
+        "gguf": gguf,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(summary), flush=True)
     return summary
+
+
+def gguf_step(net: Any, tokenizer: Any, out: Path, loss_kw: dict[str, Any]) -> dict[str, Any]:
+    """Step 5: the merged model as a q8_0 GGUF file, read back by transformers' GGUF loader, its logits
+    compared with the fine-tuned model's and its held-out loss measured. A model or tokenizer that
+    GGUF cannot carry skips the step, saying why."""
+    try:
+        check_gguf(net, tokenizer)
+    except (ValueError, TypeError) as e:
+        say(f"5/5 GGUF export skipped: {e}")
+        return {"skipped": str(e)}
+    say(f"5/5 GGUF ({GGUF_QUANT}) export, read back with transformers' GGUF loader: logits and held-out loss")
+    check = export_gguf_and_check(net, tokenizer, out / f"model-{GGUF_QUANT}.gguf", quant=GGUF_QUANT, overwrite=True)
+    loss = run_heldout_loss(output=out / "eval-gguf", loaded=(check.loaded, tokenizer), **loss_kw)
+    e = check.export
+    return {"path": str(e.path), "quant": e.quant, "bytes": e.path.stat().st_size,
+            "export_seconds": round(e.seconds, 1), "heldout_loss": loss["loss"],
+            "quantization_error": {"mean_abs_logit_diff": e.error.mean_abs_logit_diff,
+                                   "max_abs_logit_diff": e.error.max_abs_logit_diff,
+                                   "argmax_agreement": e.error.argmax_agreement, "tokens": e.error.tokens},
+            "read_back": {"mean_abs_logit_diff": check.mean_abs_logit_diff, "max_abs_logit_diff":
+                          check.max_abs_logit_diff, "argmax_agreement": check.argmax_agreement}}
 
 
 def say(message: str) -> None:
@@ -149,6 +181,7 @@ def format_table(s: dict[str, Any]) -> str:
         f"| {s['model']} (base) | {held['base']:.4f} | {s['before']['accuracy']:.1%} ({s['before']['correct']}/{n}) |",
         f"| + LoRA, {s['train_steps']} steps | {held['adapted']:.4f} | {s['after']['accuracy']:.1%} "
         f"({s['after']['correct']}/{n}) |",
+        *_gguf_row(s.get("gguf")),
         "",
         f"held-out loss: mean per-token loss of the reference solutions of the first {held['n']} GSM8K test "
         "problems, teacher-forced, never trained on (lower is better)",
@@ -157,6 +190,25 @@ def format_table(s: dict[str, Any]) -> str:
         f"(mean of the last {tl['steps_each']})",
         f"merged export in {s['export']} (merge check {s['merge_check_max_rel_diff']:.1e}, "
         f"reload check {s['reload_check_max_rel_diff']:.1e})",
+        *_gguf_lines(s.get("gguf")),
         "time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()),
     ]
     return "\n".join(lines)
+
+
+def _gguf_row(g: dict[str, Any] | None) -> list[str]:
+    if not g or "skipped" in g:
+        return []
+    return [f"| + LoRA, merged, GGUF {g['quant']} (transformers' GGUF loader) | {g['heldout_loss']:.4f} | — |"]
+
+
+def _gguf_lines(g: dict[str, Any] | None) -> list[str]:
+    if not g:
+        return []
+    if "skipped" in g:
+        return [f"GGUF export skipped: {g['skipped']}"]
+    q, r = g["quantization_error"], g["read_back"]
+    return [f"GGUF {g['quant']} export in {g['path']} ({g['bytes'] / 2**20:.0f} MiB, {g['export_seconds']:.0f} s): "
+            f"quantization error mean |Δlogit| {q['mean_abs_logit_diff']:.3f} (argmax agreement "
+            f"{q['argmax_agreement']:.0%}); read back by transformers' GGUF loader: mean |Δlogit| "
+            f"{r['mean_abs_logit_diff']:.3f} vs the fine-tuned model; run it: llama-cli -m {g['path']}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -69,7 +70,7 @@ def test_export_command_missing_adapter(base_and_adapter):
 
 def test_console_entry_points():
     out = subprocess.run([sys.executable, "-m", "fastadapt", "export", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--adapter" in out.stdout and "--dtype" in out.stdout
+    assert out.returncode == 0 and "--adapter" in out.stdout and "--dtype" in out.stdout and "--quant" in out.stdout
 
 
 def test_export_takes_output_and_out(base_and_adapter):
@@ -161,3 +162,60 @@ def test_backends_explains_every_op(capsys):
 def test_backends_bad_device(capsys):
     assert main(["backends", "--device", "gpu0"]) == 2
     assert "--device gpu0: not a torch device" in capsys.readouterr().err
+
+
+@pytest.fixture
+def gguf_base_and_adapter(tmp_path):
+    from tiny_tokenizers import gguf_model, tiny_tokenizer
+
+    tok = tiny_tokenizer("gpt-2")
+    base = gguf_model("qwen2", vocab_size=len(tok))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    fa.patch(base, "lora", r=4, targets="all-linear")
+    randomize_adapters(base, scale=0.05)
+    fa.save_adapter(base, tmp_path / "adapter")
+    batch = tok(["Natalia sold 48 clips in April."], return_tensors="pt")
+    with torch.no_grad():
+        expected = base(**batch).logits
+    return tmp_path, batch, expected
+
+
+def test_export_command_gguf(gguf_base_and_adapter, capsys):
+    tmp, batch, expected = gguf_base_and_adapter
+    out = tmp / "out" / "model-q4_0.gguf"
+    argv = ["export", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--format", "gguf",
+            "--quant", "q4_0", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"exported a q4_0 GGUF to {out}" in printed and "quantization error" in printed
+    assert f"llama-cli -m {out}" in printed
+    model = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    with torch.no_grad():
+        got = model(**batch).logits
+    assert 0 < (got - expected).abs().mean() < 0.3  # q4_0's own error (tests/test_gguf_export.py)
+    before = out.read_bytes()
+    assert main(argv) == 2 and out.read_bytes() == before  # an existing file needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--format", "gguf", "--dtype", "bf16"], "--dtype: is for --format transformers"),
+    (["--quant", "q8_0"], "--quant: is for --format gguf"),
+    (["--format", "gguf", "--quant", "q3_k"], "invalid choice"),
+])
+def test_export_command_gguf_flags(gguf_base_and_adapter, monkeypatch, capsys, flags, says):
+    tmp, _, _ = gguf_base_and_adapter
+    monkeypatch.setattr("fastadapt.app.cli.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) if "invalid" in says else contextlib.nullcontext():
+        assert main(["export", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter"),
+                     "--out", str(tmp / "m.gguf"), *flags]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_export_command_gguf_output_is_a_file(gguf_base_and_adapter, monkeypatch, capsys):
+    tmp, _, _ = gguf_base_and_adapter
+    monkeypatch.setattr("fastadapt.app.cli.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["export", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--format", "gguf",
+                 "--out", str(tmp)]) == 2
+    assert "a GGUF export is one file" in capsys.readouterr().err

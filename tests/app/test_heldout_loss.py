@@ -97,3 +97,31 @@ def test_main_job_reports_heldout_loss(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| model | held-out loss (3 GSM8K test solutions) | GSM8K test accuracy (2 problems) |" in table
     assert f"| {held['base']:.4f} |" in table and "one problem is 50 points" in table
+    # a word-level tokenizer has no GGUF form: the GGUF step says so and the job goes on
+    assert "byte-level BPE" in summary["gguf"]["skipped"] and "GGUF export skipped: " in table
+
+
+@pytest.mark.filterwarnings("ignore:r=32 > min")
+def test_main_job_exports_gguf(tmp_path, capsys):
+    """With a tokenizer GGUF can carry, the last step writes model-q8_0.gguf, reads it back with
+    transformers' GGUF loader and reports that model's held-out loss next to the fine-tuned one's."""
+    pytest.importorskip("accelerate")
+    from tiny_tokenizers import gguf_model, tiny_tokenizer
+
+    from fastadapt.app.main_job import run_main_job
+
+    tok = tiny_tokenizer("gpt-2")
+    base = tmp_path / "base"
+    gguf_model("llama", vocab_size=len(tok), max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+               seed=1).save_pretrained(base)
+    tok.save_pretrained(base)
+    summary = run_main_job(model=str(base), output=tmp_path / "job", eval_limit=1, heldout_limit=3, train_limit=8,
+                           max_steps=2, batch_size=2, micro_batch_size=2, max_new_tokens=2, cutoff_len=256,
+                           eval_batch_size=2)
+    gguf = summary["gguf"]
+    assert gguf["path"] == str(tmp_path / "job" / "model-q8_0.gguf") and (tmp_path / "job" / "model-q8_0.gguf").is_file()
+    # q8_0 on a random tiny model: the file's held-out loss within a percent of the fine-tuned model's
+    assert gguf["heldout_loss"] == pytest.approx(summary["heldout_loss"]["adapted"], rel=1e-2)
+    assert gguf["read_back"]["mean_abs_logit_diff"] <= 1.1 * gguf["quantization_error"]["mean_abs_logit_diff"] + 1e-4
+    table = capsys.readouterr().out
+    assert f"| + LoRA, merged, GGUF q8_0 (transformers' GGUF loader) | {gguf['heldout_loss']:.4f} | — |" in table
