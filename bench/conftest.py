@@ -50,6 +50,7 @@ def pytest_configure(config):
         "full: part of the complete sweep, deselected unless --bench-full or -m selects it",
         "smoke: tiny CPU version that proves the benchmark code runs (skipped on CUDA without --bench-smoke)",
         "e2e: end-to-end training-step benchmark",
+        "memory: bytes saved for backward (test_bench_saved_memory.py; -m memory runs the embedded model)",
         "mixed: mixed-batch generation (issue 27; minutes of CPU time, marked full too)",
     ):
         config.addinivalue_line("markers", line)
@@ -90,7 +91,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     env = _environment()
     tr.section("fastadapt bench summary")
-    gpu = (env.get("gpu") or {}).get("name", "no GPU (smoke numbers mean nothing)")
+    gpu = (env.get("gpu") or {}).get("name", "no GPU (CPU)")
     tr.write_line(f"{gpu} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda_runtime']} | "
                   f"commit {env['git']['commit']} | {env['date_utc']}")
     kernel = [r for r in rows if r.get("suite") in ("lora_linear", "lora_linear_group")]
@@ -120,6 +121,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"decode host time (M=1, no grad): fastadapt {us.get('fastadapt', 0):.1f} µs, hand-written "
                       f"{us.get('hand', 0):.1f} µs ({r.get('ratio_to_hand', 0):.2f}×), "
                       f"F.linear {us.get('frozen', 0):.1f} µs")
-    other = [r for r in rows if r.get("suite") not in ("lora_linear", "lora_linear_group", "e2e", "decode_host")]
+    memory = [r for r in rows if r.get("suite") == "saved_memory"]
+    if memory:
+        tr.write_line(f"{'saved for backward: case':40s} {'variant':26s} {'saved +MiB':>10s} {'×PEFT':>6s} "
+                      f"{'held +MiB':>10s} {'×PEFT':>6s}  goal")
+        for r in memory:
+            ratios = [r.get(f"{c}_ratio_to_peft") for c in ("saved", "held")]
+            met = [r.get(f"goal_{c}_met") for c in ("saved", "held")]
+            goal = "" if met == [None, None] else ("met" if all(m is not False for m in met) else "MISSED")
+            tr.write_line(
+                f"{r.get('case', '')[-40:]:40s} {r.get('variant', '')[:26]:26s} {r.get('saved_extra_mib', 0):10.1f} "
+                f"{'-' if ratios[0] is None else f'{ratios[0]:.3f}':>6s} {r.get('held_extra_mib', 0):10.1f} "
+                f"{'-' if ratios[1] is None else f'{ratios[1]:.3f}':>6s}  {goal}"
+            )
+    other = [r for r in rows if r.get("suite") not in ("lora_linear", "lora_linear_group", "e2e", "decode_host",
+                                                         "saved_memory")]
     if other:
         tr.write_line(f"{len(other)} other records (suites: {sorted({str(r.get('suite')) for r in other})})")

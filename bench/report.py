@@ -121,7 +121,7 @@ def _case_sort_key(case: str, recs: list[dict]):
 
 
 def env_line(env: dict) -> str:
-    gpu = (env.get("gpu") or {}).get("name") or "no GPU (CPU smoke run: numbers mean nothing)"
+    gpu = (env.get("gpu") or {}).get("name") or "no GPU (CPU)"  # a smoke run says so below
     git = env.get("git") or {}
     commit = git.get("commit") or "unknown"
     dirty = " (uncommitted changes)" if git.get("dirty") else ""
@@ -185,6 +185,52 @@ def e2e_table(records: list[dict]) -> list[str]:
                 f"{'-' if ratio is None else f'{ratio:.3f}'} | {_gib(r.get('peak_mem_bytes'))} | "
                 f"{'-' if trainable is None else f'{trainable:,}'} |"
             )
+    return lines
+
+
+def cpu_e2e_table(records: list[dict]) -> list[str]:
+    """test_e2e_embedded_interleaved: the step-time ratio to the compared variant beside the A/A
+    ratio (the noise of that run)."""
+    lines = ["| case | variant | vs | step ms | vs ms | ratio | A/A | goal |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['case']} | {r['variant']} | {r['ref_variant']} | {_ms(r['median_ms'])} | "
+                     f"{_ms(r['ref_ms'])} | {r['ratio_to_ref']:.3f} | {r['aa_ratio']:.3f} | "
+                     f"{_check(r.get('goal_met'))} |")
+    return lines
+
+
+def peak_rss_table(records: list[dict]) -> list[str]:
+    """test_peak_rss_embedded: peak resident memory of each training run, fresh processes."""
+    lines = ["| case | variant | peak RSS MiB | vs | peak RSS MiB | difference MiB | steps |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        rss = r["peak_rss_bytes"]
+        lines.append(f"| {r['case']} | {r['variant']} | {rss[r['variant']] / 2**20:,.0f} | {r['ref_variant']} | "
+                     f"{rss[r['ref_variant']] / 2**20:,.0f} | {r['peak_rss_delta_mib']:+,.0f} | {r['rss_steps']} |")
+    return lines
+
+
+def saved_memory_table(records: list[dict]) -> list[str]:
+    """test_bench_saved_memory.py: MiB over the frozen model per count, the ratio to PEFT, the goal."""
+    lines = ["| case | variant | saved, MiB over frozen | × PEFT | held, MiB over frozen | × PEFT | goal |",
+             "|---|---|---|---|---|---|---|"]
+    frozen = {r["case"]: r for r in records if r["variant"] == "frozen"}
+    for r in records:
+        if r["variant"] == "frozen":
+            continue
+        base = next((f for c, f in frozen.items() if r["case"].startswith(c)), None)
+        cells = []
+        for count in ("saved", "held"):
+            ratio = r.get(f"{count}_ratio_to_peft")
+            cells += [f"{r.get(f'{count}_extra_mib', 0):.1f}", "-" if ratio is None else f"{ratio:.3f}"]
+        met = [r.get(f"goal_{c}_met") for c in ("saved", "held")]
+        goal = "" if r.get("goal_saved") is None else (
+            f"{r['goal_saved']}: saved {_check(met[0])}, held {_check(met[1])}")
+        case = r["case"] if base is None else r["case"][len(base["case"]) + 1:]
+        lines.append(f"| {case} | {r['variant']} | " + " | ".join(cells) + f" | {goal} |")
+    for case, f in frozen.items():
+        lines += ["", f"Frozen model ({case}): saved {f.get('saved_mib', 0):.1f} MiB, "
+                      f"held {f.get('held_mib', 0):.1f} MiB."]
     return lines
 
 
@@ -350,7 +396,9 @@ def build_report(files: list[Path], out: Path, *, plots: bool = True, command: s
         if not records:
             lines += ["No records.", ""]
             continue
-        if not (env.get("gpu") or {}).get("name"):
+        measured_anywhere = [r for r in records if (r["suite"] == "saved_memory" and not r["case"].startswith("tiny"))
+                             or (r["suite"] in ("e2e", "peak_rss") and "-cpu-" in r["case"])]
+        if not (env.get("gpu") or {}).get("name") and len(measured_anywhere) < len(records):
             lines += ["> CPU smoke run: these numbers only prove the code runs (no targets checked).", ""]
         stem = path.stem
         on_gpu = bool((env.get("gpu") or {}).get("name"))
@@ -361,7 +409,19 @@ def build_report(files: list[Path], out: Path, *, plots: bool = True, command: s
         suites = _order({r["suite"] for r in records}, ("e2e", "lora_linear", "lora_linear_group"))
         for suite in suites:
             srecs = [r for r in records if r["suite"] == suite]
-            if suite == "e2e":
+            if suite == "saved_memory":
+                lines += ["### Saved for backward (bytes autograd keeps after one training forward)", "",
+                          *saved_memory_table(srecs), ""]
+                continue
+            if suite == "peak_rss":
+                lines += ["### Peak RSS of a training run (fresh process per variant)", "", *peak_rss_table(srecs), ""]
+                continue
+            cpu = [r for r in srecs if suite == "e2e" and "aa_ratio" in r]
+            if cpu:
+                lines += ["### CPU training step and peak RSS, interleaved rounds with an A/A run", "",
+                          *cpu_e2e_table(cpu), ""]
+                srecs = [r for r in srecs if r not in cpu]
+            if suite == "e2e" and srecs:
                 lines += ["### End to end (tokens/s, step time, peak memory)", "", *e2e_table(srecs), ""]
                 if plt is not None and (p := plot_tokens(plt, srecs, out.parent / f"{stem}_e2e_tokens.png")):
                     lines += [f"![tokens/s]({p.name})", ""]

@@ -23,6 +23,20 @@ Variants, in one run:
   torch — skipped while fastadapt has no such method.
 A step is forward + loss + backward + ``AdamW.step()`` + ``zero_grad`` (no optimizer for ``frozen``).
 Every LoRA B is drawn non-zero before timing.
+
+On the CPU (issue 25), ``test_e2e_embedded_interleaved``: the embedded smollm2-135m, r=16, α=32 on
+the seven projections, batch 2 × 128 (``adapter_variants.py``), fastadapt (torch backend) against
+PEFT (series/parallel: against the reference backend, plain autograd — PEFT has no bottleneck
+adapters) and against a second, identical reference model (the A/A run: its ratio to the first is
+the noise of this machine at this moment). They step in interleaved rounds (the order rotates
+each round); the figure is the ratio of medians, with the A/A ratio beside it.
+``test_peak_rss_embedded``: 20-step training runs, each in a fresh process, give the peak resident
+memory of fastadapt and of the variant it is compared with (dropout 0.1)::
+
+    python -m pytest bench/test_bench_e2e.py -m "e2e and full" -k embedded -p no:cacheprovider \
+        --benchmark-json bench/results/<machine>/e2e_cpu.json
+
+(``FASTADAPT_BENCH_CPU_ROUNDS`` rounds, default 9; ``FASTADAPT_BENCH_RSS_STEPS`` steps, default 20.)
 """
 
 from __future__ import annotations
@@ -30,9 +44,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import adapter_variants as av
 import benchlib
 import pytest
 import torch
@@ -360,3 +379,135 @@ def _smoke_cases():
 def test_smoke_e2e(benchmark, monkeypatch, variant, ckpt):
     _run(benchmark, monkeypatch, name="smoke", widths=SMOKE, layers=1, batch=1, seq=16, ckpt=ckpt, variant=variant,
          device=benchlib.bench_device(), bottleneck=8, warmup=0, steps=2)
+
+
+# -- CPU: the embedded model, interleaved rounds against PEFT and an A/A run (issue 25) -------------
+
+
+def _train_step(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _interleaved(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each entry, over ``rounds`` rounds that each run every entry once, the
+    order rotated each round (no entry always runs first or after the same neighbour)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            with av.variant_env(name.split(":")[0]):
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _rss_run(variant: str, dropout: float, steps: int) -> dict:
+    script = Path(__file__).with_name("adapter_variants.py")
+    proc = subprocess.run([sys.executable, str(script), "rss", variant, str(dropout), str(steps)],
+                          capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} training run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.e2e
+@pytest.mark.full
+@pytest.mark.parametrize("method,dropout", [("lora", 0.1), ("lora", 0.0), ("dora", 0.1), ("series", 0.1),
+                                            ("parallel", 0.1)])
+def test_e2e_embedded_interleaved(benchmark, method, dropout):
+    device = torch.device("cpu")
+    rounds = benchlib.env_int("FASTADAPT_BENCH_CPU_ROUNDS", 9)
+    ours, ref_v = _compared(method)
+    # DoRA: the recompute option in the same rounds (its time cost against the default)
+    names = [ours, ref_v, f"{ref_v}:aa"] + (["fastadapt_dora_recompute"] if method == "dora" else [])
+    steps = {}
+    for name in names:
+        with av.variant_env(name.split(":")[0]):
+            model = av.build(name.split(":")[0], dropout, device)
+            steps[name] = _train_step(model, av.batch(model, device))
+            steps[name]()  # warm-up: first-call allocations, the optimizer's state
+    times = benchmark.pedantic(lambda: _interleaved(steps, rounds), rounds=1, iterations=1)
+    steps.clear()
+    _cleanup()
+    med = {n: statistics.median(t) for n, t in times.items()}
+    paired = [a / b for a, b in zip(times[ours], times[ref_v])]
+    paired_aa = [a / b for a, b in zip(times[f"{ref_v}:aa"], times[ref_v])]
+    ratio, aa = med[ours] / med[ref_v], med[f"{ref_v}:aa"] / med[ref_v]
+    spread = abs(aa - 1.0)
+    tokens = av.BATCH * av.SEQ
+    benchlib.record(benchmark, {
+        "suite": "e2e",
+        "case": f"{av.MODEL}-cpu-b{av.BATCH}x{av.SEQ}-{method}-p{dropout:g}",
+        "mode": "step",
+        "variant": ours,
+        "ref_variant": ref_v,
+        "ref_ms": med[ref_v] * 1e3,
+        "median_ms": med[ours] * 1e3,
+        "tokens_per_s": tokens / med[ours],
+        "tokens_per_step": tokens,
+        "timer": "perf_counter around one step (forward, loss, backward, AdamW, zero_grad), interleaved rounds",
+        "rounds": rounds,
+        "step_times_s": times,
+        "median_s": med,
+        "ratio_to_ref": ratio,
+        "aa_ratio": aa,
+        "aa_spread": spread,
+        "paired_ratio_median": statistics.median(paired),
+        "paired_aa_ratio_median": statistics.median(paired_aa),
+        "goal": "ratio to the reference variant ≤ 1 + A/A spread",
+        "goal_met": ratio <= 1.0 + spread,
+        "recompute_ratio_to_default": (med["fastadapt_dora_recompute"] / med[ours]) if method == "dora" else None,
+        "peak_mem_bytes": None,
+        **_embedded_info(method, dropout),
+    })
+
+
+def _compared(method: str) -> tuple[str, str]:
+    """(fastadapt's variant, the one it is compared with): PEFT has no bottleneck adapters, so those
+    compare with the reference backend (plain autograd)."""
+    return f"fastadapt_{method}", (f"peft_{method}" if method in av.PEFT_METHODS else f"reference_{method}")
+
+
+def _embedded_info(method: str, dropout: float) -> dict:
+    return {"model": av.MODEL, "method": method, "dropout": dropout, "r": av.R, "alpha": av.ALPHA,
+            "targets": list(av.PROJECTIONS), "batch": av.BATCH, "seq": av.SEQ, "dtype": torch.float32,
+            "threads": torch.get_num_threads(),
+            "optimizer": "torch.optim.AdamW(lr=1e-4), default (foreach) implementation"}
+
+
+@pytest.mark.e2e
+@pytest.mark.full
+@pytest.mark.parametrize("method", av.METHODS)
+def test_peak_rss_embedded(benchmark, method):
+    """Peak resident memory of a training run (``FASTADAPT_BENCH_RSS_STEPS`` steps, default 20) of
+    fastadapt and of the variant it is compared with, dropout 0.1, each in a fresh process (the
+    load's own peak reset first: Linux's clear_refs)."""
+    dropout, steps = 0.1, benchlib.env_int("FASTADAPT_BENCH_RSS_STEPS", 20)
+    ours, ref_v = _compared(method)
+    rss = benchmark.pedantic(lambda: {v: _rss_run(v, dropout, steps) for v in (ours, ref_v)}, rounds=1, iterations=1)
+    peak = {v: r["peak_rss_bytes"] for v, r in rss.items()}
+    benchlib.record(benchmark, {
+        "suite": "peak_rss",
+        "case": f"{av.MODEL}-cpu-b{av.BATCH}x{av.SEQ}-{method}-p{dropout:g}",
+        "mode": "train",
+        "variant": ours,
+        "ref_variant": ref_v,
+        "median_ms": statistics.median(rss[ours]["step_s"]) * 1e3,
+        "timer": "step time of the RSS run (loaded machine: not a speed figure)",
+        "peak_rss_bytes": peak,
+        "peak_rss_delta_mib": (peak[ours] - peak[ref_v]) / 2**20,
+        "rss_after_load_bytes": {v: r["rss_after_load_bytes"] for v, r in rss.items()},
+        "rss_peak_is_training_only": {v: r["peak_is_training_only"] for v, r in rss.items()},
+        "rss_steps": steps,
+        "rss_step_s": {v: r["step_s"] for v, r in rss.items()},
+        **_embedded_info(method, dropout),
+    })

@@ -11,7 +11,7 @@ from pathlib import Path
 
 #: name -> (meaning, default)
 ENV_VARS: dict[str, tuple[str, str]] = {
-    "FASTADAPT_BACKEND": ("force one kernel backend everywhere: auto | torch | triton | cuda", "auto"),
+    "FASTADAPT_BACKEND": ("force one kernel backend everywhere: auto | torch | triton | cuda | reference", "auto"),
     "FASTADAPT_CACHE_DIR": ("where converted models and JIT-built extensions are cached", "~/.cache/fastadapt"),
     "FASTADAPT_BUILD_CUDA": ("setup.py: 1 forces building the CUDA extension", "0"),
     "FASTADAPT_SKIP_CUDA_BUILD": ("setup.py: 1 skips building the CUDA extension", "0"),
@@ -22,6 +22,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "FASTADAPT_VERIFIED": (
         "GPU verification records (a JSON file or folder) to use instead of the committed ones", ""),
     "FASTADAPT_REQUIRE_CUDA_EXT": ("1: GPU tests fail (not skip) when the CUDA extension cannot load", "0"),
+    "FASTADAPT_DORA_RECOMPUTE": (
+        "1: DoRA with dropout on the torch backend keeps no M×N product for backward and recomputes it "
+        "(one more frozen-size GEMM)", "0"),
     "FASTADAPT_TINY_SHAPES": (
         "1: GPU tests and benchmarks run at tiny sizes, keeping their ids and records (the CPU rehearsal of "
         "scripts/gpu-check.sh; its numbers mean nothing)", "0"),

@@ -16,6 +16,8 @@ Backends:
   the mask packed at 1 bit per element.
 - ``"cuda"``: ``csrc/bottleneck_adapter`` (bf16/fp16, no dropout), ops
   ``fastadapt::bottleneck_adapter_cuda_fwd/_bwd`` (schemas and fakes below, kernels in csrc/).
+- ``"torch"``: ``torch_backend.bottleneck_adapter`` — the reference's function, keeping x, the
+  pre-activation and the mask at 1 bit per element; ``"reference"``: plain autograd.
 Both have fake impls and registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break.
 """
 
@@ -24,10 +26,10 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, settings
-from . import _native
+from . import _native, torch_backend
 from ._inputs import check_dropout_p, check_tensors, draw_seed
 from ._library import custom_op, native_op, register_autograd
-from .dispatch import BACKENDS, register_op, resolve_backend, triton_usable
+from .dispatch import BACKENDS, TORCH_BACKENDS, register_op, resolve_backend, triton_usable
 from .reference import BOTTLENECK_ACTIVATIONS, bottleneck_adapter_ref
 
 __all__ = ["ACTIVATIONS", "bottleneck_adapter", "selected_backend"]
@@ -109,14 +111,13 @@ def bottleneck_adapter(
     1-element float tensor (a learned scaling: it gets a gradient). ``dropout_p`` drops the adapter
     input only (pass 0 in eval mode). Differentiable in x, w_down, w_up, a tensor scaling and the
     residual. ``backend``: "auto" | "torch" | "triton" | "cuda" (bf16/fp16, no dropout; needs the
-    CUDA extension) — see ``FASTADAPT_BACKEND``.
+    CUDA extension) | "reference" — see ``FASTADAPT_BACKEND``.
     """
     _validate(x, w_down, w_up, activation, scaling, residual, dropout_p)
     chosen = choose_backend("bottleneck_adapter", backend, x, dropout_p)
-    if chosen == "torch":
-        return bottleneck_adapter_ref(
-            x, w_down, w_up, activation=activation, scaling=scaling, residual=residual, dropout_p=dropout_p
-        )
+    if chosen in TORCH_BACKENDS:
+        impl = torch_backend.bottleneck_adapter if chosen == "torch" else bottleneck_adapter_ref
+        return impl(x, w_down, w_up, activation=activation, scaling=scaling, residual=residual, dropout_p=dropout_p)
     d_in, d_out = x.shape[-1], w_up.shape[0]
     lead = x.shape[:-1]
     s = scaling_tensor(scaling, x.device)

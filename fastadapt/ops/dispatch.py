@@ -1,9 +1,12 @@
-"""Which backend runs a functional op: ``"torch" | "triton" | "cuda"``, or ``"auto"``.
+"""Which backend runs a functional op: ``"torch" | "triton" | "cuda" | "reference"``, or ``"auto"``.
 
 Order of precedence: an explicit ``backend=`` argument, then ``FASTADAPT_BACKEND``, then ``auto``.
 ``auto`` takes a fused backend only where a GPU verification record vouches for it on this device,
 shape class and kernel source (:mod:`fastadapt.ops.verification`) and it can run on the input's
-device; otherwise the torch path (``fastadapt.ops.reference``), saying why once per op and GPU.
+device; otherwise the torch path (``fastadapt.ops.torch_backend``: the reference's function with
+less kept for backward), saying why once per op and GPU. ``"reference"``
+(``fastadapt.ops.reference``, plain autograd: the oracle the tests compare with) runs only when
+asked for; ops without a separate lean path run their torch path for it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from . import verification
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
+#: the backends that run torch operations (every op has them; ``auto`` picks only ``torch``)
+TORCH_BACKENDS = ("torch", "reference")
 
 _warned: set[tuple] = set()
 
@@ -74,7 +79,7 @@ def decide(
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    available = {**available, "torch": lambda device: True}
+    available = {**available, "torch": lambda device: True, "reference": lambda device: True}
     source = f"backend={requested!r}"
     if requested == "auto":
         forced = settings.backend_override()
@@ -102,7 +107,7 @@ def _auto(op: str, device: torch.device, available: dict, rows: int | None) -> D
     The record comes first: asking whether the CUDA backend can run may build the extension
     (minutes), which only a verified backend is worth."""
     why = []
-    fused = [name for name in available if name != "torch"]
+    fused = [name for name in available if name not in TORCH_BACKENDS]
     for name in fused:
         verdict = verification.find(op, name, device, rows)
         if not verdict.verified:

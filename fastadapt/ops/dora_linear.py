@@ -42,7 +42,10 @@ z (M×N in x's dtype — what d magnitude needs; PEFT keeps two M×N tensors, x 
 product) and the norms (N). Temporaries: dZ (or (g-1) ⊙ dY), M×N, in the backward; x_d (M×K) in
 the dropout form's forward. Never an N×K one.
 
-The torch backend is ``reference.dora_apply`` with those norms (plain autograd).
+The torch backend is ``torch_backend.dora_linear`` with the norms above: ``reference.dora_apply``'s
+function keeping x, S, one M×N product (z at p = 0, x_d Wᵀ with dropout: what d magnitude needs)
+and the mask at 1 bit per element; ``FASTADAPT_DORA_RECOMPUTE=1`` keeps no M×N product and
+recomputes it in backward. ``backend="reference"`` runs ``reference.dora_apply`` (plain autograd).
 """
 
 from __future__ import annotations
@@ -50,10 +53,11 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, settings
+from . import torch_backend
 from ._cache import InferenceCache
 from ._inputs import autocast_inputs, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
-from .dispatch import register_op, resolve_backend, triton_usable
+from .dispatch import TORCH_BACKENDS, register_op, resolve_backend, triton_usable
 from .lora_linear import _validate as _validate_lora
 from .lora_linear import dx_and_grad_a, frozen_plus_rank, keep_scale, selected_variant
 from .reference import dora_apply, dora_merge_ref, dora_norm_ref
@@ -84,13 +88,16 @@ def dora_linear(
     (N,) or None; returns (..., N) in x's dtype (or the autocast dtype). Adapter weights and the
     magnitude may be fp32 (cast to the activation dtype; activations are never upcast); the norms
     are formed in fp32. Differentiable in x, lora_a, lora_b, magnitude (and weight/bias when they
-    require grad). ``dropout_p``: pass 0 in eval mode. ``backend``: "auto" | "torch" | "triton".
+    require grad). ``dropout_p``: pass 0 in eval mode. ``backend``: "auto" | "torch" | "triton" | "reference".
     """
     chosen = _checked_backend(x, weight, lora_a, lora_b, magnitude, scaling, bias, dropout_p, backend)
     # training (grad mode on): computed afresh; without gradients: reused while provably fresh (_cache)
     norm = _norms.get(lambda: dora_norm(weight, lora_a, lora_b, scaling=scaling, backend=chosen),
                       frozen=(weight,), watched=(lora_a, lora_b), extra=(float(scaling), chosen))
     if chosen == "torch":
+        return torch_backend.dora_linear(x, weight, lora_a, lora_b, magnitude, norm, scaling=scaling, bias=bias,
+                                         dropout_p=dropout_p, recompute=settings.flag("FASTADAPT_DORA_RECOMPUTE"))
+    if chosen == "reference":
         return dora_apply(x, weight, lora_a, lora_b, magnitude, norm, scaling=scaling, bias=bias,
                           dropout_p=dropout_p)
     x, weight, bias = autocast_inputs(x, weight, bias)
@@ -135,7 +142,7 @@ def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     chosen = selected_backend(weight.device, backend)
     w, a, b = weight.detach(), lora_a.detach(), lora_b.detach()
     with torch.autocast(w.device.type, enabled=False):  # fp32 norms whatever the autocast dtype
-        if chosen == "torch":
+        if chosen in TORCH_BACKENDS:
             return dora_norm_ref(w, a, b, scaling=scaling)
         return dora_norm_triton(w, a, b, float(scaling))
 

@@ -23,9 +23,13 @@ never a byte mask, never a dropped copy of X. The seed comes from torch's genera
 device, so ``torch.manual_seed`` makes runs reproducible and ``torch.utils.checkpoint`` (which
 restores the RNG state) redraws the same mask on recomputation.
 
-The torch backend is ``reference.lora_linear_ref``; without gradients (inference, decode) it runs
-as three launches — base GEMM, rank projection, ``addmm_`` with the scaling as alpha — on A and B
-cast to the activation dtype per call (no cache: ``_cache``'s module docstring says why).
+The torch backend (what ``auto`` runs without a GPU verification record) trains through
+``torch_backend.lora_linear``: the reference's function in torch operations, keeping x, S and the
+mask at 1 bit per element (drawn as ``F.dropout`` draws it) — no dropped copy, no byte mask.
+Without gradients (inference, decode) it runs as three launches — base GEMM, rank projection,
+``addmm_`` with the scaling as alpha — on A and B cast to the activation dtype per call (no
+cache: ``_cache``'s module docstring says why). ``backend="reference"`` runs
+``reference.lora_linear_ref`` (plain autograd).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks, settings
-from . import verification
+from . import torch_backend, verification
 from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
 from .dispatch import decide, register_op, triton_usable
@@ -69,10 +73,13 @@ def lora_linear(
     (``torch.backends.cuda.matmul.allow_tf32``): TF32 when it is on, full fp32 when off.
     Differentiable in x, lora_a, lora_b (and weight/bias when they require grad).
     ``dropout_p`` applies to the input of the LoRA path only; pass 0 in eval mode.
-    ``backend``: "auto" | "torch" | "triton" (see ``FASTADAPT_BACKEND``).
+    ``backend``: "auto" | "torch" | "triton" | "reference" (see ``FASTADAPT_BACKEND``).
     """
-    if _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend) == "torch":
+    chosen = _checked_backend(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend)
+    if chosen == "torch":
         return _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
+    if chosen == "reference":
+        return lora_linear_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
     x, weight, bias = autocast_inputs(x, weight, bias)
     lead = x.shape[:-1]
     y, _, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, bias, float(scaling),
@@ -112,8 +119,8 @@ def _torch_path(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
     grad = torch.is_grad_enabled() and (
         lora_a.requires_grad or lora_b.requires_grad or x.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad))
-    if grad or dropout_p > 0 or torch.compiler.is_compiling():
-        return lora_linear_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
+    if grad or dropout_p > 0 or torch.compiler.is_compiling():  # the training path: no cache is read
+        return torch_backend.lora_linear(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
     # No gradient (inference, decode): the base GEMM, the rank projection, addmm_ with the scaling
     # as alpha, on A and B cast to the activation dtype.
     y = F.linear(x, weight, bias)
@@ -287,8 +294,11 @@ def lora_linear_group(
         )
     chosen = {_checked_backend(x, w, a, b, scaling, c, dropout_p, backend, op="lora_linear_group")
               for w, a, b, c in zip(weights, lora_as, lora_bs, biases)}
-    if chosen == {"torch"}:
+    if chosen == {"torch"}:  # one call per member: each draws its own mask, as PEFT's do
         return [_torch_path(x, w, a, b, scaling, c, dropout_p) for w, a, b, c in zip(weights, lora_as, lora_bs, biases)]
+    if chosen == {"reference"}:
+        return [lora_linear_ref(x, w, a, b, scaling=scaling, bias=c, dropout_p=dropout_p)
+                for w, a, b, c in zip(weights, lora_as, lora_bs, biases)]
     x_in = x
     cast = []
     for w, c in zip(weights, biases):

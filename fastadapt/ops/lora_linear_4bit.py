@@ -12,7 +12,9 @@ in x's dtype, as ``Linear4bit`` does; the rank term is formed in x's dtype (A, B
 
 **torch backend** (the CPU path, the oracle): the frozen product is a lean autograd function that
 saves only the packed weight (never an N×K dequantized copy) and dequantizes it again for dX, as
-bitsandbytes' ``MatMul4Bit`` does; the rank term is plain autograd.
+bitsandbytes' ``MatMul4Bit`` does; the rank term is ``torch_backend.lora_rank`` (x, S and the
+dropout mask at 1 bit per element kept; no dropped copy of x, no byte mask), or plain autograd
+with ``backend="reference"``.
 
 **Triton backend** (custom ops ``fastadapt::lora_linear_4bit_fwd/_bwd``, fakes and autograd beside
 them, so ``torch.compile(fullgraph=True)`` sees no graph break): everything in the compute dtype::
@@ -41,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from . import verification
+from . import torch_backend, verification
 from ._inputs import check_dropout_p, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
-from .dispatch import register_op, resolve_backend, triton_usable
+from .dispatch import TORCH_BACKENDS, register_op, resolve_backend, triton_usable
 from .lora_linear import frozen_plus_rank, keep_scale
 
 __all__ = ["Weight4bit", "dequantize_4bit", "frozen_4bit_linear", "lora_linear_4bit", "rank_term"]
@@ -183,19 +185,24 @@ def frozen_4bit_linear(x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor |
 
 
 def rank_term(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, scaling: float,
-              dropout_p: float = 0.0) -> torch.Tensor:
+              dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """``scaling · (dropout(x) Aᵀ) Bᵀ`` in x's dtype (A, B cast to it): the LoRA term beside a frozen
-    product computed elsewhere (a quantized base's own forward)."""
+    product computed elsewhere (a quantized base's own forward). Torch operations only: the lean
+    torch backend's (``torch_backend.lora_rank``: x, S and a 1-bit mask kept, no dropped copy of x)
+    or, with ``backend="reference"``, plain autograd (what PEFT keeps)."""
+    if resolve_backend("lora_rank", backend, x.device, available={}) == "torch":
+        return torch_backend.lora_rank(x, lora_a, lora_b, scaling=scaling, dropout_p=dropout_p)
     h = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
     return F.linear(F.linear(h, lora_a.to(x.dtype)), lora_b.to(x.dtype)) * scaling
 
 
 def lora_linear_4bit_ref(x: torch.Tensor, weight: Weight4bit, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                          scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
-                         backend: str | None = None) -> torch.Tensor:
-    """The torch twin of :func:`lora_linear_4bit` (same signature; ``backend`` ignored)."""
-    del backend
-    return frozen_4bit_linear(x, weight, bias) + rank_term(x, lora_a, lora_b, scaling=scaling, dropout_p=dropout_p)
+                         backend: str = "torch") -> torch.Tensor:
+    """The torch twin of :func:`lora_linear_4bit` (same signature; ``backend``: "torch", the lean
+    rank term, or "reference", plain autograd)."""
+    return frozen_4bit_linear(x, weight, bias) + rank_term(x, lora_a, lora_b, scaling=scaling, dropout_p=dropout_p,
+                                                           backend=backend)
 
 
 def lora_linear_4bit(
@@ -213,11 +220,13 @@ def lora_linear_4bit(
 
     Shapes: x (..., K); weight a :class:`Weight4bit` of shape (N, K); lora_a (r, K); lora_b (N, r);
     bias (N,) or None. Returns (..., N) in x's dtype. Differentiable in x, lora_a, lora_b (the
-    4-bit weight is frozen). ``backend``: "auto" | "torch" | "triton"."""
+    4-bit weight is frozen). ``backend``: "auto" | "torch" | "triton" | "reference"."""
     _validate(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
     rows = x.numel() // max(x.shape[-1], 1)
-    if resolve_backend("lora_linear_4bit", backend, x.device, available=_AVAILABLE, rows=rows) == "torch":
-        return lora_linear_4bit_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p)
+    chosen = resolve_backend("lora_linear_4bit", backend, x.device, available=_AVAILABLE, rows=rows)
+    if chosen in TORCH_BACKENDS:
+        return lora_linear_4bit_ref(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p,
+                                    backend=chosen)
     dtype = _compute_dtype(weight, x)
     lead = x.shape[:-1]
     xc = x.reshape(-1, x.shape[-1]).to(dtype)

@@ -13,7 +13,7 @@ from .. import _checks
 from . import _native
 from ._inputs import check_tensors
 from ._library import native_op
-from .dispatch import register_op, resolve_backend
+from .dispatch import TORCH_BACKENDS, register_op, resolve_backend
 from .reference import lora_delta, lora_merge_ref
 
 __all__ = ["lora_delta", "lora_merge", "selected_backend"]
@@ -66,7 +66,7 @@ def lora_merge(
     (N, r). Returns whether every result is finite. ``check_only=True`` only answers that and
     writes nothing (``fa.merge`` checks every module before it writes any); otherwise the result
     is written even when it is not finite, so check first when that must not happen.
-    ``sign``: 1 merges, -1 unmerges. ``backend``: "auto" | "torch" | "cuda".
+    ``sign``: 1 merges, -1 unmerges. ``backend``: "auto" | "torch" | "cuda" ("reference" = "torch").
     """
     check_tensors(weight, lora_a=lora_a, lora_b=lora_b)
     if weight.dim() != 2:
@@ -82,7 +82,7 @@ def lora_merge(
         )
     _checks.finite_number("scaling", scaling)
     _checks.one_of("sign", sign, (1, -1))
-    if selected_backend(weight, backend) == "torch":
+    if selected_backend(weight, backend) in TORCH_BACKENDS:
         return lora_merge_ref(weight, lora_a, lora_b, scaling=scaling, fan_in_fan_out=fan_in_fan_out, sign=sign,
                               check_only=check_only)
     flag = lora_merge_cuda_(weight, lora_a.float(), lora_b.float(), float(scaling), fan_in_fan_out, sign, check_only)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from . import verification
 from ._library import custom_op
-from .dispatch import register_op, resolve_backend, triton_usable
+from .dispatch import TORCH_BACKENDS, register_op, resolve_backend, triton_usable
 from .reference import BOTTLENECK_ACTIVATIONS
 
 __all__ = ["SlotBank", "SlotRows", "bottleneck_mixed", "lora_mixed", "selected_backend"]
@@ -369,7 +369,9 @@ def _check(x, sources, rows, k: int, n: int, *, weight=None, bias=None, activati
 
 def _backend(x: torch.Tensor, op: str, backend: str) -> str:
     chosen = selected_backend(x.device, backend, rows=x.shape[0] * x.shape[1], op=op)
-    if chosen != "torch" and torch.is_grad_enabled() and x.requires_grad:
+    if chosen in TORCH_BACKENDS:  # "reference" too: this op's torch path is plain autograd already
+        return "torch"
+    if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError(f"{op}: the {chosen} backend computes no gradients; run it under torch.no_grad() "
                            "(mixed batches are for inference) or pass backend='torch'")
     return chosen

@@ -15,7 +15,8 @@ Triton backend: the LoRA extra-K structure with the activation applied to S (cus
               dW_down = dHᵀ (mask ⊙ x)/(1-p)    lora_grad_a (the stored mask)
 
 S is recomputed from H in backward (M × b elementwise) instead of being saved too. The CUDA
-backend runs the series kernel (``fa.ops.bottleneck_adapter``) with ``residual = x Wᵀ + bias``.
+backend runs the series kernel (``fa.ops.bottleneck_adapter``) with ``residual = x Wᵀ + bias``; the
+torch backend runs ``torch_backend.parallel_adapter`` (the same saved set: x, H, the mask bits).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import torch_backend
 from ._inputs import autocast_inputs, check_linear, check_tensors, draw_kernel_seed
 from ._library import custom_op, register_autograd
 from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, cuda_usable, scaling_tensor
-from .dispatch import register_op, triton_usable
+from .dispatch import TORCH_BACKENDS, register_op, triton_usable
 from .lora_linear import frozen_plus_rank, keep_scale, selected_variant
 from .reference import BOTTLENECK_ACTIVATIONS, activation_grad, parallel_adapter_ref
 
@@ -71,10 +73,9 @@ def parallel_adapter(
     n, k = check_linear(x, weight, bias)
     check_adapter(x, w_down, w_up, activation, scaling, dropout_p, k, n, "in_features", "out_features")
     chosen = selected_backend(x, backend, dropout_p=dropout_p)
-    if chosen == "torch":
-        return parallel_adapter_ref(
-            x, weight, w_down, w_up, activation=activation, scaling=scaling, bias=bias, dropout_p=dropout_p
-        )
+    if chosen in TORCH_BACKENDS:
+        impl = torch_backend.parallel_adapter if chosen == "torch" else parallel_adapter_ref
+        return impl(x, weight, w_down, w_up, activation=activation, scaling=scaling, bias=bias, dropout_p=dropout_p)
     x, weight, bias = autocast_inputs(x, weight, bias)
     if chosen == "cuda":
         base = F.linear(x, weight, bias)

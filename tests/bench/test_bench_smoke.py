@@ -37,6 +37,7 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     # the same code path; `pytest bench/` on CPU runs them all)
     select = ("test_smoke_lora_linear or (test_smoke_dora_linear and fwd_bwd) or "
               "(test_smoke_e2e and ckptoff and (frozen or fastadapt_lora or peft_default)) or "
+              "(test_smoke_saved_memory and (frozen or lora-p0.1 or series)) or "
               "(test_smoke_mixed_batch_generation and lora)")
     cmd = [sys.executable, "-m", "pytest", str(BENCH), "-q", "-p", "no:cacheprovider", "-m", "smoke",
            "--bench-smoke", "-k", select, f"--benchmark-json={out_json}"]
@@ -59,9 +60,16 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     assert {i["variant"] for i in e2e} == {"frozen", "fastadapt_lora", "peft_default"}
     for i in infos:
         assert i["median_ms"] > 0
-        if i["variant"] != "frozen":
-            assert i["ref_ms"] > 0 and i["ratio_to_ref"] > 0
+        # saved_memory: bytes, not times; lora_linear_4bit (matched by the -k above): no ratio recorded
+        if i["variant"] != "frozen" and i["suite"] not in ("saved_memory", "lora_linear_4bit"):
+            assert i.get("ref_ms", 0) > 0 and i.get("ratio_to_ref", 0) > 0, i
     assert all(i["tokens_per_s"] > 0 and i["trainable_params"] >= 0 for i in e2e)
+    # saved for backward (tiny model): with dropout fastadapt keeps less than PEFT, and the series
+    # adapter's dropout costs at most a bit per element of its inputs
+    memory = {(i["method"], i["dropout"], i["variant"]): i for i in infos if i["suite"] == "saved_memory"}
+    assert memory[("lora", 0.1, "fastadapt_lora")]["saved_ratio_to_peft"] < 0.6
+    assert memory[("lora", 0.1, "reference_lora")]["saved_ratio_to_peft"] == pytest.approx(1.0)
+    assert memory[("series", 0.1, "fastadapt_series")]["goal_saved_met"] is True
     mixed = [i for i in infos if i["suite"] == "mixed_generation"]  # issue 27: vs base and PEFT
     assert [i["method"] for i in mixed] == ["lora"] and mixed[0]["ratio_to_base"] > 0 < mixed[0]["ratio_to_peft"]
 
@@ -71,6 +79,7 @@ def test_bench_smoke_mode_and_report_run(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = report.read_text()
     assert "### lora_linear · fwd_bwd" in text and "### End to end" in text and "CPU smoke run" in text
+    assert "### Saved for backward" in text and "| fastadapt_lora |" in text
     if _has_matplotlib():
         assert (report.parent / "smoke_e2e_tokens.png").stat().st_size > 0
         assert (report.parent / "smoke_lora_linear_fwd_bwd_pct.png").stat().st_size > 0
@@ -145,3 +154,26 @@ def test_report_on_tiny_gpu_json(tmp_path, monkeypatch, capsys, plots):
                         "run_lora_linear_fwd_bwd_pct.png"]
     else:
         assert pngs == [] and "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_report_renders_the_cpu_rounds(tmp_path):
+    """test_e2e_embedded_interleaved's records (the ratio beside the A/A ratio) and
+    test_peak_rss_embedded's."""
+    report = _report_module()
+    case = "smollm2-135m-cpu-b2x128-lora-p0.1"
+    step = {"suite": "e2e", "case": case, "mode": "step", "variant": "fastadapt_lora", "ref_variant": "peft_lora",
+            "median_ms": 900.0, "ref_ms": 1000.0, "ratio_to_ref": 0.9, "aa_ratio": 1.03, "goal_met": True}
+    rss = {"suite": "peak_rss", "case": case, "mode": "train", "variant": "fastadapt_lora", "ref_variant": "peft_lora",
+           "median_ms": 900.0, "peak_rss_bytes": {"fastadapt_lora": 1536 * 2**20, "peft_lora": 2048 * 2**20},
+           "peak_rss_delta_mib": -512.0, "rss_steps": 20}
+    src = tmp_path / "cpu" / "e2e_cpu.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps({"fastadapt": {"torch": "2.13.0", "git": {"commit": "abc123"}}, "machine_info": {},
+                               "benchmarks": [_bench("test_e2e_embedded_interleaved[lora-0.1]", **step),
+                                              _bench("test_peak_rss_embedded[lora]", **rss)]}))
+    out = tmp_path / "cpu" / "report.md"
+    assert report.main([str(src.parent), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"| {case} | fastadapt_lora | peft_lora | 900.0 | 1000.0 | 0.900 | 1.030 | met |" in text
+    assert f"| {case} | fastadapt_lora | 1,536 | peft_lora | 2,048 | -512 | 20 |" in text
+    assert "CPU smoke run" not in text and "### End to end" not in text

@@ -100,6 +100,38 @@ def test_logits_and_adapter_gradients_equal_peft(base_folder, kind, method, dtyp
         assert norm_rel_err(mine.grad, theirs.grad) <= (1e-4 if tol == 1e-5 else 5e-2)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dropout_draws_peft_masks_and_keeps_no_dropped_copy(base_folder, kind):
+    """LoRA with dropout on a quantized base (the torch backend's lean rank term): from one seed, the
+    masks are PEFT's (each layer's ``nn.Dropout`` call, in order), so logits and gradients agree; and
+    no tensor of x's size but x itself is kept for backward (PEFT keeps a dropped copy and a mask)."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ours = quantized(base_folder, kind)
+    fa.patch(ours, "lora", r=4, alpha=9, dropout=0.3, targets=targets)
+    randomize_adapters(ours, scale=0.1)
+    twin = peft.get_peft_model(quantized(base_folder, kind), peft.LoraConfig(
+        r=4, lora_alpha=9, lora_dropout=0.3, target_modules=targets))
+    with torch.no_grad():
+        for mine, theirs in peft_pairs(ours, twin):
+            theirs.copy_(mine)
+    batch = ids()
+    torch.manual_seed(7)
+    ours_logits, _ = step(ours, batch)
+    torch.manual_seed(7)
+    peft_logits, _ = step(twin, batch)
+    assert norm_rel_err(ours_logits, peft_logits) <= (1e-5 if kind == "nf4" else 2e-2)
+    for mine, theirs in peft_pairs(ours, twin):
+        assert mine.grad.abs().sum() > 0
+        assert norm_rel_err(mine.grad, theirs.grad) <= (1e-4 if kind == "nf4" else 5e-2)
+    layer = ours.get_submodule("model.layers.0.mlp.down_proj")
+    x = torch.randn(2, 9, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    x_sized = [t for t in saved if t.numel() == x.numel() and t.untyped_storage().data_ptr() != x.data_ptr()]
+    assert not x_sized and any(t.dtype == torch.uint8 and t.numel() == x.numel() // 8 for t in saved)
+
+
 def test_peft_adapter_trained_on_a_4bit_base_loads_and_saves_back(base_folder, tmp_path):
     twin = peft.get_peft_model(quantized(base_folder, "nf4"), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
