@@ -70,11 +70,19 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
 
 
+def heldout(args, cfg, model, tokenizer, name: str) -> dict:
+    """The main job's held-out loss (its GSM8K slice) of the model as it is now: loss, n, ..."""
+    return run_heldout_loss(output=Path(args.out) / name, loaded=(model, tokenizer), model=MODEL,
+                            data="gsm8k", limit=cfg["heldout_limit"], batch_size=cfg["eval_batch_size"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], required=True)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the main job's CPU budget)")
     p.add_argument("--heldout", action="store_true", help="held-out loss after training (main job's slice)")
+    p.add_argument("--heldout-before", action="store_true",
+                   help="also the held-out loss of the untrained model (how far the base alone moved it)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -85,6 +93,8 @@ def main() -> None:
     load_s = time.time() - t
     result = {"quantize": args.quantize, "steps": cfg["max_steps"], "settings": cfg, "load_s": round(load_s, 1),
               "footprint": footprint(model), "peak_rss_after_load_mib": vm_hwm_mib()}
+    if args.heldout_before:
+        result["heldout_loss_before"] = heldout(args, cfg, model, tokenizer, "heldout-before")["loss"]
     reset_peak_rss()
     tcfg = main_job_train_config(cfg, model=MODEL, output=args.out, seed=42)
     t = time.time()
@@ -93,8 +103,7 @@ def main() -> None:
     result["peak_rss_training_mib"] = vm_hwm_mib()
     result["train_loss"] = trained.loss_means()
     if args.heldout:
-        loss = run_heldout_loss(output=Path(args.out) / "heldout", loaded=(model, tokenizer), model=MODEL,
-                                data="gsm8k", limit=cfg["heldout_limit"], batch_size=cfg["eval_batch_size"])
+        loss = heldout(args, cfg, model, tokenizer, "heldout")
         result["heldout_loss"] = loss["loss"]
         result["heldout_n"] = loss["n"]
     # VmHWM was reset after loading: the process's peak is the larger of the two phases'
