@@ -275,7 +275,12 @@ def read_saved_layout(path: str | os.PathLike) -> tuple[str, dict[str, str], dic
             metadata = f.metadata()
             keys = list(f.keys())
             dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
-        torch_dtypes = {k: _SAFETENSORS_DTYPES.get(v, torch.float32) for k, v in dtypes.items()}
+        unknown = {k: v for k, v in dtypes.items() if v not in _SAFETENSORS_DTYPES}
+        if unknown:  # writing such a tensor back as another dtype would not be the folder it came from
+            key, dtype = next(iter(unknown.items()))
+            raise ValueError(f"adapter weights {str(path / SAFE_WEIGHTS_NAME)!r}: tensor {key!r} has dtype {dtype}, "
+                             f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
+        torch_dtypes = {k: _SAFETENSORS_DTYPES[v] for k, v in dtypes.items()}
         return (SAFE_WEIGHTS_NAME, {strip_peft_prefix(k): k for k in keys},
                 {strip_peft_prefix(k): torch_dtypes[k] for k in keys}, metadata)
     tensors = torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)

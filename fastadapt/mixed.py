@@ -85,7 +85,8 @@ class Router:
             return slot_forward(module, x, plan)
         if not module.active:
             return module.base_output(x)
-        if self.serving and not torch.is_grad_enabled() and module.quantized is None:
+        # train mode keeps the single-adapter path: it applies dropout, as PEFT does under no_grad too
+        if self.serving and not torch.is_grad_enabled() and not module.training and module.quantized is None:
             return slot_forward(module, x, None)
         return None
 

@@ -152,13 +152,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             f"make another one active first (fa.set_adapter(model, {next(n for n in names if n != adapter_name)!r}))"
         raise ValueError(f"adapter {adapter_name!r} is the active adapter: {hint}")
     for name, module in list(wrapped_modules(model)):
-        bank = module.bank
+        bank = getattr(module, "bank", None)
         if bank is not None and bank.slot(adapter_name) is not None:
-            bank.remove(adapter_name)
-        if not module.active and not (bank is not None and bank.names):
-            parent, attr = parent_and_attr(model, name)
-            setattr(parent, attr, module.base_layer)
-            state.modules.remove(name)
+            _drop_from(model, state, name, module, adapter_name, False)
     del state.named[adapter_name]
     invalidate_caches()
     return model
@@ -170,7 +166,8 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: 
     changes shape — a compiled forward of the active adapter does not recompile (its scaling lives in
     a tensor; a compiled mixed batch re-specialises on a banked adapter's new rank or alpha). A larger
     rank grows the slots once. The new adapter must have the same method and target the same modules or a
-    subset of them (the others then add nothing for it); its rank, alpha or scaling may differ."""
+    subset of them (the modules it leaves out drop it and, holding no
+    adapter, get their original layer back); its rank, alpha or scaling may differ."""
     model = distributed.unwrap(model)
     state = require_state(model)
     if adapter_name not in _names(state):
@@ -190,11 +187,12 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: 
     active = adapter_name == state.active
     for name in held:
         module = model.get_submodule(name)
-        if name in targets:
-            own = _own_tensors(name, module, tensors)
-        else:  # not in the new adapter: its slot adds nothing (zeros at the old shapes)
-            own = {k: torch.zeros_like(v) for k, v in (active_tensors(module) if active else
-                                                         module.bank.take(adapter_name, module)).items()}
+        if name not in targets:
+            # Not in the new adapter: the module drops it (inactive, or its slot removed), never zeros in
+            # place — DoRA's output scales by its magnitude, so a zero magnitude would erase the layer.
+            _drop_from(model, state, name, module, adapter_name, active)
+            continue
+        own = _own_tensors(name, module, tensors)
         settings = settings_of(module, own, config)
         if active:
             set_active(module, own, settings)
@@ -203,6 +201,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: 
     state.named[adapter_name] = _record(model, adapter_name, config, path, list(targets))
     if active:
         state.config = config
+        _refresh_trainable(model, state)  # the saved and trained keys are the new adapter's modules only
     router_of(model).serving = True
     invalidate_caches()
     return model
@@ -368,6 +367,20 @@ def _active_keys(model: nn.Module) -> list[str]:
     for name, module in adapter_modules(model):
         keys += [f"{name}.{role}" for role in active_tensors(module)]
     return keys
+
+
+def _drop_from(model: nn.Module, state, name: str, module, adapter_name: str, active: bool) -> None:
+    """Module ``name`` no longer holds ``adapter_name`` (the active one's tensors, or its slot); a
+    module left holding no adapter gets its original layer back."""
+    bank = getattr(module, "bank", None)  # a module that never held a second adapter has none
+    if active:
+        set_active(module, None, None)
+    elif bank is not None and bank.slot(adapter_name) is not None:
+        bank.remove(adapter_name)
+    if not module.active and not (bank is not None and bank.names):
+        parent, attr = parent_and_attr(model, name)
+        setattr(parent, attr, module.base_layer)
+        state.modules.remove(name)
 
 
 def _refresh_trainable(model: nn.Module, state) -> None:

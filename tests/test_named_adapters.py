@@ -149,3 +149,54 @@ def test_hotswap_refuses_new_targets_and_leaves_the_model_alone(tmp_path):
         with pytest.raises(ValueError, match="not one of the model's adapters"):
             fa.hotswap_adapter(model, paths["code"], adapter_name="nope")
         assert torch.equal(model(ids, adapter_names=["math", "code"]).logits, before)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("where", ["active", "banked"])
+def test_hotswap_to_fewer_targets_leaves_the_others_untouched(dora, where, tmp_path):
+    """``code`` (q/k/v/up/down) hot-swapped for ``math`` (q/v): k/up/down must compute the base layer
+    again — not a zero adapter, which for DoRA (output scaled by the magnitude) erases the layer."""
+    paths = peft_folders(tmp_path / "in", dora=dora)
+    model = tiny_model("llama")
+    if where == "banked":
+        fa.load_adapter(model, paths["chat"], adapter_name="chat")
+    fa.load_adapter(model, paths["code"], adapter_name="code")
+    model.eval()
+    fa.hotswap_adapter(model, paths["math"], adapter_name="code")
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        want = alone(paths["math"])(ids).logits
+        got = model(ids, adapter_names=["code", "code"]).logits if where == "banked" else model(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        fa.set_adapter(model, "code")
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-5)
+    # what trains and what is saved is the new adapter's: it reloads with fastadapt and with PEFT
+    trainable = {n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+    assert trainable == {"q_proj", "v_proj"}
+    out = fa.save_adapter(model, tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    with torch.no_grad():
+        torch.testing.assert_close(fa.load_adapter(tiny_model("llama"), out).eval()(ids).logits, want,
+                                   rtol=0, atol=1e-5)
+        import peft
+        theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), str(out)).eval()
+        torch.testing.assert_close(theirs(ids).logits, want, rtol=0, atol=1e-5)
+
+
+def test_train_mode_under_no_grad_keeps_dropout_while_serving(tmp_path):
+    """A named (slot-served) model left in train() computes as PEFT does under no_grad: with dropout."""
+    model = fa.patch(tiny_model("llama"), "lora", r=4, dropout=0.5)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    fa.save_adapter(model, tmp_path / "a")
+    served = fa.load_adapter(tiny_model("llama"), tmp_path / "a", adapter_name="a")
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        served.train()
+        torch.manual_seed(0)
+        first = served(ids).logits
+        torch.manual_seed(1)
+        assert not torch.equal(served(ids).logits, first)  # masks drawn: dropout applied
+        served.eval()
+        torch.testing.assert_close(served(ids).logits, model.eval()(ids).logits, rtol=0, atol=1e-5)

@@ -526,8 +526,8 @@ def cmd_generate(args, parser) -> int:
         raise CliError(f"--output: {args.output!r} is a folder; expected a .jsonl file")
     if out.exists() and not args.overwrite:
         raise CliError(f"--output: {args.output!r} exists; pass --overwrite to replace it")
-    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
-        raise CliError("--temperature/--top-p: they need --do-sample (decoding is greedy without it)")
+    if not args.do_sample and (args.temperature is not None or args.top_p is not None or args.seed is not None):
+        raise CliError("--temperature/--top-p/--seed: they need --do-sample (decoding is greedy without it)")
     sampling = None
     if args.do_sample:
         sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}

@@ -19,6 +19,7 @@ transposed: both share the rank axis, so one compact bank serves every slot.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from .base import AdapterModule, AdapterWeight
 from .bottleneck import BottleneckLinear
 from .dora import DoraLinear
 from .lora import LoraLinear
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,9 @@ def _grow(module: AdapterModule, rank: int) -> None:
         new = (module.adapter_down.weight, module.adapter_up.weight)
     for p, old in zip(new, (old_a, old_b)):
         p.requires_grad_(old.requires_grad)
+    if old_a.requires_grad:
+        logger.warning("%s: the adapter parameters grew to rank %d (new tensors): an optimizer made over the old "
+                       "ones no longer updates this module; make it again", type(module).__name__, rank)
 
 
 def ensure_slots(module: AdapterModule) -> AdapterBank:

@@ -88,3 +88,5 @@ def test_generate_refuses_bad_input_by_flag(setup, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and out.read_text() == "keep\n"
     assert main(_argv(root, adapters, out, "--overwrite", "--temperature", "0.5")) == 2
     assert "--do-sample" in capsys.readouterr().err and out.read_text() == "keep\n"
+    assert main(_argv(root, adapters, out, "--overwrite", "--seed", "3")) == 2  # greedy: a seed would do nothing
+    assert "--seed" in capsys.readouterr().err and out.read_text() == "keep\n"
