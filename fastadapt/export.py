@@ -276,8 +276,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any, qu
         state_dict = _full_state_dict(model, None)
         if state_dict is None:  # not rank 0
             return GgufExport(path=path, quant=quant, error=None, seconds=time.perf_counter() - start)
-        if _tied(model):
-            state_dict.pop("lm_head.weight", None)
+        if _tied_output(model, state_dict):
+            state_dict.pop("lm_head.weight")
         tensors = gguf_io.file_tensors(state_dict, lay, quant)
         error = None if quant == "f32" else _quantization_error(model, state_dict, tensors, lay, tokenizer,
                                                                 _base_weights(model, state_dict))
@@ -326,6 +326,24 @@ def check_gguf(model: nn.Module, tokenizer: Any) -> tuple[Any, Any, Any]:
 def _tied(model: nn.Module) -> bool:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _tied_output(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``lm_head.weight`` is the embedding, so the file leaves it out (llama.cpp then uses
+    ``token_embd`` as the output). Judged by the values, not only the config's flag: an output
+    projection that differs (untied by hand, a config that says tied over separate weights) is
+    written as ``output.weight`` rather than dropped."""
+    out = state_dict.get("lm_head.weight")
+    if out is None or not _tied(model):
+        return False
+    embedding = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    emb = state_dict.get(f"{name}.weight") if name is not None else None
+    if emb is not None and emb.shape == out.shape and torch.equal(emb, out):
+        return True
+    logger.warning("the config ties the word embeddings but lm_head.weight differs from the embedding: the "
+                   "file keeps it as its own output projection (output.weight)")
+    return False
 
 
 def _model_name(model: nn.Module, path: Path) -> str:

@@ -649,6 +649,9 @@ def write_lora_adapter(model: nn.Module, path: str | os.PathLike, tensors: dict[
     lay = layout(model)
     # with named adapters, a module the active adapter does not target holds zeros: not written
     modules = [(name, m) for name, m in adapter_modules(model) if getattr(m, "active", True)]
+    if not modules:
+        raise ValueError("model: no LoRA module holds an active adapter, so there is nothing to write as a "
+                         "llama.cpp adapter; activate one (fa.set_adapter) or patch the model first")
     first_name, first = modules[0]
     first_r = tensors[f"{first_name}.lora_A.weight"].shape[0]
     # the file holds alpha as float32: fold against that value; a zero alpha means "no scaling" to llama.cpp

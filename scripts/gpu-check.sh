@@ -156,10 +156,12 @@ try:
     stamp = json.load(open(sys.argv[1]))
 except ValueError:
     stamp = {}
-print(f"{major}.{minor}{'a' if major == 9 else ''}|{slug}|{name}|{stamp.get('commit')}|{int(bool(stamp.get('dirty')))}")
+print(f"{major}.{minor}{'a' if major == 9 else ''}|{slug}|{name}|{stamp.get('commit')}|{int(bool(stamp.get('dirty')))}"
+      f"|{stamp.get('tree_digest')}")
 EOF
 ) || exit 1
-IFS='|' read -r ARCH SLUG GPU COMMIT DIRTY <<<"$PROBE"
+IFS='|' read -r ARCH SLUG GPU COMMIT DIRTY GPU_CHECK_TREE <<<"$PROBE"
+export GPU_CHECK_TREE  # every results.jsonl line names the stamped tree; --resume and records count only this one's
 
 OUT=${OUT:-$REPO/gpu-check-out}
 mkdir -p "$OUT"
@@ -301,18 +303,19 @@ child_cpu() {  # CPU seconds (user + system) of this shell's finished children s
 }
 
 status_line() {  # results.jsonl: what --resume reads
-  printf '{"event": "step", "step": "%s", "status": "%s", "seconds": %s}\n' "$1" "$2" "$3" >>"$RESULTS"
+  printf '{"event": "step", "step": "%s", "status": "%s", "seconds": %s, "tree": "%s"}\n' "$1" "$2" "$3" \
+    "$GPU_CHECK_TREE" >>"$RESULTS"
 }
 finished_ok() {  # did an earlier run (in results.jsonl) finish this step?
   "$PY" - "$RESULTS" "$1" <<'EOF'
-import json, sys
+import json, os, sys
 last = None
 for line in open(sys.argv[1]):
     try:
         row = json.loads(line)
     except ValueError:
         continue
-    if row.get("event") == "step" and row.get("step") == sys.argv[2]:
+    if row.get("event") == "step" and row.get("step") == sys.argv[2] and row.get("tree") == os.environ["GPU_CHECK_TREE"]:
         last = row.get("status")
 sys.exit(0 if last == "ok" else 1)
 EOF

@@ -35,8 +35,13 @@ def pytest_addoption(parser):
                     help="deselect the tests an earlier run of this step finished (in --gpu-check-results)")
 
 
+#: the stamped tree this run checks (gpu-check.sh exports the stamp's digest): every line names it, and
+#: a --resume counts only lines of the same tree — results of other code must not stand for this one's
+TREE = os.environ.get("GPU_CHECK_TREE") or None
+
+
 def finished(path: Path, step: str) -> set[str]:
-    """Node ids of the tests that runs of ``step`` finished (any outcome) according to ``path``."""
+    """Node ids of the tests that runs of ``step`` on this tree finished (any outcome) per ``path``."""
     done: set[str] = set()
     if not path.is_file():
         return done
@@ -45,7 +50,7 @@ def finished(path: Path, step: str) -> set[str]:
             row = json.loads(line)
         except ValueError:  # a line cut by a kill: that test did not finish
             continue
-        if row.get("step") == step and row.get("nodeid"):
+        if row.get("step") == step and row.get("nodeid") and row.get("tree") == TREE:
             done.add(row["nodeid"])
     return done
 
@@ -58,7 +63,7 @@ class _Stream:
     def write(self, row: dict) -> None:
         # one write per line, flushed and closed at once: a kill right after loses nothing written
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": self.step, **row}, default=str) + "\n")
+            f.write(json.dumps({"step": self.step, "tree": TREE, **row}, default=str) + "\n")
 
     @pytest.hookimpl
     def pytest_collectreport(self, report):

@@ -87,7 +87,8 @@ ADAPTERS_CUDA = _ops("bottleneck_adapter", "parallel_adapter", backend="cuda")
 ADAPTERS_TRITON = _ops("bottleneck_adapter", "parallel_adapter", backend="triton")
 #: The op-level harness: a test's own (op, backend, class, variant) comes from its id.
 HARNESS = re.compile(r"tests/gpu/test_fused_ops_gpu\.py::test_op_matches_float64"
-                     r"\[(?P<op>\w+)-(?P<backend>\w+)-(?P<cls>\w+)-(?P<variant>\w+)-p[\d.]+\]")
+                     r"\[(?P<op>\w+)-(?P<backend>\w+)-(?P<cls>\w+)-(?P<variant>\w+)-p(?P<p>[\d.]+)\]")
+HARNESS_FILE = REPO / "tests" / "gpu" / "test_fused_ops_gpu.py"
 #: Which (op, backend) pairs a failing GPU test blocks: (node id pattern, pairs), first match wins.
 #: A module that fails to collect has the module's node id (``path.py``), matched by the same row.
 TEST_OPS: tuple[tuple[re.Pattern, frozenset[tuple[str, str]]], ...] = tuple((re.compile(p), ops) for p, ops in (
@@ -120,11 +121,14 @@ def ops_of_test(nodeid: str) -> frozenset[tuple[str, str]] | None:
 # -- reading a run ------------------------------------------------------------------------------------
 
 
-def read_results(paths: list[Path]) -> tuple[dict[str, str], list[dict]]:
+def read_results(paths: list[Path], *, tree: str | None = None) -> tuple[dict[str, str], list[dict]]:
     """({node id: outcome}, [benchmark records]) from gpu_check_plugin's JSON-lines files; the last
-    line of a test wins. A line cut short by a kill is skipped (that test did not finish)."""
+    line of a test wins. A line cut short by a kill is skipped (that test did not finish). ``tree``:
+    the stamp's digest — lines a run of another tree wrote (a --resume after the code changed) are
+    skipped: they did not test this code."""
     outcomes: dict[str, str] = {}
     bench: list[dict] = []
+    other = 0
     for path in paths:
         for line in path.read_text().splitlines():
             try:
@@ -133,9 +137,14 @@ def read_results(paths: list[Path]) -> tuple[dict[str, str], list[dict]]:
                 continue
             if not isinstance(row, dict) or not row.get("nodeid"):
                 continue  # a step's status line
+            if tree is not None and row.get("tree") != tree:
+                other += 1
+                continue
             outcomes[row["nodeid"]] = row.get("outcome", "failed")
             if row.get("bench") and row.get("outcome") == "passed":
                 bench.append(row["bench"])
+    if other:
+        print(f"gpu_records: {other} result lines of another tree than the stamped {tree} skipped")
     return outcomes, bench
 
 
@@ -164,16 +173,36 @@ def read_bench(paths: list[Path]) -> list[dict]:
     return infos
 
 
-def verdicts(outcomes: dict[str, str]) -> tuple[dict[tuple, list[bool]], dict[tuple[str, str], list[str]], list[str]]:
-    """(harness cases {(op, backend, class, variant): [passed per dropout]}, blocked {(op, backend):
+def harness_dropouts() -> dict[tuple, frozenset[str]]:
+    """{(op, backend, class, variant): the dropouts (as in the test ids) the harness runs it at}: the
+    harness's own ``cases()`` is the one home of that list."""
+    import importlib.util
+
+    name = "_fastadapt_gpu_harness"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, HARNESS_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclass resolves annotations through sys.modules
+        spec.loader.exec_module(module)
+    expected: dict[tuple, set[str]] = defaultdict(set)
+    for case in module.cases():
+        m = HARNESS.fullmatch(f"tests/gpu/test_fused_ops_gpu.py::test_op_matches_float64[{case.id}]")
+        expected[(m["op"], m["backend"], m["cls"], m["variant"])].add(m["p"])
+    return {key: frozenset(ps) for key, ps in expected.items()}
+
+
+def verdicts(outcomes: dict[str, str]
+             ) -> tuple[dict[tuple, dict[str, bool]], dict[tuple[str, str], list[str]], list[str]]:
+    """(harness cases {(op, backend, class, variant): {dropout: passed}}, blocked {(op, backend):
     failing tests}, failing tests the map does not know)."""
-    cases: dict[tuple, list[bool]] = defaultdict(list)
+    cases: dict[tuple, dict[str, bool]] = defaultdict(dict)
     blocked: dict[tuple[str, str], list[str]] = defaultdict(list)
     unknown: list[str] = []
     for nodeid, outcome in sorted(outcomes.items()):
         m = HARNESS.fullmatch(nodeid)
         if m:
-            cases[(m["op"], m["backend"], m["cls"], m["variant"])].append(outcome == "passed")
+            cases[(m["op"], m["backend"], m["cls"], m["variant"])][m["p"]] = outcome == "passed"
             continue
         if outcome != "failed" or not nodeid.startswith("tests/"):
             continue  # a benchmark that failed measured nothing: no ratio, so no record, and no verdict
@@ -218,12 +247,18 @@ def geomean(xs: list[float]) -> float:
 
 
 def build_records(cases, blocked, ratios, *, gpu: str, hashes: dict[str, str | None], meta: dict,
-                  unknown: list[str] = ()) -> list[dict]:
+                  unknown: list[str] = (), expected: dict[tuple, frozenset[str]] | None = None) -> list[dict]:
+    """``expected``: :func:`harness_dropouts` (default): a key is vouched for only when its case
+    passed at every dropout the harness runs it at — a step cut short after p0 is not a pass."""
     if unknown:  # a failure we cannot attribute could be any op's: vouch for none
         return []
+    expected = harness_dropouts() if expected is None else expected
     best: dict[tuple, dict] = {}
-    for (op, backend, cls, variant), outcomes in sorted(cases.items()):
-        if not outcomes or not all(outcomes) or blocked.get((op, backend)) or not hashes.get(backend):
+    for key, outcomes in sorted(cases.items()):
+        op, backend, cls, variant = key
+        if key not in expected or not expected[key] <= outcomes.keys() or not all(outcomes.values()):
+            continue
+        if blocked.get((op, backend)) or not hashes.get(backend):
             continue
         if (op, backend) not in covers():
             continue
@@ -234,9 +269,9 @@ def build_records(cases, blocked, ratios, *, gpu: str, hashes: dict[str, str | N
                **({"variant": variant} if variant != "default" else {}),
                "kernel_hash": hashes[backend], "speedup_over_torch": round(geomean(measured), 4),
                "cases_measured": len(measured), **meta}
-        key = (op, backend, cls)
-        if key not in best or rec["speedup_over_torch"] > best[key]["speedup_over_torch"]:
-            best[key] = rec
+        slot = (op, backend, cls)
+        if slot not in best or rec["speedup_over_torch"] > best[slot]["speedup_over_torch"]:
+            best[slot] = rec
     return [best[k] for k in sorted(best)]
 
 
@@ -322,7 +357,7 @@ def cmd_records(args) -> int:
     except ValueError as exc:
         print(f"gpu_records: {exc}", file=sys.stderr)
         return 2
-    outcomes, infos = read_results([p for p in args.results if p.is_file()])
+    outcomes, infos = read_results([p for p in args.results if p.is_file()], tree=stamped["tree_digest"])
     outcomes |= read_junit([p for p in args.junit if p.is_file()])
     infos += read_bench([p for p in args.bench if p.is_file()])
     cases, blocked, unknown = verdicts(outcomes)
@@ -343,7 +378,7 @@ def cmd_records(args) -> int:
         if any(r["op"] == op and r["backend"] == backend for r in records) or (op, backend) in blocked:
             continue
         mine = {key: ok for key, ok in cases.items() if key[:2] == (op, backend)}
-        failed = [f"{key[2]}-{key[3]}" for key, ok in mine.items() if not all(ok)]
+        failed = [f"{key[2]}-{key[3]}" for key, ok in mine.items() if not all(ok.values())]
         if not mine:
             why = "no op-level GPU test finished (its step did not run, or was stopped first)"
         elif failed and len(failed) == len(mine):

@@ -257,6 +257,17 @@ def test_low_bit_types_keep_the_output_at_q8_0(tok, tmp_path):
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q5_1
 
 
+def test_an_output_projection_that_differs_from_a_tied_embedding_is_kept(tok, tmp_path, caplog):
+    """A config that says tied over an lm_head that is not the embedding (untied by hand): dropping
+    lm_head would silently swap in the embedding as the output; the file keeps it as output.weight."""
+    model = gguf_model("llama", vocab_size=len(tok), tie_word_embeddings=True)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 0.05)
+    _, tensors = fields(export_gguf(model, tmp_path / "t.gguf", tokenizer=tok, quant="q8_0").path)
+    assert "output.weight" in tensors and "differs from the embedding" in caplog.text
+    out = torch.from_numpy(gguf.quants.dequantize(np.array(tensors["output.weight"].data), gguf.GGMLQuantizationType.Q8_0))
+    assert (out.view(model.lm_head.weight.shape) - model.lm_head.weight).abs().max() < 0.01
+
+
 def test_tensors_on_a_smaller_grid_keep_it(tok, tmp_path):
     """GGUF in, GGUF out: a model whose weights came from a Q4_1 file (as the embedded model's did)
     exports the tensors its adapter did not change as Q4_1, bit for bit; the adapted ones are q8_0."""
@@ -518,6 +529,10 @@ def test_adapter_refusals(tok, tmp_path):
     fa.patch(gpt2, "lora", r=2, targets=["mlp.c_fc"])
     with pytest.raises(ValueError, match="transposed|model types"):
         fa.save_adapter(gpt2, tmp_path / "g.gguf", format="gguf")
+    for _, module in adapter_modules(lora):  # no module holds the active adapter (was: an IndexError)
+        module.active = False
+    with pytest.raises(ValueError, match="model: no LoRA module holds an active adapter"):
+        fa.save_adapter(lora, tmp_path / "a.gguf", format="gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

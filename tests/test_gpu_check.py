@@ -218,6 +218,17 @@ def test_a_failing_test_blocks_exactly_the_ops_it_checks(failing, lost):
     assert _keys(records) == ALL_KEYS - lost
 
 
+def test_a_key_whose_run_stopped_after_its_first_dropout_gets_no_record():
+    """A step cut short (or a --resume) may leave only the p0 case of a key: p0.1 never ran, so the
+    dropout path is unverified and no record may say otherwise."""
+    outcomes = _passing(("lora_linear", "triton", "batch", "addmm"))
+    outcomes[_case("lora_linear", "triton", "batch", "fused", 0)] = "passed"  # its p0.1 never ran
+    assert [r.get("variant") for r in _build(outcomes, LORA_ROWS)] == ["addmm"]
+    expected = gpu_records.harness_dropouts()
+    assert expected[("lora_linear", "triton", "batch", "fused")] == {"0", "0.1"}
+    assert expected[("lora_merge", "cuda", "any", "default")] == {"0"}
+
+
 def test_the_harness_case_of_one_variant_blocks_that_variant_only():
     outcomes = _passing(("lora_linear", "triton", "batch", "addmm"), ("lora_linear", "triton", "batch", "fused"))
     outcomes[_case("lora_linear", "triton", "batch", "fused", 0.1)] = "failed"
@@ -369,7 +380,7 @@ def test_the_plugin_streams_each_test_and_resumes(tmp_path):
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check_plugin",
             "--continue-on-collection-errors", "--gpu-check-results", str(results), "--gpu-check-step", "s",
             str(tmp_path)]
-    env = {"PYTHONPATH": str(REPO / "scripts"), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(REPO / "scripts"), "PATH": "/usr/bin:/bin", "GPU_CHECK_TREE": "tree1"}
     subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     rows = {r["nodeid"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert {n: r["outcome"] for n, r in rows.items()} == {
@@ -379,3 +390,11 @@ def test_the_plugin_streams_each_test_and_resumes(tmp_path):
     again = subprocess.run([*args, "--gpu-check-skip-done"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=120)
     assert "3 deselected" in again.stdout and len(results.read_text().splitlines()) == 5  # only the broken module again
+    # a resume of another tree (the code changed since) counts none of those lines: everything runs again,
+    # and the records of each tree read only its own lines
+    other = subprocess.run([*args, "--gpu-check-skip-done"], cwd=tmp_path, env={**env, "GPU_CHECK_TREE": "tree2"},
+                           capture_output=True, text=True, timeout=120)
+    assert "deselected" not in other.stdout and len(results.read_text().splitlines()) == 9
+    for tree, n in (("tree1", 4), ("tree2", 4), ("tree3", 0)):
+        outcomes, infos = gpu_records.read_results([results], tree=tree)
+        assert len(outcomes) == n and len(infos) == min(n, 1)

@@ -26,9 +26,11 @@ _BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
 
 
 def draw(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The keep mask ``F.dropout(x, p)`` would draw now: 0/1 in x's dtype and shape, contiguous."""
+    """The keep mask ``F.dropout(x, p)`` would draw now: 0/1 in x's dtype, shape and layout."""
     if x.device.type == "cpu":
-        return torch.empty(x.shape, dtype=x.dtype).bernoulli_(1.0 - p)
+        # laid out like x, as F.dropout's buffer: bernoulli_ fills memory in order, so a transposed or
+        # channels-last x gets a different mask from a contiguous buffer's
+        return torch.empty_like(x).bernoulli_(1.0 - p)
     return torch.native_dropout(x, p, True)[1].to(x.dtype)
 
 

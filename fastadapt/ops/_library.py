@@ -23,11 +23,18 @@ def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
-def custom_op(name: str, *, fake: Callable) -> Callable:
-    """Decorator: register ``fn`` (typed, functional: no argument is mutated) as ``fastadapt::<name>``."""
+#: tags of an op that draws from torch's generator (a dropout mask, a kernel's seed): the compiler
+#: then replays the generator's state when it recomputes the op (activation checkpointing under
+#: ``torch.compile``) instead of drawing a fresh, different mask for the backward.
+SEEDED = (torch.Tag.nondeterministic_seeded,)
+
+
+def custom_op(name: str, *, fake: Callable, tags: tuple[torch.Tag, ...] = ()) -> Callable:
+    """Decorator: register ``fn`` (typed, functional: no argument is mutated) as ``fastadapt::<name>``.
+    ``tags``: :data:`SEEDED` for an op that draws random numbers."""
 
     def wrap(fn: Callable):
-        op = torch.library.custom_op(qualname(name), fn, mutates_args=())
+        op = torch.library.custom_op(qualname(name), fn, mutates_args=(), tags=tags)
         op.register_fake(fake)
         return op
 

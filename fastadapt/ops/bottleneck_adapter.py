@@ -28,7 +28,7 @@ import torch
 from .. import _checks, settings
 from . import _native, torch_backend
 from ._inputs import check_dropout_p, check_tensors, draw_seed
-from ._library import custom_op, native_op, register_autograd
+from ._library import SEEDED, custom_op, native_op, register_autograd
 from .dispatch import BACKENDS, TORCH_BACKENDS, register_op, resolve_backend, triton_usable
 from .reference import BOTTLENECK_ACTIVATIONS, bottleneck_adapter_ref
 
@@ -145,7 +145,7 @@ def _fwd_fake(x, w_down, w_up, scaling, residual, activation, dropout_p):
             x.new_empty(_lp_shape(w_up, x)))
 
 
-@custom_op("bottleneck_adapter_fwd", fake=_fwd_fake)
+@custom_op("bottleneck_adapter_fwd", fake=_fwd_fake, tags=SEEDED)
 def bottleneck_adapter_fwd(
     x: torch.Tensor,
     w_down: torch.Tensor,

@@ -56,7 +56,7 @@ from .. import _checks, settings
 from . import torch_backend
 from ._cache import InferenceCache
 from ._inputs import autocast_inputs, check_tensors, draw_kernel_seed
-from ._library import custom_op, register_autograd
+from ._library import SEEDED, custom_op, register_autograd
 from .dispatch import TORCH_BACKENDS, register_op, resolve_backend, triton_usable
 from .lora_linear import _validate as _validate_lora
 from .lora_linear import dx_and_grad_a, frozen_plus_rank, keep_scale, selected_variant
@@ -182,7 +182,7 @@ def _fwd_fake(x, weight, lora_a, lora_b, magnitude, norm, bias, scaling, dropout
     return x.new_empty(m, n), x.new_empty((m, n) if save_z else (0,)), x.new_empty(m, lora_a.shape[0]), bits
 
 
-@custom_op("dora_linear_fwd", fake=_fwd_fake)
+@custom_op("dora_linear_fwd", fake=_fwd_fake, tags=SEEDED)
 def dora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,

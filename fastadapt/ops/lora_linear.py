@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .. import _checks, settings
 from . import torch_backend, verification
 from ._inputs import autocast_inputs, check_dropout_p, check_linear, check_tensors, draw_kernel_seed
-from ._library import custom_op, register_autograd
+from ._library import SEEDED, custom_op, register_autograd
 from .dispatch import decide, register_op, triton_usable
 from .reference import lora_linear_ref
 
@@ -177,7 +177,7 @@ def _fwd_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_a.shape[0]), bits
 
 
-@custom_op("lora_linear_fwd", fake=_fwd_fake)
+@custom_op("lora_linear_fwd", fake=_fwd_fake, tags=SEEDED)
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -332,7 +332,7 @@ def _group_fwd_fake(x, weights, lora_as, lora_bs, biases, scaling, dropout_p):
     return [x.new_empty(m, w.shape[0]) for w in weights], x.new_empty(m, r), bits
 
 
-@custom_op("lora_linear_group_fwd", fake=_group_fwd_fake)
+@custom_op("lora_linear_group_fwd", fake=_group_fwd_fake, tags=SEEDED)
 def lora_linear_group_fwd(
     x: torch.Tensor,
     weights: list[torch.Tensor],

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .. import _checks
 from . import torch_backend, verification
 from ._inputs import check_dropout_p, check_tensors, draw_kernel_seed
-from ._library import custom_op, register_autograd
+from ._library import SEEDED, custom_op, register_autograd
 from .dispatch import TORCH_BACKENDS, register_op, resolve_backend, triton_usable
 from .lora_linear import frozen_plus_rank, keep_scale
 
@@ -282,7 +282,7 @@ def _fwd_fake(x, packed, code, absmax, a2, c2, off, lora_a, lora_b, bias, shape,
     return x.new_empty(m, shape[0]), x.new_empty(m, lora_a.shape[0]), bits
 
 
-@custom_op("lora_linear_4bit_fwd", fake=_fwd_fake)
+@custom_op("lora_linear_4bit_fwd", fake=_fwd_fake, tags=SEEDED)
 def lora_linear_4bit_fwd(
     x: torch.Tensor,
     packed: torch.Tensor,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import torch_backend
 from ._inputs import autocast_inputs, check_linear, check_tensors, draw_kernel_seed
-from ._library import custom_op, register_autograd
+from ._library import SEEDED, custom_op, register_autograd
 from .bottleneck_adapter import bottleneck_adapter, check_adapter, choose_backend, cuda_usable, scaling_tensor
 from .dispatch import TORCH_BACKENDS, register_op, triton_usable
 from .lora_linear import frozen_plus_rank, keep_scale, selected_variant
@@ -101,7 +101,7 @@ def _fwd_fake(x, weight, w_down, w_up, bias, scaling, activation, dropout_p):
     return x.new_empty(m, n), x.new_empty(m, b), bits
 
 
-@custom_op("parallel_adapter_fwd", fake=_fwd_fake)
+@custom_op("parallel_adapter_fwd", fake=_fwd_fake, tags=SEEDED)
 def parallel_adapter_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,

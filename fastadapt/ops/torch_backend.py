@@ -9,8 +9,10 @@ what to keep — it kept the unpacked float mask — and inductor misordered an 
 ``bernoulli_`` against its reader), and ``fullgraph=True`` sees no graph break.
 
 Each forward runs the reference's operations in the reference's order, casts made explicit (the
-ops see no autocast), so the outputs are the reference's bit for bit; each backward computes the
-gradients plain autograd computes, from fewer saved tensors:
+ops see no autocast), so the outputs are the reference's bit for bit on this device — under
+autocast too, the reference run under the same autocast (``tests/ops/test_torch_backend.py``; against
+PEFT, whose layer orders the same products differently, agreement is to rounding, not bits); each
+backward computes the gradients plain autograd computes, from fewer saved tensors:
 
 - **Dropout** (:mod:`._dropout`): the mask is drawn as ``F.dropout`` draws it (from torch's
   generator for x's device: ``torch.manual_seed`` and ``torch.utils.checkpoint`` behave, and the
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dropout
-from ._library import custom_op, register_autograd
+from ._library import SEEDED, custom_op, register_autograd
 from .reference import BOTTLENECK_ACTIVATIONS
 
 __all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "lora_rank", "parallel_adapter"]
@@ -126,7 +128,7 @@ def _lora_fwd_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_p, dtype, k
             x.new_empty(_bits_shape(x, dropout_p, keep_bits), dtype=torch.uint8))
 
 
-@custom_op("lora_linear_torch_fwd", fake=_lora_fwd_fake)
+@custom_op("lora_linear_torch_fwd", fake=_lora_fwd_fake, tags=SEEDED)
 def lora_linear_torch_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           bias: torch.Tensor | None, scaling: float, dropout_p: float, dtype: torch.dtype,
                           keep_bits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,7 +212,7 @@ def _rank_fwd_fake(x, lora_a, lora_b, scaling, dropout_p, dtype, keep_bits):
             x.new_empty(_bits_shape(x, dropout_p, keep_bits), dtype=torch.uint8))
 
 
-@custom_op("lora_rank_torch_fwd", fake=_rank_fwd_fake)
+@custom_op("lora_rank_torch_fwd", fake=_rank_fwd_fake, tags=SEEDED)
 def lora_rank_torch_fwd(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout_p: float,
                         dtype: torch.dtype, keep_bits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (scaling · (drop(x) Aᵀ) Bᵀ, S = drop(x) Aᵀ, the packed mask or empty), in ``dtype``."""
@@ -280,7 +282,7 @@ def _dora_fwd_fake(x, weight, lora_a, lora_b, magnitude, norm, bias, scaling, dr
             x.new_empty(_bits_shape(x, dropout_p, keep_bits), dtype=torch.uint8))
 
 
-@custom_op("dora_linear_torch_fwd", fake=_dora_fwd_fake)
+@custom_op("dora_linear_torch_fwd", fake=_dora_fwd_fake, tags=SEEDED)
 def dora_linear_torch_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None, scaling: float,
                           dropout_p: float, dtype: torch.dtype, keep_product: bool, keep_bits: bool
@@ -421,7 +423,7 @@ def _bottleneck_fwd_fake(x, w_down, w_up, scaling_t, residual, weight, bias, sca
             x.new_empty(_bits_shape(x, dropout_p, keep_bits), dtype=torch.uint8))
 
 
-@custom_op("bottleneck_torch_fwd", fake=_bottleneck_fwd_fake)
+@custom_op("bottleneck_torch_fwd", fake=_bottleneck_fwd_fake, tags=SEEDED)
 def bottleneck_torch_fwd(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scaling_t: torch.Tensor | None,
                          residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
                          scaling: float, activation: str, dropout_p: float, dtype: torch.dtype, keep_bits: bool

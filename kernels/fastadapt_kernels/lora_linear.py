@@ -848,7 +848,7 @@ def _gemm(a, weight, s, lora_b, *, scale, bits, tune, bias=None, dora=None, y=No
             if interpreting():
                 cfg, launch = {**_INTERP_GEMM_META, **fixed_m}, {"num_warps": 4, "num_stages": 1}
             else:  # untuned: the first config (what FASTADAPT_AUTOTUNE=0 and gpu-check measure)
-                flags = {**meta, **({"W_NK": True} if use_tma else {})}
+                flags = {**meta, **fixed_m, **({"W_NK": True} if use_tma else {})}  # as the autotuner prunes
                 first = _prune_by_rows(_gemm_configs(block_m=fixed_m.get("BLOCK_M")), {"M_BUCKET": m_bucket(M)},
                                        **flags)[0]
                 cfg = {**first.kwargs, **fixed_m}

@@ -113,4 +113,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 if os.environ.get("FASTADAPT_FAKE_GPU") == "1":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its kernels are decorated then
+    # bitsandbytes (the QLoRA extra, installed in CI) would load its CUDA library for the fake device
+    # as soon as PEFT imports it: hidden, as on the GPU image, which has no bitsandbytes
+    # (importlib.util.find_spec answers None and ``import bitsandbytes`` fails, as when not installed)
+    sys.modules["bitsandbytes"] = None
     sys.meta_path.insert(0, _PatchOnImport())

@@ -352,6 +352,21 @@ def test_mask_is_f_dropouts_and_its_statistics(p):
     assert torch.equal(_dropout.draw(x, p), keep)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_mask_is_f_dropouts_for_inputs_that_are_not_contiguous(layout):
+    """F.dropout draws into a tensor laid out like x (``empty_like``): for a transposed input the
+    draw order differs from a contiguous buffer's, and the mask must follow x's layout to be PEFT's."""
+    base = torch.randn(2, 6, 40, 33)
+    x = {"transposed": base[0, 0].t(), "sliced": base[..., 3:30],
+         "channels_last": base.contiguous(memory_format=torch.channels_last)}[layout]
+    torch.manual_seed(3)
+    want = F.dropout(x, 0.3)
+    torch.manual_seed(3)
+    keep = _dropout.draw(x, 0.3)
+    assert torch.equal(x * _dropout.scale_(keep, 0.3), want)
+    assert torch.equal(_dropout.unpack(_dropout.pack((keep > 0).float()), x.shape, torch.float32, 0.3), keep)
+
+
 # -- whole models ----------------------------------------------------------------------------------
 
 
@@ -420,6 +435,42 @@ def test_torch_compile_fullgraph_equals_eager(method, backend):
     assert g0 and g0.keys() == g1.keys()
     for n, g in g0.items():
         assert g.abs().sum() > 0 and norm_rel_err(g1[n], g) < 1e-5, n
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "series", "parallel"])
+def test_compiled_activation_checkpointing_with_dropout_recomputes_the_same_masks(method):
+    """torch.compile over ``checkpoint(use_reentrant=False)`` recomputes the forward ops in the
+    backward graph: unless an op says it draws random numbers (``SEEDED``), the recompute draws a
+    fresh mask and the gradients belong to a different forward (dx off by 1e2 before the tag)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, _, x = _patched_layer(method, 0.3)
+    mlp = model.model.layers[0].mlp  # not the whole layer: transformers' attention has side effects dynamo refuses
+
+    def step(h):
+        return mlp(h)
+
+    y0, g0 = _step_grads(model, step, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h: checkpoint(step, h, use_reentrant=False), fullgraph=True, backend="aot_eager")
+    y1, g1 = _step_grads(model, compiled, x)
+    assert rel_err(y1, y0) < 1e-5
+    assert g0 and g0.keys() == g1.keys()
+    for n, g in g0.items():
+        assert g.abs().sum() > 0 and norm_rel_err(g1[n], g) < 1e-5, n
+
+
+def test_every_op_that_takes_a_dropout_p_is_tagged_as_drawing_random_numbers():
+    """The compiler replays the generator only for ops tagged ``nondeterministic_seeded``: every
+    fastadapt op whose schema has a ``dropout_p`` draws its mask (or the mask's seed) inside."""
+    import fastadapt.ops.lora_linear_4bit  # noqa: F401  (registers its ops)
+
+    names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastadapt::")]
+    drawing = [n for n in names if "dropout_p" in str(getattr(torch.ops.fastadapt, n).default._schema)
+               and not n.endswith("_bwd")]
+    assert len(drawing) >= 10, drawing
+    for n in drawing:
+        assert torch.Tag.nondeterministic_seeded in getattr(torch.ops.fastadapt, n).default.tags, n
 
 
 def test_custom_ops_pass_opcheck():
