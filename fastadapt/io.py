@@ -87,7 +87,11 @@ def save_adapter(
     ``format="gguf"`` takes the active one only (``fa.set_adapter`` first). ``format="peft"``: it is
     written back as the folder it came from — its ``adapter_config.json``, its file's name, keys,
     dtypes and metadata, its current values (bit for bit what was loaded, unless it was trained or
-    hot-swapped since); one made by ``fa.patch`` in fastadapt's format. None: the active adapter.
+    hot-swapped since; a changed tensor the file's dtype would round is written in its own dtype,
+    with a warning); one made by ``fa.patch`` in fastadapt's format. None: the active adapter.
+    An adapter already at ``path`` is replaced (its files; nothing else in a folder is touched), as
+    PEFT's ``save_pretrained`` does (Trainer checkpoints rely on it); :func:`.export.export` refuses
+    without ``overwrite=True``.
 
     Distributed: a ``DistributedDataParallel`` wrapper is looked through. With a process group of
     more than one process only global rank 0 writes. An FSDP2-sharded model (DTensor parameters)
@@ -249,8 +253,16 @@ def write_named_adapter(model: nn.Module, path: Path, record: NamedAdapter) -> N
     tensors = named_adapter_tensors(model, record)
     if record.saved is None:
         raise ValueError(f"adapter {record.name!r} was made by fa.patch and is not active: it has no folder format")
-    keyed = {record.keys.get(k, PEFT_PREFIX + k): t.to(record.dtypes.get(k, t.dtype)).contiguous().cpu()
-             for k, t in tensors.items()}
+    keyed, widened = {}, []
+    for k, t in tensors.items():
+        stored = _stored_dtype(t, record.dtypes.get(k, t.dtype))
+        if stored != record.dtypes.get(k, t.dtype):
+            widened.append(k)
+        keyed[record.keys.get(k, PEFT_PREFIX + k)] = t.to(stored).contiguous().cpu()
+    if widened:
+        logger.warning("adapter %r: %d tensors changed since loading (trained?) are not exact in the folder's "
+                       "dtype and are written as %s instead of being rounded (e.g. %s)", record.name, len(widened),
+                       keyed[record.keys.get(widened[0], PEFT_PREFIX + widened[0])].dtype, widened[0])
     text = json.dumps(record.saved, indent=2) + "\n"
     name = record.weights_file or SAFE_WEIGHTS_NAME
     if name == BIN_WEIGHTS_NAME:
@@ -264,6 +276,14 @@ def write_named_adapter(model: nn.Module, path: Path, record: NamedAdapter) -> N
     path.mkdir(parents=True, exist_ok=True)
     _files.atomic_write_all([(path / name, write_weights), (path / CONFIG_NAME, lambda f: Path(f).write_text(text))])
     logger.info("saved adapter %r (%d tensors) to %s", record.name, len(keyed), path)
+
+
+def _stored_dtype(t: torch.Tensor, source: torch.dtype) -> torch.dtype:
+    """The folder's dtype for ``t`` when it holds t exactly (what was loaded, or written since in that
+    precision), else t's own: a trained fp32 value is never rounded to a bf16 file silently."""
+    if source == t.dtype or torch.equal(t.to(source).to(t.dtype), t):
+        return source
+    return t.dtype
 
 
 def read_saved_layout(path: str | os.PathLike) -> tuple[str, dict[str, str], dict[str, torch.dtype], dict | None]:

@@ -51,6 +51,27 @@ def test_named_save_writes_back_the_folder_it_came_from(method, tmp_path):
         assert all(dt == torch.bfloat16 for dt, _, _ in _folder(out)[1].values())  # a vacuity check
 
 
+def test_a_trained_adapter_from_a_bf16_folder_is_not_rounded_on_save(tmp_path, caplog):
+    """The folder is bf16; training moves the fp32 parameters by less than a bf16 step: writing them
+    back in the folder's dtype would silently undo the training. Unchanged tensors keep bf16."""
+    paths = peft_folders(tmp_path / "in", dtype=torch.bfloat16)
+    model = loaded(paths)
+    active = fa.active_adapter(model)
+    module = next(m for _, m in fa.methods.wrapped_modules(model))
+    with torch.no_grad():
+        module.lora_B.weight.add_(1e-4)  # far below bf16's step at these magnitudes
+    want = module.lora_B.weight[:, :module.r].detach().clone()
+    fa.set_adapter(model, next(n for n in paths if n != active))  # saved from its slot, not active
+    out = fa.save_adapter(model, tmp_path / "out", adapter_name=active)
+    _, raw, _, _ = _folder(out)
+    widened = {k for k, (dt, _, _) in raw.items() if dt == torch.float32}
+    assert len(widened) == 1 and next(iter(widened)).endswith("lora_B.weight")
+    assert all(dt == torch.bfloat16 for k, (dt, _, _) in raw.items() if k not in widened)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor(next(iter(widened))), want)
+    assert "not exact in the folder's dtype" in caplog.text
+
+
 def test_list_switch_and_delete(tmp_path):
     paths = peft_folders(tmp_path)
     model = loaded(paths)
