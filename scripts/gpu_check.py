@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,8 +29,11 @@ def _load(path: Path | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def streamed(results: Path, step: str) -> dict[str, dict]:
-    """{node id: benchmark record} of the passed benchmarks of ``step`` (the last line of a test wins)."""
+def streamed(results: Path, step: str, tree: str | None = None) -> dict[str, dict]:
+    """{node id: benchmark record} of the passed benchmarks of ``step`` on the stamped tree
+    (``GPU_CHECK_TREE``: a --resume after the code changed must not carry the old code's timings;
+    the last line of a test wins)."""
+    tree = tree if tree is not None else (os.environ.get("GPU_CHECK_TREE") or None)
     out: dict[str, dict] = {}
     if not results.is_file():
         return out
@@ -38,7 +42,9 @@ def streamed(results: Path, step: str) -> dict[str, dict]:
             row = json.loads(line)
         except ValueError:
             continue
-        if row.get("step") == step and row.get("nodeid") and row.get("outcome") == "passed" and row.get("bench"):
+        if row.get("step") != step or row.get("tree") != tree:
+            continue
+        if row.get("nodeid") and row.get("outcome") == "passed" and row.get("bench"):
             out[row["nodeid"]] = row["bench"]
     return out
 
@@ -49,9 +55,12 @@ def merge_bench(step: str, results: Path, pytest_json: Path | None, out: Path) -
     entries.update({b.get("fullname"): b for b in new.get("benchmarks", [])})
     merged = []
     for nodeid, info in streamed(results, step).items():
-        entry = entries.get(nodeid) or {"name": nodeid.split("::")[-1], "fullname": nodeid, "stats": None,
-                                        "source": "results.jsonl (pytest's JSON was not written: step stopped)"}
-        merged.append({**entry, "extra_info": entry.get("extra_info") or info})
+        entry = entries.get(nodeid)
+        ran = (entry or {}).get("extra_info") or {}
+        if entry is None or ran.get("median_ms") != info.get("median_ms"):  # not written, or another run's
+            entry = {"name": nodeid.split("::")[-1], "fullname": nodeid, "stats": None,
+                     "source": "results.jsonl (pytest's JSON was not written: step stopped)"}
+        merged.append({**entry, "extra_info": info})
     data = {key: value for key, value in (old | new).items() if key != "benchmarks"}
     data["benchmarks"] = merged
     tmp = out.with_name(f".{out.name}.tmp")

@@ -184,7 +184,11 @@ def harness_dropouts() -> dict[tuple, frozenset[str]]:
         spec = importlib.util.spec_from_file_location(name, HARNESS_FILE)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # its dataclass resolves annotations through sys.modules
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]  # never leave a half-run module for the next call
+            raise
     expected: dict[tuple, set[str]] = defaultdict(set)
     for case in module.cases():
         m = HARNESS.fullmatch(f"tests/gpu/test_fused_ops_gpu.py::test_op_matches_float64[{case.id}]")
@@ -364,8 +368,9 @@ def cmd_records(args) -> int:
     meta = {"commit": stamped["commit"], "dirty": stamped["dirty"], "date": datetime.date.today().isoformat(),
             "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
             "autotune": os.environ.get("FASTADAPT_AUTOTUNE", "1") not in ("0", "false", "no", "off")}
+    expected = harness_dropouts()
     records = build_records(cases, blocked, ratios_of(infos), gpu=torch.cuda.get_device_name(0),
-                            hashes=kernel_hashes(), meta=meta, unknown=unknown)
+                            hashes=kernel_hashes(), meta=meta, unknown=unknown, expected=expected)
     _files.atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"))
     print(f"gpu_records: {len(outcomes)} test results, {len(infos)} benchmark records read")
     for test in unknown:
@@ -379,10 +384,15 @@ def cmd_records(args) -> int:
             continue
         mine = {key: ok for key, ok in cases.items() if key[:2] == (op, backend)}
         failed = [f"{key[2]}-{key[3]}" for key, ok in mine.items() if not all(ok.values())]
+        partial = [f"{key[2]}-{key[3]} (p{', p'.join(sorted(expected.get(key, set()) - ok.keys()))})"
+                   for key, ok in mine.items() if all(ok.values()) and not expected.get(key, set()) <= ok.keys()]
         if not mine:
             why = "no op-level GPU test finished (its step did not run, or was stopped first)"
         elif failed and len(failed) == len(mine):
             why = f"its op-level GPU tests failed or were skipped ({', '.join(sorted(failed)[:4])})"
+        elif partial and len(failed) + len(partial) == len(mine):
+            why = ("not every dropout case of its op-level GPU tests finished "
+                   f"(missing {', '.join(sorted(partial)[:4])})")
         else:
             why = "not measured beside the torch path" + ("" if any(k[:2] == (op, backend) for k in ratios) else
                                                           " (its benchmarks did not run or finish)")

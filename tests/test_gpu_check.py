@@ -369,6 +369,23 @@ def test_merge_bench_keeps_everything_a_step_finished(tmp_path):
     assert data["benchmarks"][-1]["stats"] == {"median": 1e-3} and data["fastadapt"] == {"gpu": "g"}
 
 
+def test_merge_bench_keeps_only_the_stamped_trees_measurements(tmp_path, monkeypatch):
+    """A --resume after the code changed (another stamp): the old tree's lines and its JSON entries
+    are not this tree's timings; only what this tree's run measured is merged."""
+    results, out = tmp_path / "results.jsonl", tmp_path / "bench-lora.json"
+    rows = [{"step": "bench-lora", "nodeid": f"bench/t.py::c[{n}]", "outcome": "passed", "tree": tree,
+             "bench": {"suite": "s", "case": str(n), "median_ms": ms}} for n, tree, ms in
+            ((1, "old", 1.0), (2, "old", 2.0), (2, "new", 2.5))]
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out.write_text(json.dumps({"benchmarks": [  # the old tree's run wrote its JSON
+        {"fullname": f"bench/t.py::c[{n}]", "stats": {"median": ms}, "extra_info": {"median_ms": ms}}
+        for n, ms in ((1, 1.0), (2, 2.0))]}))
+    monkeypatch.setenv("GPU_CHECK_TREE", "new")
+    data = gpu_check.merge_bench("bench-lora", results, None, out)
+    assert [(b["fullname"], b["stats"], b["extra_info"]["median_ms"]) for b in data["benchmarks"]] == [
+        ("bench/t.py::c[2]", None, 2.5)]
+
+
 def test_the_plugin_streams_each_test_and_resumes(tmp_path):
     (tmp_path / "test_x.py").write_text(
         "import pytest\n"

@@ -28,8 +28,9 @@ _BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
 def draw(x: torch.Tensor, p: float) -> torch.Tensor:
     """The keep mask ``F.dropout(x, p)`` would draw now: 0/1 in x's dtype, shape and layout."""
     if x.device.type == "cpu":
-        # laid out like x, as F.dropout's buffer: bernoulli_ fills memory in order, so a transposed or
-        # channels-last x gets a different mask from a contiguous buffer's
+        # laid out like x, as F.dropout's buffer: bernoulli_'s CPU kernel (the TensorIterator path)
+        # fills memory in order, so a transposed or channels-last x gets another mask than a
+        # contiguous buffer's
         return torch.empty_like(x).bernoulli_(1.0 - p)
     return torch.native_dropout(x, p, True)[1].to(x.dtype)
 
@@ -40,7 +41,8 @@ def scale_(keep: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def pack(keep: torch.Tensor) -> torch.Tensor:
-    """A 0/1 mask (floating point, contiguous) -> uint8 (⌈n/8⌉,): 1 bit per element."""
+    """A 0/1 mask (floating point, any layout: read in logical row-major order) -> uint8 (⌈n/8⌉,):
+    1 bit per element."""
     flat = keep.reshape(-1)
     pad = -flat.numel() % 8
     if pad:

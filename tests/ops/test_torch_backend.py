@@ -354,8 +354,10 @@ def test_mask_is_f_dropouts_and_its_statistics(p):
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
 def test_mask_is_f_dropouts_for_inputs_that_are_not_contiguous(layout):
-    """F.dropout draws into a tensor laid out like x (``empty_like``): for a transposed input the
-    draw order differs from a contiguous buffer's, and the mask must follow x's layout to be PEFT's."""
+    """F.dropout draws into a tensor laid out like x (``empty_like``): for a transposed or
+    channels-last input the draw order differs from a contiguous buffer's, and the mask must follow
+    x's layout to be PEFT's (those two cases fail on a contiguous draw; a slice, not dense, gets a
+    contiguous buffer either way and checks the packing of a strided mask)."""
     base = torch.randn(2, 6, 40, 33)
     x = {"transposed": base[0, 0].t(), "sliced": base[..., 3:30],
          "channels_last": base.contiguous(memory_format=torch.channels_last)}[layout]
