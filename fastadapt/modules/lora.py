@@ -168,13 +168,16 @@ class SharedInputGroup:
     def usable(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or any(m.merged for m in self.members):
             return False
+        # the backend first: off the Triton path (every CPU step) the member checks are not needed
+        if selected_backend(x.device, rows=x.numel() // max(x.shape[-1], 1), op="lora_linear_group") != "triton":
+            return False
         for m in self.members:
             base = (m.base_layer.weight, m.base_layer.bias)
             if any(t is not None and t.requires_grad for t in base):
                 return False  # the grouped backward computes adapter gradients only
             if any(is_dtensor(t) for t in (*base, m.lora_A.weight, m.lora_B.weight)):
                 return False  # members sharded one by one: each gathers its own weight in its own forward
-        return selected_backend(x.device, rows=x.numel() // max(x.shape[-1], 1), op="lora_linear_group") == "triton"
+        return True
 
     def _adapter_versions(self) -> tuple[int, ...]:
         # the pending outputs were computed in this forward; an optimizer step (fused ones move no

@@ -56,6 +56,50 @@ def register_autograd(op, *, backward: Callable, setup_context: Callable) -> Non
         torch.library.register_autograd(op.default, backward, setup_context=setup_context, lib=_LIB)
 
 
+def with_eager_autograd(op: torch.library.CustomOpDef, *, backward: Callable, setup_context: Callable) -> Callable:
+    """:func:`register_autograd` for ``op``, and a callable that runs it: in plain eager code a
+    ``torch.autograd.Function`` over the op's own Python implementation, ``setup_context`` and
+    ``backward`` — the same numbers and the same saved tensors without the custom-op machinery's
+    per-call cost (its autograd wrapper rebuilds the schema's argument list once per argument: tens of
+    µs a call on a CPU core, a few % of a CPU training step of the embedded model: bench/NOTES.md);
+    without gradients the implementation itself. Compiled code, fake or meta tensors, tensor
+    subclasses (DTensor), torch function or dispatch modes and functorch transforms call ``op``."""
+    register_autograd(op, backward=backward, setup_context=setup_context)
+    impl = op._init_fn
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    def eager_backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    # named after the op, so that a grad_fn reads ``<op>_eagerBackward``
+    Eager = type(f"{op._name.split('::')[-1]}_eager", (torch.autograd.Function,),
+                 {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
+
+    def call(*args):
+        if not _plain_eager(args):
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return Eager.apply(*args)
+        return impl(*args)
+
+    return call
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args: tuple) -> bool:
+    """Plain eager execution on plain tensors: nothing that needs the op's registrations to see it."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
+        return False
+    return all(type(a) in _PLAIN and not a.is_meta for a in args if isinstance(a, torch.Tensor))
+
+
 def has_cuda_kernel(name: str) -> bool:
     """Whether the CUDA extension registered its kernel for ``fastadapt::<name>``."""
     try:

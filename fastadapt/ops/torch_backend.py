@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dropout
-from ._library import SEEDED, custom_op, register_autograd
+from ._library import SEEDED, custom_op, with_eager_autograd
 from .reference import BOTTLENECK_ACTIVATIONS
 
 __all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "lora_rank", "parallel_adapter"]
@@ -84,7 +84,9 @@ def _drop(x: torch.Tensor, dropout_p: float, keep_bits: bool) -> tuple[torch.Ten
         return x, _empty(x, torch.uint8)
     keep = _dropout.draw(x, dropout_p)
     bits = _dropout.pack(keep) if keep_bits else _empty(x, torch.uint8)
-    return x * _dropout.scale_(keep, dropout_p), bits
+    # the product in the mask's own buffer (a product commutes bit for bit): one M × K temporary
+    # fewer, and on a CPU each fresh one costs its page faults
+    return _dropout.scale_(keep, dropout_p).mul_(x), bits
 
 
 def _factor(bits: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, dropout_p: float) -> torch.Tensor | None:
@@ -95,6 +97,16 @@ def _factor(bits: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, dropout_p: 
 def _times(t: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """``t · factor``: the dropped input rebuilt from x, or a gradient through the dropout."""
     return t if factor is None else t * factor
+
+
+def _times_(t: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_times` in t's own buffer: t is a temporary of the op, never an input or a saved tensor."""
+    return t if factor is None else t.mul_(factor)
+
+
+def _dropped(x: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """The dropped input ``x · factor`` rebuilt in factor's buffer: the factor's last use."""
+    return x if factor is None else factor.mul_(x)
 
 
 def _plus_product(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,11 +173,11 @@ def lora_linear_torch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         db = (g.t() @ _rows(s)).to(lora_b.dtype)
         ds = (g @ lora_b.to(dtype)) * scaling  # dS of the unscaled product
         factor = _factor(bits, x, x.dtype, dropout_p)
-        da = (ds.t() @ _rows(_times(x, factor).to(dtype))).to(lora_a.dtype)
         dx = dw = None
         if need_x:  # the rank term through the dropout, then the frozen product's dX onto it
-            dx_rank = _times((ds @ lora_a.to(dtype)).to(x.dtype).view(x.shape), factor)
+            dx_rank = _times_((ds @ lora_a.to(dtype)).to(x.dtype).view(x.shape), factor)
             dx = _plus_product(_rows(dx_rank), g, weight.to(dtype)).view(x.shape)
+        da = (ds.t() @ _rows(_dropped(x, factor).to(dtype))).to(lora_a.dtype)
         if need_w:
             dw = (g.t() @ _rows(x.to(dtype))).to(weight.dtype)  # the base product sees no dropout
         dbias = g.sum(0) if need_bias else None
@@ -189,15 +201,15 @@ def _lora_backward(ctx, dy, _ds, _dbits):
             dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None, None)
 
 
-register_autograd(lora_linear_torch_fwd, backward=_lora_backward, setup_context=_lora_setup)
+_lora_linear_eager = with_eager_autograd(lora_linear_torch_fwd, backward=_lora_backward, setup_context=_lora_setup)
 
 
 def lora_linear(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout_p: float = 0.0) -> torch.Tensor:
     """``reference.lora_linear_ref`` (same arguments, already validated), keeping x, S and the mask
     bits for backward."""
     keep = _requires_grad(x, weight, lora_a, lora_b, bias)
-    return lora_linear_torch_fwd(x, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p),
-                                 compute_dtype(x), keep)[0]
+    return _lora_linear_eager(x, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p),
+                              compute_dtype(x), keep)[0]
 
 
 # -- the LoRA term alone, beside a frozen product formed elsewhere (a quantized base) -------------
@@ -237,8 +249,8 @@ def lora_rank_torch_bwd(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
         db = (g.t() @ _rows(s)).to(lora_b.dtype)
         ds = g @ lora_b.to(dtype)
         factor = _factor(bits, x, x.dtype, dropout_p)
-        da = (ds.t() @ _rows(_times(x, factor).to(dtype))).to(lora_a.dtype)
-        dx = _times((ds @ lora_a.to(dtype)).to(x.dtype).view(x.shape), factor) if need_x else None
+        dx = _times_((ds @ lora_a.to(dtype)).to(x.dtype).view(x.shape), factor) if need_x else None
+        da = (ds.t() @ _rows(_dropped(x, factor).to(dtype))).to(lora_a.dtype)
     return _grad_or_empty(dx, x), da, db
 
 
@@ -255,14 +267,14 @@ def _rank_backward(ctx, dy, _ds, _dbits):
     return _none(dx), da if need_a else None, db if need_b else None, None, None, None, None
 
 
-register_autograd(lora_rank_torch_fwd, backward=_rank_backward, setup_context=_rank_setup)
+_lora_rank_eager = with_eager_autograd(lora_rank_torch_fwd, backward=_rank_backward, setup_context=_rank_setup)
 
 
 def lora_rank(x, lora_a, lora_b, *, scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
     """``lora_linear_4bit.rank_term``'s function (in x's dtype, or the autocast dtype; A, B cast to
     it), keeping x, S and the mask bits for backward."""
     keep = _requires_grad(x, lora_a, lora_b)
-    return lora_rank_torch_fwd(x, lora_a, lora_b, float(scaling), float(dropout_p), compute_dtype(x), keep)[0]
+    return _lora_rank_eager(x, lora_a, lora_b, float(scaling), float(dropout_p), compute_dtype(x), keep)[0]
 
 
 # -- DoRA: saved x, S, the norms, one M × N product (or none), the mask bits, the parameters -------
@@ -359,7 +371,7 @@ def dora_linear_torch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             dbase_d = _rows(grad * (g - 1))
             if need_x:
                 dxd = _plus_product((ds @ a).to(x.dtype), dbase_d, w_c).view(x.shape)
-                dx = _plus_product(_rows(_times(dxd, factor)), g2, w_c).view(x.shape)
+                dx = _plus_product(_rows(_times_(dxd, factor)), g2, w_c).view(x.shape)
             if need_w:
                 dw = (g2.t() @ _rows(x.to(dtype))).to(weight.dtype) + (dbase_d.t() @ xd_c).to(weight.dtype)
         dm = (dg.to(g32.dtype) / norm).to(magnitude.dtype)
@@ -385,7 +397,7 @@ def _dora_backward(ctx, dy, _ds, _dproduct, _dbits):
             dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None, None, None)
 
 
-register_autograd(dora_linear_torch_fwd, backward=_dora_backward, setup_context=_dora_setup)
+_dora_linear_eager = with_eager_autograd(dora_linear_torch_fwd, backward=_dora_backward, setup_context=_dora_setup)
 
 
 def dora_linear(x, weight, lora_a, lora_b, magnitude, norm, *, scaling: float, bias=None, dropout_p: float = 0.0,
@@ -393,8 +405,8 @@ def dora_linear(x, weight, lora_a, lora_b, magnitude, norm, *, scaling: float, b
     """``reference.dora_apply`` (same arguments, already validated; ``norm`` the detached row norms),
     keeping x, S, one M × N product (``recompute``: none) and the mask bits for backward."""
     keep = _requires_grad(x, weight, lora_a, lora_b, magnitude, bias)
-    return dora_linear_torch_fwd(x, weight, lora_a, lora_b, magnitude, norm, bias, float(scaling), float(dropout_p),
-                                 compute_dtype(x), keep and not recompute, keep)[0]
+    return _dora_linear_eager(x, weight, lora_a, lora_b, magnitude, norm, bias, float(scaling), float(dropout_p),
+                              compute_dtype(x), keep and not recompute, keep)[0]
 
 
 # -- series and parallel bottleneck adapters: saved x, H (M × b), the mask bits, the weights --------
@@ -473,15 +485,15 @@ def bottleneck_torch_bwd(dout: torch.Tensor, x: torch.Tensor, w_down: torch.Tens
         dwu = (da.t() @ _rows(act)).to(w_up.dtype)
         dh = _rows(_ACTIVATION_GRAD[activation](_rows(da @ wu).view(h.shape), h, act))
         factor = _factor(bits, x, in_dtype, dropout_p)
-        dwd = (dh.t() @ _rows(_times(x.to(in_dtype), factor).to(dtype))).to(w_down.dtype)
         g2 = _rows(dout)
         if need_x:
-            dx = _rows(_times((dh @ w_down.to(dtype)).to(in_dtype).view(x.shape), factor).to(x.dtype))
+            dx = _rows(_times_((dh @ w_down.to(dtype)).to(in_dtype).view(x.shape), factor).to(x.dtype))
             if weight is not None:  # the frozen product's dX
                 dx = _plus_product(dx, g2, weight.to(g2.dtype))
             elif not has_residual:  # out = x + ...
                 dx = dx + g2
             dx = dx.view(x.shape)
+        dwd = (dh.t() @ _rows(_dropped(x.to(in_dtype), factor).to(dtype))).to(w_down.dtype)
         if weight is not None and need_w:
             dw = (g2.t() @ _rows(x.to(g2.dtype))).to(weight.dtype)
         if need_bias:
@@ -511,15 +523,16 @@ def _bottleneck_backward(ctx, dout, _dh, _dbits):
             dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None, None, None)
 
 
-register_autograd(bottleneck_torch_fwd, backward=_bottleneck_backward, setup_context=_bottleneck_setup)
+_bottleneck_eager = with_eager_autograd(bottleneck_torch_fwd, backward=_bottleneck_backward,
+                                        setup_context=_bottleneck_setup)
 
 
 def _bottleneck(x, w_down, w_up, scaling, activation, dropout_p, *, residual=None, weight=None, bias=None):
     scaling_t = scaling if isinstance(scaling, torch.Tensor) else None
     keep = _requires_grad(x, w_down, w_up, scaling_t, residual, weight, bias)
-    return bottleneck_torch_fwd(x, w_down, w_up, scaling_t, residual, weight, bias,
-                                0.0 if scaling_t is not None else float(scaling), activation, float(dropout_p),
-                                compute_dtype(x), keep)[0]
+    return _bottleneck_eager(x, w_down, w_up, scaling_t, residual, weight, bias,
+                             0.0 if scaling_t is not None else float(scaling), activation, float(dropout_p),
+                             compute_dtype(x), keep)[0]
 
 
 def bottleneck_adapter(x, w_down, w_up, *, activation: str, scaling, residual=None,

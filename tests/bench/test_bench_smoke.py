@@ -31,7 +31,8 @@ def _has_matplotlib() -> bool:
 def test_bench_smoke_mode_and_report_run(tmp_path):
     out_json = tmp_path / "cpu" / "smoke.json"
     out_json.parent.mkdir()  # pytest-benchmark does not create the folder
-    env = dict(os.environ)
+    # an xdist worker's variables would make the inner run's pytest-benchmark disable itself (no JSON)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env.pop("FASTADAPT_BACKEND", None)
     # every kernel-level variant and mode; end to end: the floor, fastadapt and PEFT (the rest is
     # the same code path; `pytest bench/` on CPU runs them all)
