@@ -168,9 +168,17 @@ class SharedInputGroup:
     def usable(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or any(m.merged for m in self.members):
             return False
-        # the backend first: off the Triton path (every CPU step) the member checks are not needed
-        if selected_backend(x.device, rows=x.numel() // max(x.shape[-1], 1), op="lora_linear_group") != "triton":
-            return False
+        # on a GPU asking the dispatch logs its choice: the members are checked first there; elsewhere
+        # (every CPU step) the one cheap backend check comes first
+        if x.device.type == "cuda":
+            return self._members_allow() and self._on_triton(x)
+        return self._on_triton(x) and self._members_allow()
+
+    @staticmethod
+    def _on_triton(x: torch.Tensor) -> bool:
+        return selected_backend(x.device, rows=x.numel() // max(x.shape[-1], 1), op="lora_linear_group") == "triton"
+
+    def _members_allow(self) -> bool:
         for m in self.members:
             base = (m.base_layer.weight, m.base_layer.bias)
             if any(t is not None and t.requires_grad for t in base):

@@ -94,6 +94,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _plain_eager(args: tuple) -> bool:
     """Plain eager execution on plain tensors: nothing that needs the op's registrations to see it."""
+    # is_compiling() first: dynamo folds it to True, so it never traces the calls after it (which
+    # would break the graph)
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
         return False

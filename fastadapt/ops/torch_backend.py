@@ -188,10 +188,13 @@ def _lora_setup(ctx, inputs, output):
     x, weight, lora_a, lora_b, bias, scaling, dropout_p, _, _ = inputs
     _, s, bits = output
     ctx.save_for_backward(x, weight, lora_a, lora_b, s, bits)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for S, the bits, the product
     ctx.scaling, ctx.dropout_p, ctx.bias_dtype = scaling, dropout_p, None if bias is None else bias.dtype
 
 
 def _lora_backward(ctx, dy, _ds, _dbits):
+    if dy is None:  # the output took no part in the loss (grads are not materialized)
+        return (None,) * len(ctx.needs_input_grad)
     x, weight, lora_a, lora_b, s, bits = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     need_bias = bool(need_bias and ctx.bias_dtype is not None)
@@ -257,10 +260,13 @@ def lora_rank_torch_bwd(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
 def _rank_setup(ctx, inputs, output):
     x, lora_a, lora_b, scaling, dropout_p, _, _ = inputs
     ctx.save_for_backward(x, lora_a, lora_b, *output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for S, the bits, the product
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
 def _rank_backward(ctx, dy, _ds, _dbits):
+    if dy is None:  # the output took no part in the loss (grads are not materialized)
+        return (None,) * len(ctx.needs_input_grad)
     x, lora_a, lora_b, s, bits = ctx.saved_tensors
     need_x, need_a, need_b = ctx.needs_input_grad[:3]
     dx, da, db = lora_rank_torch_bwd(dy, x, lora_a, lora_b, s, bits, ctx.scaling, ctx.dropout_p, bool(need_x))
@@ -384,10 +390,13 @@ def _dora_setup(ctx, inputs, output):
     x, weight, lora_a, lora_b, magnitude, norm, bias, scaling, dropout_p, _, _, _ = inputs
     _, s, product, bits = output
     ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, s, product, bits)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for S, the bits, the product
     ctx.scaling, ctx.dropout_p, ctx.bias_dtype = scaling, dropout_p, None if bias is None else bias.dtype
 
 
 def _dora_backward(ctx, dy, _ds, _dproduct, _dbits):
+    if dy is None:  # the output took no part in the loss (grads are not materialized)
+        return (None,) * len(ctx.needs_input_grad)
     x, weight, lora_a, lora_b, magnitude, norm, s, product, bits = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_m, _, need_bias = ctx.needs_input_grad[:7]
     need_bias = bool(need_bias and ctx.bias_dtype is not None)
@@ -506,12 +515,15 @@ def _bottleneck_setup(ctx, inputs, output):
     x, w_down, w_up, scaling_t, residual, weight, bias, scaling, activation, dropout_p, dtype, _ = inputs
     _, h, bits = output
     ctx.save_for_backward(x, w_down, w_up, scaling_t, weight, h, bits)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for S, the bits, the product
     ctx.scaling, ctx.activation, ctx.dropout_p = scaling, activation, dropout_p
     ctx.in_dtype = x.dtype if weight is None else dtype  # the dtype the adapter read x in
     ctx.has_residual, ctx.bias_dtype = residual is not None, None if bias is None else bias.dtype
 
 
 def _bottleneck_backward(ctx, dout, _dh, _dbits):
+    if dout is None:  # the output took no part in the loss (grads are not materialized)
+        return (None,) * len(ctx.needs_input_grad)
     x, w_down, w_up, scaling_t, weight, h, bits = ctx.saved_tensors
     need_x, need_wd, need_wu, need_s, need_res, need_w, need_bias = ctx.needs_input_grad[:7]
     need_bias = bool(need_bias and ctx.bias_dtype is not None)

@@ -6,6 +6,7 @@ never a byte mask), the frozen weight as the parameter under autocast. Dropout m
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 
@@ -511,6 +512,36 @@ def test_the_eager_path_is_the_registered_ops_bit_for_bit(op, dtype, autocast, p
     assert torch.equal(y0, y1) and saved0 == saved1
     for g0, g1 in zip(case.grads(y0), case.grads(y1), strict=True):
         assert torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_eager_rank_term_and_no_grad_calls_are_the_registered_ops(p):
+    """The fourth wrapped op (the rank term beside a quantized base), and calls without gradients
+    (the implementation itself): the same numbers as the registered op, which a torch dispatch mode
+    (as fake tensors are) also selects."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(4)
+    x = _rnd(g, 2, 7, 24).requires_grad_()
+    a, b = _rnd(g, 3, 24).requires_grad_(), _rnd(g, 10, 3).requires_grad_()
+    dy = _rnd(g, 2, 7, 10)
+    results = []
+    for mode in (None, _PassThrough, Dispatch):
+        torch.manual_seed(6)
+        with mode() if mode else contextlib.nullcontext():
+            y = torch_backend.lora_rank(x, a, b, scaling=SCALING, dropout_p=p)
+            with torch.no_grad():
+                torch.manual_seed(7)
+                y_ng = torch_backend.lora_rank(x, a, b, scaling=SCALING, dropout_p=p)
+        assert ("_eagerBackward" in type(y.grad_fn).__name__) == (mode is None)
+        results.append((y.detach(), y_ng, *torch.autograd.grad(y, (x, a, b), dy)))
+    for other in results[1:]:
+        for t0, t1 in zip(results[0], other, strict=True):
+            assert torch.equal(t0, t1)
 
 
 def test_custom_ops_pass_opcheck():
