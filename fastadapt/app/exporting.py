@@ -52,6 +52,17 @@ def _logits(model, batch) -> torch.Tensor:
     return model(**batch).logits.float()
 
 
+def _probe(model, tokenizer) -> tuple[dict, torch.Tensor]:
+    """(the probe batch, the adapted model's logits on it), the model put in eval mode. A quantized
+    base (QLoRA) is exported dequantized: the model becomes that full-precision model first, so the
+    checks compare like with like (bitsandbytes' own CPU kernels round otherwise)."""
+    model.eval()
+    if quantized_layers(model):
+        dequantize_bases(model, all_layers=True)
+    batch = probe_batch(tokenizer, model.config.vocab_size, next(model.parameters()).device)
+    return batch, _logits(model, batch)
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
@@ -73,14 +84,8 @@ def merge_export_and_check(
     model, which for a 4-bit base computes what the adapted 4-bit model computed."""
     from transformers import AutoModelForCausalLM
 
-    model.eval()
-    if quantized_layers(model):
-        # A quantized base (QLoRA) is exported dequantized: the model becomes that full-precision model
-        # first, so both checks compare like with like (bitsandbytes' own CPU kernels round otherwise).
-        dequantize_bases(model, all_layers=True)
-    device = next(model.parameters()).device
-    batch = probe_batch(tokenizer, model.config.vocab_size, device)
-    adapted = _logits(model, batch)
+    batch, adapted = _probe(model, tokenizer)
+    device = batch["input_ids"].device
     merge(model)
     merge_diff = max_rel_diff(_logits(model, batch), adapted)
     logger.info("merged vs adapted logits: max relative difference %.2e", merge_diff)
@@ -124,12 +129,8 @@ def export_gguf_and_check(model: Any, tokenizer: Any, out: str | os.PathLike, *,
     (:data:`GGUF_RELOAD_SLACK`); f32 must be exact within :data:`GGUF_F32_TOLERANCE`. A quantized base
     (QLoRA) is dequantized first, as in :func:`merge_export_and_check`: the file holds the dequantized
     merged weights, and the check compares like with like."""
-    model.eval()
-    if quantized_layers(model):
-        dequantize_bases(model, all_layers=True)
-    device = next(model.parameters()).device
-    batch = probe_batch(tokenizer, model.config.vocab_size, device)
-    adapted = _logits(model, batch)
+    batch, adapted = _probe(model, tokenizer)
+    device = batch["input_ids"].device
     result = export_gguf(model, out, tokenizer=tokenizer, quant=quant, overwrite=overwrite)
     loaded = gguf_transformers(result.path).to(device)
     logits = _logits(loaded, batch)
