@@ -11,18 +11,40 @@ dropped input is ``F.dropout``'s, bit for bit.
 
 Backward keeps :func:`pack` of the mask: 1 bit per element (uint8, 8 elements a byte in x's
 logical row-major order, element i in bit i % 8) — never the bool mask nor the dropped input.
-:func:`unpack` turns the bits straight into the scaled factor. Both are a few whole-tensor
-operations (a matmul with the 8 powers of two; a gather from a 256-row table): per-op overhead,
-not bytes, is what costs on a busy CPU.
+:func:`unpack` turns the bits straight into the scaled factor. Both are one or two whole-tensor
+passes (on a CPU numpy's ``packbits``/``unpackbits``; elsewhere a matmul with the 8 powers of two and
+a gather from a 256-row table): per-op overhead, not bytes, is what costs on a busy CPU.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 #: row v: the 8 bits of byte v, element i = bit i (the table :func:`unpack` gathers from)
 _BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+
+
+# Constants, one per (device, dtype[, p]), made once: a fresh small tensor costs a few µs a call. They
+# depend on nothing a user can change (no parameter), and no caller writes into them.
+@functools.lru_cache(maxsize=64)
+def _powers(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([1.0, 2, 4, 8, 16, 32, 64, 128], dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_table(device: torch.device, dtype: torch.dtype, p: float) -> torch.Tensor:
+    return scale_(_BYTE_BITS.to(device=device, dtype=dtype), p)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_factor(device: torch.device, dtype: torch.dtype, p: float) -> torch.Tensor:
+    """A kept element's factor, 0-dim: the table's own element (formed as F.dropout forms it)."""
+    return _factor_table(device, dtype, p)[1, 0]
 
 
 def draw(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -43,18 +65,35 @@ def scale_(keep: torch.Tensor, p: float) -> torch.Tensor:
 def pack(keep: torch.Tensor) -> torch.Tensor:
     """A 0/1 mask (floating point, any layout: read in logical row-major order) -> uint8 (⌈n/8⌉,):
     1 bit per element."""
+    if keep.device.type == "cpu":
+        # numpy's packbits, one pass over a bool view: ~10 µs at an adapter's size where the matmul
+        # form takes ~35 (bench/NOTES.md: the CPU step is the sum of such per-adapter costs)
+        # (``.bool()``, not ``!= 0``: the same flags, a sixth of the time)
+        return torch.from_numpy(np.packbits(keep.reshape(-1).bool().numpy(), bitorder="little"))
+    return _pack_torch(keep)
+
+
+def _pack_torch(keep: torch.Tensor) -> torch.Tensor:
+    """:func:`pack` in torch operations, on any device."""
     flat = keep.reshape(-1)
     pad = -flat.numel() % 8
     if pad:
         flat = F.pad(flat, (0, pad))
-    powers = torch.tensor([1.0, 2, 4, 8, 16, 32, 64, 128], dtype=keep.dtype, device=keep.device)
-    return (flat.view(-1, 8) @ powers).to(torch.uint8)  # sums of distinct powers of two ≤ 255: exact
+    # sums of distinct powers of two ≤ 255: exact
+    return (flat.view(-1, 8) @ _powers(keep.device, keep.dtype)).to(torch.uint8)
 
 
 def unpack(bits: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, p: float) -> torch.Tensor:
     """The factor ``keep / (1 - p)`` in ``dtype`` and ``shape`` for the mask :func:`pack` packed."""
-    table = scale_(_BYTE_BITS.to(device=bits.device, dtype=dtype), p)
-    n = 1
-    for d in shape:
-        n *= d
-    return F.embedding(bits.to(torch.int64), table).view(-1)[:n].view(shape)
+    if bits.device.type == "cpu":
+        flags = torch.from_numpy(np.unpackbits(bits.numpy(), count=math.prod(shape), bitorder="little"))
+        # 0 · f = 0 and 1 · f = f exactly: the table's values
+        return flags.to(dtype).mul_(_kept_factor(bits.device, dtype, p)).view(shape)
+    return _unpack_torch(bits, shape, dtype, p)
+
+
+def _unpack_torch(bits: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, p: float
+                  ) -> torch.Tensor:
+    """:func:`unpack` in torch operations, on any device: a gather from the 256-row table."""
+    table = _factor_table(bits.device, dtype, p)
+    return F.embedding(bits.to(torch.int64), table).view(-1)[:math.prod(shape)].view(shape)

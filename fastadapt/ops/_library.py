@@ -89,6 +89,21 @@ def with_eager_autograd(op: torch.library.CustomOpDef, *, backward: Callable, se
     return call
 
 
+def eager_or_registered(op: torch.library.CustomOpDef) -> Callable:
+    """A callable that runs ``op`` (a backward op: no autograd of its own): its Python implementation
+    in plain eager code without gradients (a backward pass, the custom-op wrapper's per-call cost
+    spared), the registered op otherwise — compiled code, fakes, subclasses, modes, and a backward
+    that records a graph (``create_graph=True``: the op then refuses a second backward, as it did)."""
+    impl = op._init_fn
+
+    def call(*args):
+        if not torch.is_grad_enabled() and _plain_eager(args):
+            return impl(*args)
+        return op(*args)
+
+    return call
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -31,11 +31,13 @@ What each op keeps is listed beside it. No value cached across calls is read her
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from . import _dropout
-from ._library import SEEDED, custom_op, with_eager_autograd
+from ._library import SEEDED, custom_op, eager_or_registered, with_eager_autograd
 from .reference import BOTTLENECK_ACTIVATIONS
 
 __all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "lora_rank", "parallel_adapter"]
@@ -56,8 +58,14 @@ def _requires_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, t itself without the call when it has that dtype (a no-op ``.to`` still costs
+    ~1 µs of argument parsing; the ops make a dozen a call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    return None if t is None else _as(t, dtype)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -127,8 +135,12 @@ def _grad_or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _no_autocast(x: torch.Tensor):
-    """The ops cast explicitly; autocast state at the call (the ops see it) must not recast."""
-    return torch.autocast(x.device.type, enabled=False)
+    """The ops cast explicitly; autocast state at the call (the ops see it) must not recast. (Entering
+    ``torch.autocast`` costs ~10 µs of Python: only when autocast is on.)"""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # -- LoRA: saved x, S (M × r), the mask bits (M·K/8 bytes), the parameters -------------------------
@@ -147,10 +159,10 @@ def lora_linear_torch_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     """``reference.lora_linear_ref``'s operations in ``dtype`` -> (y, S = scaling · drop(x) Aᵀ, the
     packed mask or empty)."""
     with _no_autocast(x):
-        y = F.linear(x.to(dtype), weight.to(dtype), _cast(bias, dtype))
+        y = F.linear(_as(x, dtype), _as(weight, dtype), _cast(bias, dtype))
         xd, bits = _drop(x, dropout_p, keep_bits)
-        s = F.linear(xd.to(dtype), lora_a.to(dtype)) * scaling
-        _rows(y).addmm_(_rows(s), lora_b.to(dtype).t())  # y is fresh: the reference's addmm, in place
+        s = F.linear(_as(xd, dtype), _as(lora_a, dtype)) * scaling
+        _rows(y).addmm_(_rows(s), _as(lora_b, dtype).t())  # y is fresh: the reference's addmm, in place
     return y, s, bits
 
 
@@ -169,19 +181,22 @@ def lora_linear_torch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     compute dtype or empty): plain autograd's gradients of :func:`lora_linear_torch_fwd`."""
     with _no_autocast(x):
         dtype = s.dtype
-        g = _rows(dy.to(dtype))
-        db = (g.t() @ _rows(s)).to(lora_b.dtype)
-        ds = (g @ lora_b.to(dtype)) * scaling  # dS of the unscaled product
+        g = _rows(_as(dy, dtype))
+        db = _as(g.t() @ _rows(s), lora_b.dtype)
+        ds = (g @ _as(lora_b, dtype)) * scaling  # dS of the unscaled product
         factor = _factor(bits, x, x.dtype, dropout_p)
         dx = dw = None
         if need_x:  # the rank term through the dropout, then the frozen product's dX onto it
-            dx_rank = _times_((ds @ lora_a.to(dtype)).to(x.dtype).view(x.shape), factor)
-            dx = _plus_product(_rows(dx_rank), g, weight.to(dtype)).view(x.shape)
-        da = (ds.t() @ _rows(_dropped(x, factor).to(dtype))).to(lora_a.dtype)
+            dx_rank = _times_(_as(ds @ _as(lora_a, dtype), x.dtype).view(x.shape), factor)
+            dx = _plus_product(_rows(dx_rank), g, _as(weight, dtype)).view(x.shape)
+        da = _as(ds.t() @ _rows(_as(_dropped(x, factor), dtype)), lora_a.dtype)
         if need_w:
-            dw = (g.t() @ _rows(x.to(dtype))).to(weight.dtype)  # the base product sees no dropout
+            dw = _as(g.t() @ _rows(_as(x, dtype)), weight.dtype)  # the base product sees no dropout
         dbias = g.sum(0) if need_bias else None
     return _grad_or_empty(dx, x), _grad_or_empty(dw, weight), da, db, _grad_or_empty(dbias, dy)
+
+
+_lora_linear_bwd = eager_or_registered(lora_linear_torch_bwd)
 
 
 def _lora_setup(ctx, inputs, output):
@@ -198,8 +213,8 @@ def _lora_backward(ctx, dy, _ds, _dbits):
     x, weight, lora_a, lora_b, s, bits = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     need_bias = bool(need_bias and ctx.bias_dtype is not None)
-    dx, dw, da, db, dbias = lora_linear_torch_bwd(dy, x, weight, lora_a, lora_b, s, bits, ctx.scaling, ctx.dropout_p,
-                                                  bool(need_x), bool(need_w), need_bias)
+    dx, dw, da, db, dbias = _lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, bits, ctx.scaling, ctx.dropout_p,
+                                             bool(need_x), bool(need_w), need_bias)
     return (_none(dx), _none(dw), da if need_a else None, db if need_b else None,
             dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None, None)
 
@@ -233,8 +248,8 @@ def lora_rank_torch_fwd(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
     """-> (scaling · (drop(x) Aᵀ) Bᵀ, S = drop(x) Aᵀ, the packed mask or empty), in ``dtype``."""
     with _no_autocast(x):
         xd, bits = _drop(x, dropout_p, keep_bits)
-        s = F.linear(xd.to(dtype), lora_a.to(dtype))
-        return F.linear(s, lora_b.to(dtype)) * scaling, s, bits
+        s = F.linear(_as(xd, dtype), _as(lora_a, dtype))
+        return F.linear(s, _as(lora_b, dtype)) * scaling, s, bits
 
 
 def _rank_bwd_fake(dy, x, lora_a, lora_b, s, bits, scaling, dropout_p, need_x):
@@ -248,13 +263,16 @@ def lora_rank_torch_bwd(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
     """-> (dx or empty, d lora_a, d lora_b) in the parameters' dtypes: plain autograd's gradients."""
     with _no_autocast(x):
         dtype = s.dtype
-        g = _rows(dy.to(dtype) * scaling)
-        db = (g.t() @ _rows(s)).to(lora_b.dtype)
-        ds = g @ lora_b.to(dtype)
+        g = _rows(_as(dy, dtype) * scaling)
+        db = _as(g.t() @ _rows(s), lora_b.dtype)
+        ds = g @ _as(lora_b, dtype)
         factor = _factor(bits, x, x.dtype, dropout_p)
-        dx = _times_((ds @ lora_a.to(dtype)).to(x.dtype).view(x.shape), factor) if need_x else None
-        da = (ds.t() @ _rows(_dropped(x, factor).to(dtype))).to(lora_a.dtype)
+        dx = _times_(_as(ds @ _as(lora_a, dtype), x.dtype).view(x.shape), factor) if need_x else None
+        da = _as(ds.t() @ _rows(_as(_dropped(x, factor), dtype)), lora_a.dtype)
     return _grad_or_empty(dx, x), da, db
+
+
+_lora_rank_bwd = eager_or_registered(lora_rank_torch_bwd)
 
 
 def _rank_setup(ctx, inputs, output):
@@ -269,7 +287,7 @@ def _rank_backward(ctx, dy, _ds, _dbits):
         return (None,) * len(ctx.needs_input_grad)
     x, lora_a, lora_b, s, bits = ctx.saved_tensors
     need_x, need_a, need_b = ctx.needs_input_grad[:3]
-    dx, da, db = lora_rank_torch_bwd(dy, x, lora_a, lora_b, s, bits, ctx.scaling, ctx.dropout_p, bool(need_x))
+    dx, da, db = _lora_rank_bwd(dy, x, lora_a, lora_b, s, bits, ctx.scaling, ctx.dropout_p, bool(need_x))
     return _none(dx), da if need_a else None, db if need_b else None, None, None, None, None
 
 
@@ -386,6 +404,9 @@ def dora_linear_torch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             _grad_or_empty(dbias, dy))
 
 
+_dora_linear_bwd = eager_or_registered(dora_linear_torch_bwd)
+
+
 def _dora_setup(ctx, inputs, output):
     x, weight, lora_a, lora_b, magnitude, norm, bias, scaling, dropout_p, _, _, _ = inputs
     _, s, product, bits = output
@@ -400,8 +421,8 @@ def _dora_backward(ctx, dy, _ds, _dproduct, _dbits):
     x, weight, lora_a, lora_b, magnitude, norm, s, product, bits = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_m, _, need_bias = ctx.needs_input_grad[:7]
     need_bias = bool(need_bias and ctx.bias_dtype is not None)
-    dx, dw, da, db, dm, dbias = dora_linear_torch_bwd(dy, x, weight, lora_a, lora_b, magnitude, norm, s, product, bits,
-                                                      ctx.scaling, ctx.dropout_p, bool(need_x), bool(need_w), need_bias)
+    dx, dw, da, db, dm, dbias = _dora_linear_bwd(dy, x, weight, lora_a, lora_b, magnitude, norm, s, product, bits,
+                                                 ctx.scaling, ctx.dropout_p, bool(need_x), bool(need_w), need_bias)
     return (_none(dx), _none(dw), da if need_a else None, db if need_b else None, dm if need_m else None, None,
             dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None, None, None)
 
@@ -454,15 +475,15 @@ def bottleneck_torch_fwd(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tens
     -> (out, the pre-activation H, the packed mask or empty)."""
     with _no_autocast(x):
         if weight is not None:
-            residual = F.linear(x.to(dtype), weight.to(dtype), _cast(bias, dtype))
-            x_in = x.to(dtype)
+            residual = F.linear(_as(x, dtype), _as(weight, dtype), _cast(bias, dtype))
+            x_in = _as(x, dtype)
         else:
             x_in = x
         xd, bits = _drop(x_in, dropout_p, keep_bits)
-        h = F.linear(xd.to(dtype), w_down.to(dtype))
-        a = _scale(F.linear(BOTTLENECK_ACTIVATIONS[activation](h), w_up.to(dtype)), scaling_t, scaling)
+        h = F.linear(_as(xd, dtype), _as(w_down, dtype))
+        a = _scale(F.linear(BOTTLENECK_ACTIVATIONS[activation](h), _as(w_up, dtype)), scaling_t, scaling)
         base = x if residual is None else residual
-        out = base + a.to(base.dtype)
+        out = base + _as(a, base.dtype)
     return out, h, bits
 
 
@@ -485,30 +506,33 @@ def bottleneck_torch_bwd(dout: torch.Tensor, x: torch.Tensor, w_down: torch.Tens
     with _no_autocast(x):
         dtype = h.dtype
         act = BOTTLENECK_ACTIVATIONS[activation](h)
-        wu = w_up.to(dtype)
-        da = dout.to(dtype)
+        wu = _as(w_up, dtype)
+        da = _as(dout, dtype)
         ds = dw = dx = dbias = None
         if need_s and scaling_t is not None:
             ds = (da * F.linear(act, wu)).sum().to(scaling_t.dtype).reshape(scaling_t.shape)
         da = _rows(_scale(da, scaling_t, scaling))
-        dwu = (da.t() @ _rows(act)).to(w_up.dtype)
+        dwu = _as(da.t() @ _rows(act), w_up.dtype)
         dh = _rows(_ACTIVATION_GRAD[activation](_rows(da @ wu).view(h.shape), h, act))
         factor = _factor(bits, x, in_dtype, dropout_p)
         g2 = _rows(dout)
         if need_x:
-            dx = _rows(_times_((dh @ w_down.to(dtype)).to(in_dtype).view(x.shape), factor).to(x.dtype))
+            dx = _rows(_as(_times_(_as(dh @ _as(w_down, dtype), in_dtype).view(x.shape), factor), x.dtype))
             if weight is not None:  # the frozen product's dX
                 dx = _plus_product(dx, g2, weight.to(g2.dtype))
             elif not has_residual:  # out = x + ...
                 dx = dx + g2
             dx = dx.view(x.shape)
-        dwd = (dh.t() @ _rows(_dropped(x.to(in_dtype), factor).to(dtype))).to(w_down.dtype)
+        dwd = _as(dh.t() @ _rows(_as(_dropped(_as(x, in_dtype), factor), dtype)), w_down.dtype)
         if weight is not None and need_w:
             dw = (g2.t() @ _rows(x.to(g2.dtype))).to(weight.dtype)
         if need_bias:
             dbias = g2.sum(0)
     return (_grad_or_empty(dx, x), dwd, dwu, _grad_or_empty(ds, h), _grad_or_empty(dw, h),
             _grad_or_empty(dbias, dout))
+
+
+_bottleneck_bwd = eager_or_registered(bottleneck_torch_bwd)
 
 
 def _bottleneck_setup(ctx, inputs, output):
@@ -527,7 +551,7 @@ def _bottleneck_backward(ctx, dout, _dh, _dbits):
     x, w_down, w_up, scaling_t, weight, h, bits = ctx.saved_tensors
     need_x, need_wd, need_wu, need_s, need_res, need_w, need_bias = ctx.needs_input_grad[:7]
     need_bias = bool(need_bias and ctx.bias_dtype is not None)
-    dx, dwd, dwu, ds, dw, dbias = bottleneck_torch_bwd(
+    dx, dwd, dwu, ds, dw, dbias = _bottleneck_bwd(
         dout, x, w_down, w_up, scaling_t, weight, h, bits, ctx.scaling, ctx.activation, ctx.dropout_p, ctx.in_dtype,
         ctx.has_residual, bool(need_x), bool(need_s), bool(need_w), need_bias)
     return (_none(dx), dwd if need_wd else None, dwu if need_wu else None, _none(ds),

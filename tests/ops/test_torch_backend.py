@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from helpers import enable_activation_checkpointing, norm_rel_err, randomize_adapters, rel_err
 from tiny_models import tiny_model, tokens
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastadapt as fa
 from fastadapt.ops import _dropout, dispatch, torch_backend
@@ -310,15 +311,27 @@ def test_reference_backend_is_selectable(monkeypatch):
 # -- the dropout mask ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+#: (pack, unpack): the CPU form (numpy) and the one every other device runs (torch operations)
+_BIT_FORMS = {"cpu": (_dropout.pack, _dropout.unpack), "torch": (_dropout._pack_torch, _dropout._unpack_torch)}
+
+
+@pytest.mark.parametrize("form", list(_BIT_FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 9, 13), (64, 48)])
-def test_bits_round_trip(shape, dtype):
+def test_bits_round_trip(shape, dtype, form):
+    pack, unpack = _BIT_FORMS[form]
     keep = (torch.rand(shape) < 0.6).to(dtype)
-    bits = _dropout.pack(keep)
-    assert bits.dtype == torch.uint8 and bits.numel() == math.ceil(keep.numel() / 8)
-    assert torch.equal(_dropout.unpack(bits, shape, dtype, 0.0), keep)
+    bits = pack(keep)
+    assert bits.dtype == torch.uint8 and bits.shape == (math.ceil(keep.numel() / 8),)
+    assert torch.equal(bits, _dropout._pack_torch(keep))  # one format, whichever form wrote it
+    assert torch.equal(unpack(bits, shape, dtype, 0.0), keep)
     # the factor is F.dropout's: keep / (1 - p) formed in the dtype
-    assert torch.equal(_dropout.unpack(bits, shape, dtype, 0.3), keep.clone().div_(0.7))
+    for p in (0.3, 0.1):
+        got = unpack(bits, shape, dtype, p)
+        assert got.dtype == dtype and torch.equal(got, keep.clone().div_(1 - p))
+    # a transposed (non-contiguous) mask packs in its logical row-major order
+    if len(shape) >= 2:
+        assert torch.equal(pack(keep.mT), pack(keep.mT.contiguous()))
     # element i is bit i % 8 of byte i // 8
     flat = [int(v) for v in keep.reshape(-1).tolist()]
     assert bits[0].item() == sum(v << i for i, v in enumerate(flat[:8]))
@@ -514,23 +527,64 @@ def test_the_eager_path_is_the_registered_ops_bit_for_bit(op, dtype, autocast, p
         assert torch.equal(g0, g1)
 
 
+class _PassThroughDispatch(TorchDispatchMode):
+    """A torch dispatch mode that changes nothing: the ops then take their registered path."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _bwd_ops_dispatched(fn) -> set[str]:
+    """The fastadapt backward ops that went through the dispatcher while ``fn`` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("fastadapt::") and e.key.endswith("_bwd")}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype,autocast", PRECISIONS, ids=PRECISION_IDS)
+@pytest.mark.parametrize("op", OPS)
+def test_eager_backward_runs_the_implementation_and_equals_the_registered_backward_op(op, dtype, autocast, p):
+    """A plain eager backward runs each backward op's implementation (no dispatcher call); under a
+    torch dispatch mode (as fake tensors and compiled autograd's tracing are), or when the backward
+    records a graph (``create_graph``), the registered op runs. Every gradient is the same, bit for
+    bit."""
+    case = Case(op, dtype=dtype, train_base=op != "series")
+    results = {}
+
+    def grads(name, mode=None, create_graph=False):
+        y = case.run("torch", p, autocast=autocast)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(case.grad_seed)).to(y.dtype)
+
+        def run():
+            with mode() if mode else contextlib.nullcontext():
+                results[name] = torch.autograd.grad(y, case.leaves(), dy, create_graph=create_graph)
+
+        return _bwd_ops_dispatched(run)
+
+    assert grads("eager") == set()
+    assert grads("mode", _PassThroughDispatch) == {f"fastadapt::{_BWD_OP[op]}"}
+    assert grads("graph", create_graph=True) == {f"fastadapt::{_BWD_OP[op]}"}
+    for name in ("mode", "graph"):
+        for g0, g1 in zip(results["eager"], results[name], strict=True):
+            assert torch.equal(g0, g1.detach())
+
+
+_BWD_OP = {"lora": "lora_linear_torch_bwd", "dora": "dora_linear_torch_bwd", "series": "bottleneck_torch_bwd",
+           "parallel": "bottleneck_torch_bwd"}
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_the_eager_rank_term_and_no_grad_calls_are_the_registered_ops(p):
     """The fourth wrapped op (the rank term beside a quantized base), and calls without gradients
     (the implementation itself): the same numbers as the registered op, which a torch dispatch mode
     (as fake tensors are) also selects."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Dispatch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(4)
     x = _rnd(g, 2, 7, 24).requires_grad_()
     a, b = _rnd(g, 3, 24).requires_grad_(), _rnd(g, 10, 3).requires_grad_()
     dy = _rnd(g, 2, 7, 10)
     results = []
-    for mode in (None, _PassThrough, Dispatch):
+    for mode in (None, _PassThrough, _PassThroughDispatch):
         torch.manual_seed(6)
         with mode() if mode else contextlib.nullcontext():
             y = torch_backend.lora_rank(x, a, b, scaling=SCALING, dropout_p=p)
