@@ -23,8 +23,9 @@ backward computes the gradients plain autograd computes, from fewer saved tensor
   one input (q/k/v, gate/up, each with its own mask) keep one x between them; under autocast the
   frozen weight is saved as the parameter, not as the low-precision copy autocast makes each step
   (both are cast again in backward: an elementwise pass, no memory kept).
-- **Recomputed, not kept**: the bottleneck adapters keep the pre-activation H (M × b) and recompute
-  act(H) (and, for a learned scaling, the up-projection) in backward.
+- **Recomputed, not kept**: the bottleneck adapters keep one M × b tensor: act(H) for tanh and relu
+  (whose gradient autograd forms from the output), else the pre-activation H, act(H) recomputed in
+  backward (and, for a learned scaling, the up-projection).
 
 What each op keeps is listed beside it. No value cached across calls is read here.
 """
@@ -449,6 +450,8 @@ _ACTIVATION_GRAD = {
     "gelu": lambda grad, h, out: torch.ops.aten.gelu_backward(grad, h),
     "silu": lambda grad, h, out: torch.ops.aten.silu_backward(grad, h),
 }
+#: the activations whose gradient needs only their output: backward keeps act(H), not H
+_FROM_OUTPUT = frozenset({"tanh", "relu"})
 
 
 def _scale(t: torch.Tensor, scaling_t: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -472,7 +475,8 @@ def bottleneck_torch_fwd(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tens
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``reference.bottleneck_adapter_ref`` (``weight`` None) or ``parallel_adapter_ref`` (the frozen
     product x Wᵀ + bias as the residual, the adapter on x cast to ``dtype``), products in ``dtype``
-    -> (out, the pre-activation H, the packed mask or empty)."""
+    -> (out, act(H) for an activation in ``_FROM_OUTPUT`` else the pre-activation H, the packed mask
+    or empty)."""
     with _no_autocast(x):
         if weight is not None:
             residual = F.linear(_as(x, dtype), _as(weight, dtype), _cast(bias, dtype))
@@ -481,10 +485,11 @@ def bottleneck_torch_fwd(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tens
             x_in = x
         xd, bits = _drop(x_in, dropout_p, keep_bits)
         h = F.linear(_as(xd, dtype), _as(w_down, dtype))
-        a = _scale(F.linear(BOTTLENECK_ACTIVATIONS[activation](h), _as(w_up, dtype)), scaling_t, scaling)
+        act = BOTTLENECK_ACTIVATIONS[activation](h)
+        a = _scale(F.linear(act, _as(w_up, dtype)), scaling_t, scaling)
         base = x if residual is None else residual
         out = base + _as(a, base.dtype)
-    return out, h, bits
+    return out, act if activation in _FROM_OUTPUT else h, bits
 
 
 def _bottleneck_bwd_fake(dout, x, w_down, w_up, scaling_t, weight, h, bits, scaling, activation, dropout_p, in_dtype,
@@ -502,10 +507,10 @@ def bottleneck_torch_bwd(dout: torch.Tensor, x: torch.Tensor, w_down: torch.Tens
                          has_residual: bool, need_x: bool, need_s: bool, need_w: bool, need_bias: bool
                          ) -> _SixTensors:
     """-> (dx (the residual's own gradient excluded) or empty, d w_down, d w_up, d scaling or empty,
-    d weight or empty, d bias (compute dtype) or empty)."""
+    d weight or empty, d bias (compute dtype) or empty); ``h``: what the forward kept (act(H) or H)."""
     with _no_autocast(x):
         dtype = h.dtype
-        act = BOTTLENECK_ACTIVATIONS[activation](h)
+        act = h if activation in _FROM_OUTPUT else BOTTLENECK_ACTIVATIONS[activation](h)
         wu = _as(w_up, dtype)
         da = _as(dout, dtype)
         ds = dw = dx = dbias = None
