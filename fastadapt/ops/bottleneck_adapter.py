@@ -16,8 +16,9 @@ Backends:
   the mask packed at 1 bit per element.
 - ``"cuda"``: ``csrc/bottleneck_adapter`` (bf16/fp16, no dropout), ops
   ``fastadapt::bottleneck_adapter_cuda_fwd/_bwd`` (schemas and fakes below, kernels in csrc/).
-- ``"torch"``: ``torch_backend.bottleneck_adapter`` — the reference's function, keeping x, the
-  pre-activation and the mask at 1 bit per element; ``"reference"``: plain autograd.
+- ``"torch"``: ``torch_backend.bottleneck_adapter`` — the reference's function, keeping x, one M × b
+  tensor (the activation's output for tanh and relu, else the pre-activation) and the mask at 1 bit
+  per element; ``"reference"``: plain autograd.
 Both have fake impls and registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break.
 """
 
