@@ -11,9 +11,9 @@ dropped input is ``F.dropout``'s, bit for bit.
 
 Backward keeps :func:`pack` of the mask: 1 bit per element (uint8, 8 elements a byte in x's
 logical row-major order, element i in bit i % 8) — never the bool mask nor the dropped input.
-:func:`unpack` turns the bits straight into the scaled factor. Both are one or two whole-tensor
-passes (on a CPU numpy's ``packbits``/``unpackbits``; elsewhere a matmul with the 8 powers of two and
-a gather from a 256-row table): per-op overhead, not bytes, is what costs on a busy CPU.
+:func:`unpack` turns the bits straight into the scaled factor. Both are a few whole-tensor passes
+(on a CPU numpy's ``packbits``/``unpackbits`` and a cast; elsewhere a matmul with the 8 powers of two
+and a gather from a 256-row table): per-op overhead, not bytes, is what costs on a busy CPU.
 """
 
 from __future__ import annotations
@@ -29,22 +29,21 @@ import torch.nn.functional as F
 _BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
 
 
-# Constants, one per (device, dtype[, p]), made once: a fresh small tensor costs a few µs a call. They
-# depend on nothing a user can change (no parameter), and no caller writes into them.
-@functools.lru_cache(maxsize=64)
 def _powers(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([1.0, 2, 4, 8, 16, 32, 64, 128], dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=64)
 def _factor_table(device: torch.device, dtype: torch.dtype, p: float) -> torch.Tensor:
     return scale_(_BYTE_BITS.to(device=device, dtype=dtype), p)
 
 
 @functools.lru_cache(maxsize=64)
-def _kept_factor(device: torch.device, dtype: torch.dtype, p: float) -> torch.Tensor:
-    """A kept element's factor, 0-dim: the table's own element (formed as F.dropout forms it)."""
-    return _factor_table(device, dtype, p)[1, 0]
+def _kept_factor(dtype: torch.dtype, p: float) -> float:
+    """A kept element's factor ``1 / (1 - p)`` as ``F.dropout`` forms it in ``dtype`` (``div_`` of
+    ones), as a Python number: exact in ``dtype``, so ``1 · f`` is that value and ``0 · f`` is 0. A
+    number, not a cached tensor: nothing a caller could write into, nothing tied to a device, stream
+    or graph memory pool."""
+    return float(torch.ones(64, dtype=dtype, device="cpu").div_(1.0 - p)[0])
 
 
 def draw(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -66,8 +65,8 @@ def pack(keep: torch.Tensor) -> torch.Tensor:
     """A 0/1 mask (floating point, any layout: read in logical row-major order) -> uint8 (⌈n/8⌉,):
     1 bit per element."""
     if keep.device.type == "cpu":
-        # numpy's packbits, one pass over a bool view: ~10 µs at an adapter's size where the matmul
-        # form takes ~35 (bench/NOTES.md: the CPU step is the sum of such per-adapter costs)
+        # numpy's packbits over the flags: ~11 µs at an adapter's input (256 × 576) where the matmul
+        # form takes ~35 (bench/NOTES.md, issue 25's fourth run: such per-call costs add up per step)
         # (``.bool()``, not ``!= 0``: the same flags, a sixth of the time)
         return torch.from_numpy(np.packbits(keep.reshape(-1).bool().numpy(), bitorder="little"))
     return _pack_torch(keep)
@@ -88,7 +87,7 @@ def unpack(bits: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch
     if bits.device.type == "cpu":
         flags = torch.from_numpy(np.unpackbits(bits.numpy(), count=math.prod(shape), bitorder="little"))
         # 0 · f = 0 and 1 · f = f exactly: the table's values
-        return flags.to(dtype).mul_(_kept_factor(bits.device, dtype, p)).view(shape)
+        return flags.to(dtype).mul_(_kept_factor(dtype, p)).view(shape)
     return _unpack_torch(bits, shape, dtype, p)
 
 

@@ -16,7 +16,7 @@ Triton backend: the LoRA extra-K structure with the activation applied to S (cus
 
 S is recomputed from H in backward (M × b elementwise) instead of being saved too. The CUDA
 backend runs the series kernel (``fa.ops.bottleneck_adapter``) with ``residual = x Wᵀ + bias``; the
-torch backend runs ``torch_backend.parallel_adapter`` (the same saved set: x, H, the mask bits).
+torch backend runs ``torch_backend.parallel_adapter`` (x, act(H) or H, the mask bits: its docstring says which).
 """
 
 from __future__ import annotations

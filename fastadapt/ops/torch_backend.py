@@ -27,7 +27,8 @@ backward computes the gradients plain autograd computes, from fewer saved tensor
   (whose gradient autograd forms from the output), else the pre-activation H, act(H) recomputed in
   backward (and, for a learned scaling, the up-projection).
 
-What each op keeps is listed beside it. No value cached across calls is read here.
+What each op keeps is listed beside it. No value derived from a parameter is cached across calls
+(the only cached value, the dropout factor 1 / (1 - p) per dtype and p, is a constant).
 """
 
 from __future__ import annotations
@@ -440,10 +441,11 @@ def dora_linear(x, weight, lora_a, lora_b, magnitude, norm, *, scaling: float, b
                               compute_dtype(x), keep and not recompute, keep)[0]
 
 
-# -- series and parallel bottleneck adapters: saved x, H (M × b), the mask bits, the weights --------
+# -- series and parallel bottleneck adapters: saved x, act(H) or H (M × b), the mask bits, the weights
 
 
-#: act'(h) · grad as autograd computes it for each activation (tanh and relu from their output)
+#: act'(h) · grad as autograd computes it for each activation (tanh and relu from their output: they
+#: get h = None, backward keeps no H for them)
 _ACTIVATION_GRAD = {
     "tanh": lambda grad, h, out: torch.ops.aten.tanh_backward(grad, out),
     "relu": lambda grad, h, out: torch.ops.aten.threshold_backward(grad, out, 0),
@@ -492,25 +494,28 @@ def bottleneck_torch_fwd(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tens
     return out, act if activation in _FROM_OUTPUT else h, bits
 
 
-def _bottleneck_bwd_fake(dout, x, w_down, w_up, scaling_t, weight, h, bits, scaling, activation, dropout_p, in_dtype,
+def _bottleneck_bwd_fake(dout, x, w_down, w_up, scaling_t, weight, kept, bits, scaling, activation, dropout_p, in_dtype,
                          has_residual, need_x, need_s, need_w, need_bias):
     return (x.new_empty(x.shape) if need_x else _empty(x), w_down.new_empty(w_down.shape), w_up.new_empty(w_up.shape),
-            scaling_t.new_empty(scaling_t.shape) if need_s and scaling_t is not None else _empty(h),
-            weight.new_empty(weight.shape) if need_w and weight is not None else _empty(h),
+            scaling_t.new_empty(scaling_t.shape) if need_s and scaling_t is not None else _empty(kept),
+            weight.new_empty(weight.shape) if need_w and weight is not None else _empty(kept),
             dout.new_empty(dout.shape[-1:]) if need_bias else _empty(dout))
 
 
 @custom_op("bottleneck_torch_bwd", fake=_bottleneck_bwd_fake)
 def bottleneck_torch_bwd(dout: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor,
-                         scaling_t: torch.Tensor | None, weight: torch.Tensor | None, h: torch.Tensor,
+                         scaling_t: torch.Tensor | None, weight: torch.Tensor | None, kept: torch.Tensor,
                          bits: torch.Tensor, scaling: float, activation: str, dropout_p: float, in_dtype: torch.dtype,
                          has_residual: bool, need_x: bool, need_s: bool, need_w: bool, need_bias: bool
                          ) -> _SixTensors:
     """-> (dx (the residual's own gradient excluded) or empty, d w_down, d w_up, d scaling or empty,
-    d weight or empty, d bias (compute dtype) or empty); ``h``: what the forward kept (act(H) or H)."""
+    d weight or empty, d bias (compute dtype) or empty); ``kept``: the forward's M × b tensor, act(H)
+    for an activation in ``_FROM_OUTPUT`` (its gradient needs no H), else H."""
     with _no_autocast(x):
-        dtype = h.dtype
-        act = h if activation in _FROM_OUTPUT else BOTTLENECK_ACTIVATIONS[activation](h)
+        dtype = kept.dtype
+        from_output = activation in _FROM_OUTPUT
+        h = None if from_output else kept
+        act = kept if from_output else BOTTLENECK_ACTIVATIONS[activation](h)
         wu = _as(w_up, dtype)
         da = _as(dout, dtype)
         ds = dw = dx = dbias = None
@@ -518,7 +523,7 @@ def bottleneck_torch_bwd(dout: torch.Tensor, x: torch.Tensor, w_down: torch.Tens
             ds = (da * F.linear(act, wu)).sum().to(scaling_t.dtype).reshape(scaling_t.shape)
         da = _rows(_scale(da, scaling_t, scaling))
         dwu = _as(da.t() @ _rows(act), w_up.dtype)
-        dh = _rows(_ACTIVATION_GRAD[activation](_rows(da @ wu).view(h.shape), h, act))
+        dh = _rows(_ACTIVATION_GRAD[activation](_rows(da @ wu).view(kept.shape), h, act))
         factor = _factor(bits, x, in_dtype, dropout_p)
         g2 = _rows(dout)
         if need_x:
@@ -533,7 +538,7 @@ def bottleneck_torch_bwd(dout: torch.Tensor, x: torch.Tensor, w_down: torch.Tens
             dw = (g2.t() @ _rows(x.to(g2.dtype))).to(weight.dtype)
         if need_bias:
             dbias = g2.sum(0)
-    return (_grad_or_empty(dx, x), dwd, dwu, _grad_or_empty(ds, h), _grad_or_empty(dw, h),
+    return (_grad_or_empty(dx, x), dwd, dwu, _grad_or_empty(ds, kept), _grad_or_empty(dw, kept),
             _grad_or_empty(dbias, dout))
 
 
@@ -542,22 +547,22 @@ _bottleneck_bwd = eager_or_registered(bottleneck_torch_bwd)
 
 def _bottleneck_setup(ctx, inputs, output):
     x, w_down, w_up, scaling_t, residual, weight, bias, scaling, activation, dropout_p, dtype, _ = inputs
-    _, h, bits = output
-    ctx.save_for_backward(x, w_down, w_up, scaling_t, weight, h, bits)
+    _, kept, bits = output
+    ctx.save_for_backward(x, w_down, w_up, scaling_t, weight, kept, bits)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for S, the bits, the product
     ctx.scaling, ctx.activation, ctx.dropout_p = scaling, activation, dropout_p
     ctx.in_dtype = x.dtype if weight is None else dtype  # the dtype the adapter read x in
     ctx.has_residual, ctx.bias_dtype = residual is not None, None if bias is None else bias.dtype
 
 
-def _bottleneck_backward(ctx, dout, _dh, _dbits):
+def _bottleneck_backward(ctx, dout, _dkept, _dbits):
     if dout is None:  # the output took no part in the loss (grads are not materialized)
         return (None,) * len(ctx.needs_input_grad)
-    x, w_down, w_up, scaling_t, weight, h, bits = ctx.saved_tensors
+    x, w_down, w_up, scaling_t, weight, kept, bits = ctx.saved_tensors
     need_x, need_wd, need_wu, need_s, need_res, need_w, need_bias = ctx.needs_input_grad[:7]
     need_bias = bool(need_bias and ctx.bias_dtype is not None)
     dx, dwd, dwu, ds, dw, dbias = _bottleneck_bwd(
-        dout, x, w_down, w_up, scaling_t, weight, h, bits, ctx.scaling, ctx.activation, ctx.dropout_p, ctx.in_dtype,
+        dout, x, w_down, w_up, scaling_t, weight, kept, bits, ctx.scaling, ctx.activation, ctx.dropout_p, ctx.in_dtype,
         ctx.has_residual, bool(need_x), bool(need_s), bool(need_w), need_bias)
     return (_none(dx), dwd if need_wd else None, dwu if need_wu else None, _none(ds),
             dout if ctx.has_residual and need_res else None, _none(dw),
@@ -578,13 +583,13 @@ def _bottleneck(x, w_down, w_up, scaling, activation, dropout_p, *, residual=Non
 
 def bottleneck_adapter(x, w_down, w_up, *, activation: str, scaling, residual=None,
                        dropout_p: float = 0.0) -> torch.Tensor:
-    """``reference.bottleneck_adapter_ref`` (same arguments, already validated), keeping x, H and the
+    """``reference.bottleneck_adapter_ref`` (same arguments, already validated), keeping x, act(H) or H and the
     mask bits for backward."""
     return _bottleneck(x, w_down, w_up, scaling, activation, dropout_p, residual=residual)
 
 
 def parallel_adapter(x, weight, w_down, w_up, *, activation: str, scaling, bias=None,
                      dropout_p: float = 0.0) -> torch.Tensor:
-    """``reference.parallel_adapter_ref`` (same arguments, already validated), keeping x, H and the
+    """``reference.parallel_adapter_ref`` (same arguments, already validated), keeping x, act(H) or H and the
     mask bits for backward (and, under autocast, the frozen weight as the parameter)."""
     return _bottleneck(x, w_down, w_up, scaling, activation, dropout_p, weight=weight, bias=bias)

@@ -322,19 +322,29 @@ def test_bits_round_trip(shape, dtype, form):
     pack, unpack = _BIT_FORMS[form]
     keep = (torch.rand(shape) < 0.6).to(dtype)
     bits = pack(keep)
-    assert bits.dtype == torch.uint8 and bits.shape == (math.ceil(keep.numel() / 8),)
-    assert torch.equal(bits, _dropout._pack_torch(keep))  # one format, whichever form wrote it
+    # one format, whichever form wrote it: element i is bit i % 8 of byte i // 8, the last byte padded
+    # with zeros
+    flat = [int(v) for v in keep.reshape(-1).tolist()]
+    want = [sum(v << i for i, v in enumerate(flat[j:j + 8])) for j in range(0, len(flat), 8)]
+    assert bits.dtype == torch.uint8 and bits.tolist() == want
     assert torch.equal(unpack(bits, shape, dtype, 0.0), keep)
     # the factor is F.dropout's: keep / (1 - p) formed in the dtype
-    for p in (0.3, 0.1):
+    for p in (0.3, 0.1, 0.05):
         got = unpack(bits, shape, dtype, p)
         assert got.dtype == dtype and torch.equal(got, keep.clone().div_(1 - p))
     # a transposed (non-contiguous) mask packs in its logical row-major order
     if len(shape) >= 2:
         assert torch.equal(pack(keep.mT), pack(keep.mT.contiguous()))
-    # element i is bit i % 8 of byte i // 8
-    flat = [int(v) for v in keep.reshape(-1).tolist()]
-    assert bits[0].item() == sum(v << i for i, v in enumerate(flat[:8]))
+
+
+def test_bits_off_the_cpu_take_the_torch_form():
+    """numpy packs and unpacks CPU tensors only: a tensor on another device (meta here, where numpy
+    would fail) takes the torch-operation form, on its own device."""
+    keep = torch.empty(3, 5, device="meta")
+    bits = _dropout.pack(keep)
+    assert bits.device.type == "meta" and bits.shape == (2,) and bits.dtype == torch.uint8
+    factor = _dropout.unpack(bits, (3, 5), torch.bfloat16, 0.1)
+    assert factor.device.type == "meta" and factor.shape == (3, 5) and factor.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -532,6 +542,21 @@ class _PassThroughDispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("op", ["series", "parallel"])
+def test_bottleneck_adapters_equal_plain_autograd_bit_for_bit_for_every_activation(op, activation, p, learned):
+    """fp32: the torch path's outputs and every gradient are plain autograd's (the reference backend's)
+    bit for bit, whether backward keeps act(H) (tanh, relu) or H (gelu, silu), with a fixed or a
+    learned scaling."""
+    case = Case(op, activation=activation, learned=learned, train_base=op == "parallel")
+    y_t, y_r = case.run("torch", p), case.run("reference", p)
+    assert torch.equal(y_t, y_r)
+    for g_t, g_r in zip(case.grads(y_t), case.grads(y_r), strict=True):
+        assert torch.equal(g_t, g_r)
 
 
 def _bwd_ops_dispatched(fn) -> set[str]:
