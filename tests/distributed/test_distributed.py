@@ -174,17 +174,19 @@ def test_train_cli_under_torchrun_uses_the_global_batch(tmp_path):
 
     make_tiny_checkpoint(tmp_path / "base")
     write_train_data(tmp_path / "train.jsonl")
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
-        "--max_restarts=0", "-m", "fastadapt", "train", "--model", str(tmp_path / "base"),
-        "--data", str(tmp_path / "train.jsonl"), "--output", str(out), "--method", "lora",
-        "--targets", "q_proj,v_proj", "--lora-r", "4", "--alpha", "8", "--batch-size", "4",
-        "--micro-batch-size", "2", "--max-steps", "2", "--cutoff-len", "64", "--seed", "0",
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")])}
     for attempt in (1, 2):  # one more launch only for the rare gloo abort (see torchrun above)
+        # each launch its own folder: an aborted one may have begun its run there, which the CLI
+        # then (rightly) refuses to overwrite without --overwrite
+        out = tmp_path / f"run{attempt}"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+            "--max_restarts=0", "-m", "fastadapt", "train", "--model", str(tmp_path / "base"),
+            "--data", str(tmp_path / "train.jsonl"), "--output", str(out), "--method", "lora",
+            "--targets", "q_proj,v_proj", "--lora-r", "4", "--alpha", "8", "--batch-size", "4",
+            "--micro-batch-size", "2", "--max-steps", "2", "--cutoff-len", "64", "--seed", "0",
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
         if proc.returncode == 0 or "terminate called" not in proc.stdout + proc.stderr or attempt == 2:
             break
