@@ -169,7 +169,7 @@ def test_fsdp2_shared_input_group_on_triton(fsdp_triton):
 def test_train_cli_under_torchrun_uses_the_global_batch(tmp_path):
     """`torchrun -m fastadapt train`: --batch-size is the global batch (each of 2 processes takes half),
     rank 0 alone writes the run's files, and the adapter it writes loads."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "app"))  # where test_train_eval_cli lives (also when run alone)
     from test_train_eval_cli import make_tiny_checkpoint, write_train_data
 
     make_tiny_checkpoint(tmp_path / "base")
