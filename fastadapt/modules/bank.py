@@ -109,6 +109,7 @@ class AdapterBank(nn.Module):
         self.register_buffer("magnitude", torch.zeros(0, n, **factory) if dora else None, persistent=False)
         self.version = 0
         self._derived = InferenceCache()
+        self._layout_memo: tuple | None = None
 
     def _apply(self, fn, recurse: bool = True):
         self.version += 1  # .to() / .half(): new tensors, derived copies go
@@ -124,6 +125,16 @@ class AdapterBank(nn.Module):
     @property
     def offsets(self) -> list[int]:
         return [sum(self.capacities[:i]) for i in range(len(self.capacities))]
+
+    def _host_layout(self) -> tuple:
+        """``(offsets, capacities, ranks, scalings_host)`` as :class:`SlotBank` takes them, made once per
+        write (every writer — ``put``, ``remove``, ``_relayout`` — drops it): forming them is Python work
+        that every layer's call would repeat. Host numbers only, no tensor."""
+        if self._layout_memo is None:
+            fixed = all(st.scaling is not None for st in self.settings)
+            self._layout_memo = (tuple(self.offsets), tuple(self.capacities), tuple(st.rank for st in self.settings),
+                                 tuple(st.scaling for st in self.settings) if fixed else None)
+        return self._layout_memo
 
     def slot(self, name: str) -> int | None:
         return self.names.index(name) if name in self.names else None
@@ -142,6 +153,7 @@ class AdapterBank(nn.Module):
                 up[start:start + keep] = self.up[old_offsets[i]:old_offsets[i] + keep]
             start += cap
         self.down, self.up, self.capacities = down, up, list(capacities)
+        self._layout_memo = None
 
     # -- writing (only through fa calls) ---------------------------------------------------------------
 
@@ -168,6 +180,7 @@ class AdapterBank(nn.Module):
         self.down[off:off + rank] = down
         self.up[off:off + rank] = up
         self.settings[i] = settings
+        self._layout_memo = None
         scale = tensors["adapter_scaling"].reshape(()) if "adapter_scaling" in tensors else settings.scaling
         self.scalings[i] = float(scale)
         if self.magnitude is not None:
@@ -200,6 +213,7 @@ class AdapterBank(nn.Module):
         self.capacities = [self.capacities[j] for j in keep]
         self.names = [self.names[j] for j in keep]
         self.settings = [self.settings[j] for j in keep]
+        self._layout_memo = None
         self.scalings = self.scalings[keep].clone()
         if self.magnitude is not None:
             self.magnitude = self.magnitude[keep].clone()
@@ -219,12 +233,11 @@ class AdapterBank(nn.Module):
         norm = None
         if self.magnitude is not None:
             norm = self._derived.get(lambda: self._norms(module), frozen=frozen, extra=("norm", self.version))
-        fixed = all(s.scaling is not None for s in self.settings)
+        offsets, capacities, ranks, scalings_host = self._host_layout()
         return SlotBank(
-            down=down, up=up, scalings=self.scalings.float(), offsets=tuple(self.offsets),
-            capacities=tuple(self.capacities), ranks=tuple(s.rank for s in self.settings),
-            scalings_host=tuple(s.scaling for s in self.settings) if fixed else None,
-            magnitude=None if self.magnitude is None else self.magnitude.float(), norm=norm)
+            down=down, up=up, scalings=self.scalings.float(), offsets=offsets, capacities=capacities, ranks=ranks,
+            scalings_host=scalings_host, magnitude=None if self.magnitude is None else self.magnitude.float(),
+            norm=norm)
 
     @torch.no_grad()
     def _norms(self, module: DoraLinear) -> torch.Tensor:

@@ -178,7 +178,7 @@ def lora_mixed(
     """
     x3 = _check(x, sources, rows, weight.shape[1], weight.shape[0], weight=weight, bias=bias, activation=activation)
     dora = _is_dora(sources)
-    chosen = _backend(x3, "lora_mixed", backend)
+    chosen = _backend(x3, "lora_mixed", backend, rows)
     if chosen == "torch":
         y = F.linear(x3, weight, None if dora else bias)
         y = _add_terms(y, x3, sources, rows, activation)
@@ -209,7 +209,7 @@ def bottleneck_mixed(
     base = x3 if residual is None else residual.reshape(x3.shape[0], x3.shape[1], -1)
     if residual is None and n_out != x.shape[-1]:
         raise ValueError(f"without residual the adapter must map d_in to d_in = {x.shape[-1]}, got d_out {n_out}")
-    chosen = _backend(x3, "bottleneck_mixed", backend)
+    chosen = _backend(x3, "bottleneck_mixed", backend, rows)
     if chosen == "torch":
         out = _add_terms(base.clone() if not torch.is_grad_enabled() else base, x3, sources, rows, activation)
         return out.reshape(*x.shape[:-1], n_out)
@@ -362,13 +362,18 @@ def _check(x, sources, rows, k: int, n: int, *, weight=None, bias=None, activati
         if bank.down.dtype != x.dtype or bank.up.dtype != x.dtype or bank.down.device != x.device:
             raise ValueError(f"sources[{i}] must hold x's dtype {x.dtype} on {x.device}, got {bank.down.dtype} on "
                              f"{bank.down.device}")
-        if any(s >= bank.slots for s in slots.used):
-            raise ValueError(f"rows[{i}] uses slot {max(slots.used)}, but sources[{i}] has {bank.slots} slots")
+        if slots.used and slots.used[-1] >= bank.slots:  # ``used`` is ascending
+            raise ValueError(f"rows[{i}] uses slot {slots.used[-1]}, but sources[{i}] has {bank.slots} slots")
     return x if x.dim() == 3 else x[:, None, :]
 
 
-def _backend(x: torch.Tensor, op: str, backend: str) -> str:
-    chosen = selected_backend(x.device, backend, rows=x.shape[0] * x.shape[1], op=op)
+def _backend(x: torch.Tensor, op: str, backend: str, rows: Sequence[SlotRows] = ()) -> str:
+    m = x.shape[0] * x.shape[1]
+    if rows:  # decided once per forward: every layer of one forward shares its row plans (``SlotRows.cache``)
+        chosen = rows[0]._memo(("backend", op, backend, m),
+                               lambda: selected_backend(x.device, backend, rows=m, op=op))
+    else:
+        chosen = selected_backend(x.device, backend, rows=m, op=op)
     if chosen in TORCH_BACKENDS:  # "reference" too: this op's torch path is plain autograd already
         return "torch"
     if torch.is_grad_enabled() and x.requires_grad:
