@@ -6,6 +6,8 @@ per forward; PEFT's refusals (training mode, unknown names, merged adapters) and
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from named_adapters import LORA_SPECS, alone, folders, loaded, peft_folders
@@ -202,3 +204,48 @@ def test_bf16_mixed_batch_is_close_to_rows_alone(tmp_path):
             want = single.eval()(ids).logits.float()
             for i in (i for i, n in enumerate(names) if n == name):
                 assert (got[i] - want[i]).abs().max() <= 0.05 * want[i].abs().max(), (name, i)
+
+
+def test_backend_is_decided_once_per_forward_and_bank_layouts_follow_every_write(tmp_path, monkeypatch):
+    """The backend of a mixed forward is decided once per row plan (shape class), not per layer call;
+    a bank's host layout (offsets, ranks, scalings), memoized between writes, follows a slot that
+    grows, an adapter that goes and one that comes: the source a layer reads always equals the
+    layout formed afresh."""
+    lm = importlib.import_module("fastadapt.ops.lora_mixed")  # the module (fastadapt.ops exports the function)
+    paths = peft_folders(tmp_path)
+    model = loaded(paths)
+    calls = []
+    real = lm.selected_backend
+    monkeypatch.setattr(lm, "selected_backend", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with torch.no_grad():
+        model(tokens(3, 5), adapter_names=["math", "code", "__base__"])
+    wrapped = [m for _, m in fa.methods.wrapped_modules(model)]
+    assert len(wrapped) > 2 and 0 < len(calls) <= 2, len(calls)  # one per op kind, not per layer
+
+    def fresh(bank):
+        return (tuple(bank.offsets), tuple(bank.capacities), tuple(s.rank for s in bank.settings),
+                tuple(s.scaling for s in bank.settings))
+
+    module = next(m for m in wrapped if m.bank is not None and len(m.bank.names) >= 1)
+    bank = module.bank
+    a, b = torch.randn(2, module.in_features), torch.randn(module.out_features, 2)
+    bank.source(module, torch.float32)  # fills the memo
+    settings = bank.settings[0].__class__(rank=2, scaling=0.5)
+    bank.put("extra", module, {"lora_A.weight": a, "lora_B.weight": b}, settings)  # a new slot
+    src = bank.source(module, torch.float32)
+    assert (src.offsets, src.capacities, src.ranks, src.scalings_host) == fresh(bank)
+    grown = bank.settings[0].__class__(rank=12, scaling=0.25)
+    bank.put("extra", module, {"lora_A.weight": torch.randn(12, module.in_features),
+                               "lora_B.weight": torch.randn(module.out_features, 12)}, grown)  # the slot grows
+    src = bank.source(module, torch.float32)
+    assert (src.offsets, src.capacities, src.ranks, src.scalings_host) == fresh(bank)
+    assert src.ranks[-1] == 12 and src.scalings_host[-1] == 0.25
+    rescaled = bank.settings[0].__class__(rank=12, scaling=0.75)  # in place: same rank, another scaling
+    bank.put("extra", module, {"lora_A.weight": torch.randn(12, module.in_features),
+                               "lora_B.weight": torch.randn(module.out_features, 12)}, rescaled)
+    src = bank.source(module, torch.float32)
+    assert (src.offsets, src.capacities, src.ranks, src.scalings_host) == fresh(bank)
+    assert src.scalings_host[-1] == 0.75
+    bank.remove(bank.names[0])  # the slots after it move up
+    src = bank.source(module, torch.float32)
+    assert (src.offsets, src.capacities, src.ranks, src.scalings_host) == fresh(bank)

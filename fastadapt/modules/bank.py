@@ -130,11 +130,13 @@ class AdapterBank(nn.Module):
         """``(offsets, capacities, ranks, scalings_host)`` as :class:`SlotBank` takes them, made once per
         write (every writer — ``put``, ``remove``, ``_relayout`` — drops it): forming them is Python work
         that every layer's call would repeat. Host numbers only, no tensor."""
-        if self._layout_memo is None:
+        memo = self.__dict__.get("_layout_memo")  # absent in a bank pickled before it existed
+        if memo is None:
             fixed = all(st.scaling is not None for st in self.settings)
-            self._layout_memo = (tuple(self.offsets), tuple(self.capacities), tuple(st.rank for st in self.settings),
-                                 tuple(st.scaling for st in self.settings) if fixed else None)
-        return self._layout_memo
+            memo = self._layout_memo = (tuple(self.offsets), tuple(self.capacities),
+                                        tuple(st.rank for st in self.settings),
+                                        tuple(st.scaling for st in self.settings) if fixed else None)
+        return memo
 
     def slot(self, name: str) -> int | None:
         return self.names.index(name) if name in self.names else None
