@@ -29,14 +29,6 @@ import torch.nn.functional as F
 _BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
 
 
-def _powers(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor([1.0, 2, 4, 8, 16, 32, 64, 128], dtype=dtype, device=device)
-
-
-def _factor_table(device: torch.device, dtype: torch.dtype, p: float) -> torch.Tensor:
-    return scale_(_BYTE_BITS.to(device=device, dtype=dtype), p)
-
-
 @functools.lru_cache(maxsize=64)
 def _kept_factor(dtype: torch.dtype, p: float) -> float:
     """A kept element's factor ``1 / (1 - p)`` as ``F.dropout`` forms it in ``dtype`` (``div_`` of
@@ -79,7 +71,8 @@ def _pack_torch(keep: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = F.pad(flat, (0, pad))
     # sums of distinct powers of two ≤ 255: exact
-    return (flat.view(-1, 8) @ _powers(keep.device, keep.dtype)).to(torch.uint8)
+    powers = torch.tensor([1.0, 2, 4, 8, 16, 32, 64, 128], dtype=keep.dtype, device=keep.device)
+    return (flat.view(-1, 8) @ powers).to(torch.uint8)
 
 
 def unpack(bits: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, p: float) -> torch.Tensor:
@@ -94,5 +87,5 @@ def unpack(bits: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch
 def _unpack_torch(bits: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, p: float
                   ) -> torch.Tensor:
     """:func:`unpack` in torch operations, on any device: a gather from the 256-row table."""
-    table = _factor_table(bits.device, dtype, p)
+    table = scale_(_BYTE_BITS.to(device=bits.device, dtype=dtype), p)
     return F.embedding(bits.to(torch.int64), table).view(-1)[:math.prod(shape)].view(shape)

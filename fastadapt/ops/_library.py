@@ -72,12 +72,9 @@ def with_eager_autograd(op: torch.library.CustomOpDef, *, backward: Callable, se
         setup_context(ctx, args, out)
         return out
 
-    def eager_backward(ctx, *grads):
-        return backward(ctx, *grads)
-
     # named after the op, so that a grad_fn reads ``<op>_eagerBackward``
     Eager = type(f"{op._name.split('::')[-1]}_eager", (torch.autograd.Function,),
-                 {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
+                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):
         if not _plain_eager(args):
